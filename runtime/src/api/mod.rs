@@ -1,0 +1,406 @@
+//! HTTP API: routes, request validation, and the request path from JSON to the batcher and back.
+
+pub mod error;
+
+use crate::admission::Admission;
+use crate::batcher::state::Entry;
+use crate::batcher::{Batcher, Failure, Item, Slot};
+use crate::metrics::Metrics;
+use crate::model::tokenize::Tokenize;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use error::ApiError;
+use profiles::{format_duration, Profile, ProfileError};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// What exists once the model is loaded.
+pub struct Engine {
+    /// Shared tokenizer.
+    pub tokenizer: Arc<dyn Tokenize>,
+    /// The batcher handle.
+    pub batcher: Batcher,
+    /// Longest input the position table allows.
+    pub max_positions: usize,
+    /// Model name for responses.
+    pub model: String,
+    /// Replica labels, for /health.
+    pub devices: Vec<String>,
+}
+
+/// Shared state of one server.
+pub struct AppState {
+    /// Live profile; the batcher watches it.
+    pub profile: watch::Sender<Arc<Profile>>,
+    /// Set once the model is loaded; requests before that get 503.
+    pub engine: OnceLock<Engine>,
+    /// Rate limit and queue space.
+    pub admission: Admission,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Guards `/v1/*` and `PUT /config` when set.
+    pub api_key: Option<String>,
+    /// Set when shutdown starts: new requests get 503 while queued ones finish.
+    pub draining: AtomicBool,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+/// The router with every route and the body limit.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/health", get(health))
+        .route("/config", get(get_config).put(put_config))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::BadRequest {
+                message: "no such route; routes are POST /v1/embeddings, GET /health, GET|PUT /config, GET /metrics".into(),
+                param: None,
+            }
+            .into_response()
+            .map(|b| b)
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &state.api_key else {
+        return Ok(());
+    };
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let plain = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    if bearer == Some(key.as_str()) || plain == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn read_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!(
+                "request body is larger than {} bytes (--max-body-bytes)",
+                state.max_body_bytes
+            ))
+        } else {
+            ApiError::BadRequest {
+                message: format!("cannot read body: {e}"),
+                param: None,
+            }
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest {
+        message: format!("malformed JSON: {e}"),
+        param: None,
+    })
+}
+
+/// Pulls the list of texts out of an embeddings request, naming the first problem precisely.
+pub fn parse_inputs(body: &Value, p: &Profile) -> Result<Vec<String>, ApiError> {
+    let obj = body.as_object().ok_or_else(|| ApiError::BadRequest {
+        message: "body must be a JSON object".into(),
+        param: None,
+    })?;
+    if let Some(f) = obj.get("encoding_format") {
+        if f != "float" {
+            return Err(ApiError::bad(
+                "encoding_format",
+                format!("encoding_format {f} is not supported; use \"float\""),
+            ));
+        }
+    }
+    let input = obj.get("input").ok_or_else(|| {
+        ApiError::bad(
+            "input",
+            "missing field `input` (a string or an array of strings)",
+        )
+    })?;
+    let texts: Vec<String> = match input {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(ApiError::bad(
+                    "input",
+                    "input is an empty array; send at least one string",
+                ));
+            }
+            if items.len() > p.max_inputs_per_request {
+                return Err(ApiError::bad(
+                    "input",
+                    format!(
+                        "input has {} items; max_inputs_per_request is {}",
+                        items.len(),
+                        p.max_inputs_per_request
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(ApiError::bad(
+                        "input",
+                        format!("input[{i}] must be a string, got {}", type_name(other)),
+                    )),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        other => {
+            return Err(ApiError::bad(
+                "input",
+                format!(
+                    "input must be a string or an array of strings, got {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(ApiError::bad("input", format!("input[{i}] is empty")));
+    }
+    Ok(texts)
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let arrived = Instant::now();
+    let resp = match embed_request(&state, &headers, body, arrived).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    state.metrics.count_status(resp.status().as_u16());
+    state
+        .metrics
+        .request_duration
+        .observe(arrived.elapsed().as_secs_f64());
+    resp
+}
+
+async fn embed_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    check_key(state, headers)?;
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable("server is shutting down".into()));
+    }
+    let engine = state
+        .engine
+        .get()
+        .ok_or_else(|| ApiError::Unavailable("model is loading".into()))?;
+    let p = state.profile.borrow().clone();
+    let body = read_body(state, body)?;
+    let texts = parse_inputs(&body, &p)?;
+
+    // Tokenization is CPU work: keep it off the async workers that serve sockets.
+    let tok = engine.tokenizer.clone();
+    let ids: Vec<Vec<u32>> = tokio::task::spawn_blocking(move || {
+        texts
+            .iter()
+            .map(|t| tok.encode(t))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+    .map_err(|e| ApiError::bad("input", e))?;
+    let limit = p.max_input_tokens.min(engine.max_positions);
+    if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| t.len() > limit) {
+        let why = if p.max_input_tokens <= engine.max_positions {
+            format!("max_input_tokens is {}", p.max_input_tokens)
+        } else {
+            format!(
+                "the model accepts at most {} (max_position_embeddings)",
+                engine.max_positions
+            )
+        };
+        return Err(ApiError::bad(
+            "input",
+            format!("input[{i}] has {} tokens; {why}", t.len()),
+        ));
+    }
+    let prompt_tokens: usize = ids.iter().map(|t| t.len()).sum();
+
+    state.admission.check_rate(&p)?;
+    state.admission.reserve(ids.len(), &p).await?;
+
+    let (slot, rx) = Slot::new(ids.len());
+    let enqueued = Instant::now();
+    let deadline = arrived + p.request_timeout;
+    let entries: Vec<Entry<Item>> = ids
+        .into_iter()
+        .enumerate()
+        .map(|(index, ids)| Entry {
+            tokens: ids.len(),
+            enqueued,
+            deadline,
+            payload: Item {
+                ids,
+                index,
+                slot: slot.clone(),
+            },
+        })
+        .collect();
+    let n = entries.len();
+    if engine.batcher.enqueue(entries).is_err() {
+        state.admission.space.release(n);
+        return Err(ApiError::Unavailable("server is shutting down".into()));
+    }
+    let outcome = match rx.await {
+        Ok(Ok(o)) => o,
+        Ok(Err(Failure::Expired)) => {
+            return Err(ApiError::Timeout(format!(
+                "request_timeout ({}) passed while the request was queued; it was not computed",
+                format_duration(p.request_timeout)
+            )))
+        }
+        Ok(Err(Failure::Batch(msg))) => return Err(ApiError::Internal(msg)),
+        Ok(Err(Failure::Shutdown)) | Err(_) => {
+            return Err(ApiError::Unavailable(
+                "server stopped before computing the request".into(),
+            ))
+        }
+    };
+    let data: Vec<Value> = outcome
+        .embeddings
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": engine.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    });
+    let mut resp = Json(body).into_response();
+    let h = resp.headers_mut();
+    h.insert("x-queue-time", secs_header(outcome.queue_time));
+    h.insert("x-inference-time", secs_header(outcome.inference_time));
+    Ok(resp)
+}
+
+/// Seconds with microsecond resolution, e.g. `0.004213`.
+fn secs_header(d: std::time::Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("{:.6}", d.as_secs_f64())).expect("digits are a valid header")
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    match state.engine.get() {
+        Some(e) => {
+            Json(json!({"status": "ready", "model": e.model, "devices": e.devices})).into_response()
+        }
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn get_config(State(state): State<Arc<AppState>>) -> Response {
+    let p = state.profile.borrow().clone();
+    Json(serde_json::to_value(&*p).expect("a Profile serializes")).into_response()
+}
+
+async fn put_config(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = (|| {
+        check_key(&state, &headers)?;
+        let patch = read_body(&state, body)?;
+        let current = state.profile.borrow().clone();
+        let next = current.patched(&patch).map_err(|e| match e {
+            ProfileError::RestartRequired(_) => ApiError::Conflict(e.to_string()),
+            ProfileError::Invalid(_) => ApiError::InvalidConfig(e.to_string()),
+            other => ApiError::BadRequest {
+                message: other.to_string(),
+                param: None,
+            },
+        })?;
+        tracing::info!(patch = %patch, "profile reloaded");
+        state.profile.send_replace(Arc::new(next.clone()));
+        Ok::<_, ApiError>(
+            Json(serde_json::to_value(&next).expect("a Profile serializes")).into_response(),
+        )
+    })();
+    r.unwrap_or_else(|e| e.into_response())
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_validation_names_the_problem() {
+        let p = Profile {
+            max_inputs_per_request: 2,
+            ..Profile::default()
+        };
+        let msg = |v: Value| parse_inputs(&v, &p).unwrap_err().to_string();
+        assert_eq!(
+            parse_inputs(&json!({"input": "hi"}), &p).unwrap(),
+            vec!["hi"]
+        );
+        assert!(msg(json!({})).contains("missing field `input`"));
+        assert!(msg(json!({"input": 3})).contains("got a number"));
+        assert!(msg(json!({"input": []})).contains("empty array"));
+        assert!(msg(json!({"input": ["a", 1]})).contains("input[1] must be a string"));
+        assert!(msg(json!({"input": ["a", "b", "c"]}))
+            .contains("input has 3 items; max_inputs_per_request is 2"));
+        assert!(msg(json!({"input": ["a", " "]})).contains("input[1] is empty"));
+        assert!(msg(json!({"input": "a", "encoding_format": "base64"})).contains("encoding_format"));
+        assert!(msg(json!([1])).contains("JSON object"));
+    }
+}

@@ -1,0 +1,243 @@
+//! batchtune runtime: an HTTP embeddings server with dynamic batching over candle.
+//!
+//! The request path (see the README and `../shared/DESIGN.md`): [`api`] validates and tokenizes,
+//! [`admission`] applies the rate limit and queue capacity, [`batcher`] forms batches from the live
+//! profile, [`workers`] run them on one model replica per device ([`model`]), and the reply carries
+//! `X-Queue-Time` / `X-Inference-Time` headers.
+
+pub mod admission;
+pub mod api;
+pub mod batcher;
+pub mod metrics;
+pub mod model;
+pub mod workers;
+
+use api::{AppState, Engine};
+use batcher::{Batcher, QueueSpace};
+use metrics::Metrics;
+use model::LoadedModel;
+use profiles::Profile;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::watch;
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The profile breaks a rule.
+    #[error("invalid profile: {0}")]
+    Profile(#[from] profiles::ProfileError),
+    /// The model or a device cannot be used.
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    /// The address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Requested address.
+        addr: SocketAddr,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The server failed while running.
+    #[error("server error: {0}")]
+    Serve(String),
+}
+
+/// Everything `runtime serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The (validated) profile to start with.
+    pub profile: Profile,
+    /// Address to bind; port 0 picks a free one.
+    pub addr: SocketAddr,
+    /// Guards `/v1/*` and `PUT /config` when set.
+    pub api_key: Option<String>,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl ServeOptions {
+    /// Options for `profile` on `addr`, no API key, 8 MiB body limit.
+    pub fn new(profile: Profile, addr: SocketAddr) -> Self {
+        ServeOptions {
+            profile,
+            addr,
+            api_key: None,
+            max_body_bytes: 8 << 20,
+        }
+    }
+}
+
+/// A running server. Dropping it does not stop it: call [`Server::shutdown`] then [`Server::wait`].
+pub struct Server {
+    /// The bound address (with the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), RuntimeError>>,
+}
+
+/// The running batcher and its task, once the model is loaded.
+type BatcherSlot = Arc<Mutex<Option<(Batcher, tokio::task::JoinHandle<()>)>>>;
+
+type Loader = Box<dyn FnOnce() -> Result<LoadedModel, RuntimeError> + Send>;
+
+impl Server {
+    /// Validates, binds, then loads the model in the background (`/health` says 503 until ready).
+    pub async fn start(opts: ServeOptions) -> Result<Server, RuntimeError> {
+        opts.profile.validate()?;
+        // Fail fast on a bad model path or an unavailable device, before binding.
+        model::resolve_model(&opts.profile.model)?;
+        if !cfg!(feature = "cuda") {
+            model::resolve_devices(&opts.profile.devices)?;
+        }
+        let p = opts.profile.clone();
+        let loader: Loader = Box::new(move || Ok(model::load(&p.model, &p.devices, p.dtype)?));
+        Self::start_with_loader(opts, loader).await
+    }
+
+    /// Like [`Server::start`] with a caller-supplied model; tests use it to inject a backend that
+    /// fails on purpose.
+    pub async fn start_with_model(
+        opts: ServeOptions,
+        model: LoadedModel,
+    ) -> Result<Server, RuntimeError> {
+        opts.profile.validate()?;
+        Self::start_with_loader(opts, Box::new(move || Ok(model))).await
+    }
+
+    async fn start_with_loader(opts: ServeOptions, loader: Loader) -> Result<Server, RuntimeError> {
+        let listener = tokio::net::TcpListener::bind(opts.addr)
+            .await
+            .map_err(|source| RuntimeError::Bind {
+                addr: opts.addr,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| RuntimeError::Bind {
+            addr: opts.addr,
+            source,
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let space = Arc::new(QueueSpace::default());
+        let (profile_tx, profile_rx) = watch::channel(Arc::new(opts.profile.clone()));
+        let state = Arc::new(AppState {
+            profile: profile_tx,
+            engine: OnceLock::new(),
+            admission: admission::Admission::new(space.clone()),
+            metrics: metrics.clone(),
+            api_key: opts.api_key.clone(),
+            draining: Default::default(),
+            max_body_bytes: opts.max_body_bytes,
+        });
+        let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let batcher_slot: BatcherSlot = Default::default();
+        let load_error: Arc<Mutex<Option<RuntimeError>>> = Default::default();
+
+        // Load in the background so /health can answer 503 meanwhile.
+        {
+            let state = state.clone();
+            let slot = batcher_slot.clone();
+            let load_error = load_error.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                match tokio::task::spawn_blocking(loader).await {
+                    Ok(Ok(m)) => {
+                        let devices = m.replicas.iter().map(|(l, _)| l.clone()).collect();
+                        let workers = workers::Workers::new(m.replicas, metrics.clone());
+                        let (b, h) = Batcher::spawn(profile_rx, workers, space, metrics);
+                        let _ = state.engine.set(Engine {
+                            tokenizer: m.tokenizer,
+                            batcher: b.clone(),
+                            max_positions: m.max_positions,
+                            model: m.name,
+                            devices,
+                        });
+                        *slot.lock().unwrap() = Some((b, h));
+                        tracing::info!(
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "model loaded; ready"
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!("model load failed: {e}");
+                        *load_error.lock().unwrap() = Some(e);
+                        let _ = shutdown.send(true);
+                    }
+                    Err(e) => {
+                        *load_error.lock().unwrap() =
+                            Some(RuntimeError::Serve(format!("model loader panicked: {e}")));
+                        let _ = shutdown.send(true);
+                    }
+                }
+            });
+        }
+
+        let drain_timeout = opts.profile.drain_timeout;
+        let app = api::router(state.clone());
+        let task = tokio::spawn(async move {
+            let mut rx2 = shutdown_rx.clone();
+            let st = state.clone();
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = rx2.wait_for(|v| *v).await;
+                st.draining.store(true, Ordering::Release);
+            });
+            let drained = tokio::select! {
+                r = serve => r.map_err(|e| RuntimeError::Serve(e.to_string())).map(|_| true),
+                _ = async {
+                    let _ = shutdown_rx.wait_for(|v| *v).await;
+                    tokio::time::sleep(drain_timeout).await;
+                } => Ok(false),
+            }?;
+            if !drained {
+                tracing::warn!(
+                    "drain_timeout ({:?}) passed with requests still open; stopping",
+                    drain_timeout
+                );
+            }
+            let b = batcher_slot.lock().unwrap().take();
+            if let Some((b, h)) = b {
+                b.shutdown();
+                let _ = tokio::time::timeout(drain_timeout, h).await;
+            }
+            if let Some(e) = load_error.lock().unwrap().take() {
+                return Err(e);
+            }
+            Ok(())
+        });
+        Ok(Server {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Starts a graceful shutdown: stop accepting, finish queued and in-flight requests (bounded by
+    /// `drain_timeout`), then stop the batcher and workers.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// A handle that can start the shutdown from another task (a signal handler).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shutdown.clone())
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> Result<(), RuntimeError> {
+        self.task
+            .await
+            .map_err(|e| RuntimeError::Serve(e.to_string()))?
+    }
+}
+
+/// Starts a server's graceful shutdown from anywhere.
+#[derive(Clone)]
+pub struct Stopper(watch::Sender<bool>);
+
+impl Stopper {
+    /// Same as [`Server::shutdown`].
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}

@@ -1,0 +1,157 @@
+//! `runtime`: serve a model with dynamic batching, or validate profiles.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use profiles::Profile;
+use runtime::{ServeOptions, Server};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// batchtune serving runtime: an OpenAI-compatible embeddings server with dynamic batching.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve POST /v1/embeddings, GET /health, GET|PUT /config, GET /metrics.
+    ///
+    /// With no flags: the embedded synthetic MiniLM on CPU at 127.0.0.1:8000. Knobs come from the
+    /// profile, then from environment overrides (BATCHTUNE_<KNOB>, or the seeds' names such as
+    /// MAX_INFERENCE_BATCH_SIZE and BATCH_WAIT_TIMEOUT).
+    Serve {
+        /// Profile TOML (see profiles/default.toml); defaults are used when absent.
+        #[arg(long, env = "BATCHTUNE_PROFILE")]
+        profile: Option<PathBuf>,
+        /// Address to listen on; port 0 picks a free port (printed at start).
+        #[arg(long, env = "BATCHTUNE_ADDR", default_value = "127.0.0.1:8000")]
+        addr: SocketAddr,
+        /// Require this key (Authorization: Bearer KEY, or X-API-Key) on /v1/* and PUT /config.
+        #[arg(long, env = "BATCHTUNE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Largest request body accepted, in bytes (larger gets 413).
+        #[arg(long, env = "BATCHTUNE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+        max_body_bytes: usize,
+        /// Override the model (e.g. synthetic:minilm, or a Hugging Face BERT folder).
+        #[arg(long, env = "BATCHTUNE_MODEL_PATH")]
+        model: Option<String>,
+    },
+    /// Load and validate profiles: exit 0 when all are valid, 1 with every reason otherwise.
+    Validate {
+        /// Profile files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Validate { files } => validate(&files),
+        Cmd::Serve {
+            profile,
+            addr,
+            api_key,
+            max_body_bytes,
+            model,
+        } => match serve(profile, addr, api_key, max_body_bytes, model) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for f in files {
+        match Profile::load(f).and_then(|p| p.validate().map(|_| p)) {
+            Ok(_) => println!("ok      {}", f.display()),
+            Err(e) => {
+                ok = false;
+                println!("invalid {}: {e}", f.display());
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn serve(
+    profile: Option<PathBuf>,
+    addr: SocketAddr,
+    api_key: Option<String>,
+    max_body_bytes: usize,
+    model: Option<String>,
+) -> anyhow::Result<()> {
+    let mut p = match &profile {
+        Some(path) => Profile::load(path)?,
+        None => Profile::default(),
+    };
+    for applied in p.apply_env(std::env::vars())? {
+        tracing::info!("environment override {applied}");
+    }
+    if let Some(m) = model {
+        p.model = m;
+    }
+    p.validate()?;
+    if p.cpu_threads > 0 {
+        // candle's CPU kernels size their thread pool from this variable; set before any thread
+        // exists, which is why it happens here and not in the library.
+        std::env::set_var("RAYON_NUM_THREADS", p.cpu_threads.to_string());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let server = Server::start(ServeOptions {
+            profile: p.clone(),
+            addr,
+            api_key,
+            max_body_bytes,
+        })
+        .await
+        .context("starting the server")?;
+        // Scripts (and the tuner) read this line to learn the port when --addr ends in :0.
+        println!("listening on http://{}", server.addr);
+        tracing::info!(model = %p.model, devices = ?p.devices, "loading model");
+        let stopper = server.stopper();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("signal received: draining");
+            stopper.stop();
+        });
+        server.wait().await?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

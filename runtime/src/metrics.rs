@@ -1,0 +1,173 @@
+//! Prometheus metrics, one registry per server (not a global recorder), so that tests running
+//! several servers in one process each see only their own numbers.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+
+/// Label set for per-status request counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// HTTP status code.
+    pub status: String,
+}
+
+/// Label set for per-device series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabel {
+    /// Replica label, e.g. `cpu:0`, `cuda:1`.
+    pub device: String,
+}
+
+/// Label set for batches by device and release trigger.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchLabel {
+    /// Replica label.
+    pub device: String,
+    /// Which rule released the batch: size, tokens, timeout, drain.
+    pub trigger: String,
+}
+
+fn time_hist() -> Histogram {
+    // 50us .. ~52s, doubling: covers CPU micro-batches and multi-second GPU generations alike.
+    Histogram::new(exponential_buckets(50e-6, 2.0, 21))
+}
+
+fn size_hist() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+/// Every series the runtime exports. Names follow `batchtune_<thing>_<unit>`.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Requests answered, by status.
+    pub requests: Family<StatusLabel, Counter>,
+    /// Inputs waiting in the queue.
+    pub queue_depth: Gauge,
+    /// Batches being computed.
+    pub batches_in_flight: Gauge,
+    /// Inputs per batch, by device.
+    pub batch_size: Family<DeviceLabel, Histogram>,
+    /// Batches by device and trigger.
+    pub batches: Family<BatchLabel, Counter>,
+    /// Time each input spent queued before its batch started.
+    pub queue_time: Histogram,
+    /// Forward-pass time per batch, by device.
+    pub inference_time: Family<DeviceLabel, Histogram>,
+    /// Arrival to response, per request.
+    pub request_duration: Histogram,
+    /// Queued inputs dropped because their deadline passed (answered 504, never computed).
+    pub expired: Counter,
+    /// Queued inputs dropped because their client left.
+    pub cancelled: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every series.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let requests = Family::<StatusLabel, Counter>::default();
+        let queue_depth = Gauge::default();
+        let batches_in_flight = Gauge::default();
+        let batch_size =
+            Family::<DeviceLabel, Histogram>::new_with_constructor(size_hist as fn() -> Histogram);
+        let batches = Family::<BatchLabel, Counter>::default();
+        let queue_time = time_hist();
+        let inference_time =
+            Family::<DeviceLabel, Histogram>::new_with_constructor(time_hist as fn() -> Histogram);
+        let request_duration = time_hist();
+        let expired = Counter::default();
+        let cancelled = Counter::default();
+        r.register(
+            "batchtune_requests",
+            "HTTP requests answered, by status",
+            requests.clone(),
+        );
+        r.register(
+            "batchtune_queue_depth_inputs",
+            "Inputs waiting in the queue",
+            queue_depth.clone(),
+        );
+        r.register(
+            "batchtune_batches_in_flight",
+            "Batches being computed",
+            batches_in_flight.clone(),
+        );
+        r.register(
+            "batchtune_batch_size_inputs",
+            "Inputs per batch",
+            batch_size.clone(),
+        );
+        r.register(
+            "batchtune_batches",
+            "Batches computed, by release trigger",
+            batches.clone(),
+        );
+        r.register(
+            "batchtune_queue_time_seconds",
+            "Time an input waited before its batch started",
+            queue_time.clone(),
+        );
+        r.register(
+            "batchtune_inference_time_seconds",
+            "Forward-pass time per batch",
+            inference_time.clone(),
+        );
+        r.register(
+            "batchtune_request_duration_seconds",
+            "Arrival to response, per request",
+            request_duration.clone(),
+        );
+        r.register(
+            "batchtune_expired_inputs",
+            "Queued inputs past their deadline (504, never computed)",
+            expired.clone(),
+        );
+        r.register(
+            "batchtune_cancelled_inputs",
+            "Queued inputs whose client went away",
+            cancelled.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(r),
+            requests,
+            queue_depth,
+            batches_in_flight,
+            batch_size,
+            batches,
+            queue_time,
+            inference_time,
+            request_duration,
+            expired,
+            cancelled,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn count_status(&self, status: u16) {
+        self.requests
+            .get_or_create(&StatusLabel {
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().expect("metrics registry poisoned");
+        prometheus_client::encoding::text::encode(&mut out, &r)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

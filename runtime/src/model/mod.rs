@@ -1,0 +1,347 @@
+//! Models: the `Backend` a device worker drives, and loading one replica per device.
+//!
+//! `synthetic:minilm` is BERT with all-MiniLM-L6-v2's exact shape and deterministic random weights
+//! (no download), so every timing on it is the timing of the real architecture. `synthetic:tiny`
+//! (2 layers, hidden 32) exists for tests of the serving machinery, where model speed is noise.
+//! Anything else is a path to a Hugging Face BERT folder.
+
+pub mod bert;
+pub mod tokenize;
+
+use bert::{Bert, BertConfig};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use profiles::{parse_device, DeviceSpec, Dtype};
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokenize::{BuiltinTokenizer, HfTokenizer, Tokenize};
+
+/// Errors while resolving devices or loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A device the build or the machine cannot provide.
+    #[error("device {device:?}: {reason}")]
+    Device {
+        /// Device string from the profile.
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The model spec or files are unusable.
+    #[error("model {model:?}: {reason}")]
+    Load {
+        /// Model spec from the profile.
+        model: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One model replica, driven by one device's worker threads. Synchronous on purpose: it runs on
+/// dedicated OS threads, never on the async executor.
+pub trait Backend: Send + Sync {
+    /// One unit-norm embedding per input, in order.
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String>;
+}
+
+impl Backend for Bert {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+        Bert::embed(self, batch).map_err(|e| e.to_string())
+    }
+}
+
+/// A model loaded on every device of a profile.
+pub struct LoadedModel {
+    /// Shared tokenizer (tokenization runs before batching, off the async workers).
+    pub tokenizer: Arc<dyn Tokenize>,
+    /// One replica per device, with its label (`cpu:0`, `cuda:1`…) for metrics.
+    pub replicas: Vec<(String, Arc<dyn Backend>)>,
+    /// Embedding width.
+    pub dim: usize,
+    /// Longest input, in tokens, the position table allows.
+    pub max_positions: usize,
+    /// Model name reported in responses.
+    pub name: String,
+}
+
+/// Checks the device list against this build before anything is bound or loaded, so a CPU-only
+/// binary refuses `cuda:0` with a message rather than failing deep inside candle.
+pub fn resolve_devices(devices: &[String]) -> Result<Vec<Device>, ModelError> {
+    let mut out = Vec::new();
+    for d in devices {
+        match parse_device(d) {
+            Some(DeviceSpec::Cpu) => out.push(Device::Cpu),
+            Some(DeviceSpec::Cuda(n)) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(ModelError::Device {
+                        device: d.clone(),
+                        reason: "this runtime was built without CUDA; rebuild with \
+                                 `--features cuda` (see README, GPUs) or use \"cpu\""
+                            .into(),
+                    });
+                }
+                out.push(Device::new_cuda(n).map_err(|e| ModelError::Device {
+                    device: d.clone(),
+                    reason: e.to_string(),
+                })?);
+            }
+            None => {
+                return Err(ModelError::Device {
+                    device: d.clone(),
+                    reason: "expected \"cpu\" or \"cuda:N\"".into(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn candle_dtype(d: Dtype) -> DType {
+    match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+    }
+}
+
+/// Where a model's files are, or which synthetic shape it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// Built-in shape with random weights.
+    Synthetic(BertConfig),
+    /// A Hugging Face folder.
+    Folder(PathBuf),
+}
+
+/// Parses a model spec; checks that a folder holds the three files it needs.
+pub fn resolve_model(spec: &str) -> Result<ModelSource, ModelError> {
+    let err = |reason: String| ModelError::Load {
+        model: spec.to_string(),
+        reason,
+    };
+    if let Some(shape) = spec.strip_prefix("synthetic:") {
+        return match shape {
+            "minilm" => Ok(ModelSource::Synthetic(BertConfig::minilm_l6())),
+            "tiny" => Ok(ModelSource::Synthetic(BertConfig {
+                hidden_size: 32,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                intermediate_size: 64,
+                ..BertConfig::minilm_l6()
+            })),
+            other => Err(err(format!(
+                "unknown synthetic shape {other:?}; use synthetic:minilm or synthetic:tiny"
+            ))),
+        };
+    }
+    let dir = Path::new(spec);
+    if !dir.is_dir() {
+        return Err(err("is neither synthetic:<shape> nor a folder".into()));
+    }
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        if !dir.join(f).is_file() {
+            return Err(err(format!("folder has no {f} (a Hugging Face BERT folder needs config.json, model.safetensors and tokenizer.json)")));
+        }
+    }
+    Ok(ModelSource::Folder(dir.to_path_buf()))
+}
+
+/// Deterministic random weights with BERT's init scale (std 0.02, LayerNorm = identity), seeded
+/// per tensor name so that every replica and every run computes the same function.
+pub fn synthetic_weights(c: &BertConfig, seed: u64) -> HashMap<String, Tensor> {
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![c.vocab_size, c.hidden_size],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![c.max_position_embeddings, c.hidden_size],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![c.type_vocab_size, c.hidden_size],
+        ),
+    ];
+    let norm = |p: &str, v: &mut Vec<(String, Vec<usize>)>| {
+        v.push((format!("{p}.LayerNorm.weight"), vec![c.hidden_size]));
+        v.push((format!("{p}.LayerNorm.bias"), vec![c.hidden_size]));
+    };
+    norm("embeddings", &mut shapes);
+    let lin = |p: String, i: usize, o: usize, v: &mut Vec<(String, Vec<usize>)>| {
+        v.push((format!("{p}.weight"), vec![o, i]));
+        v.push((format!("{p}.bias"), vec![o]));
+    };
+    let h = c.hidden_size;
+    for l in 0..c.num_hidden_layers {
+        let p = format!("encoder.layer.{l}");
+        for n in ["query", "key", "value"] {
+            lin(format!("{p}.attention.self.{n}"), h, h, &mut shapes);
+        }
+        lin(format!("{p}.attention.output.dense"), h, h, &mut shapes);
+        norm(&format!("{p}.attention.output"), &mut shapes);
+        lin(
+            format!("{p}.intermediate.dense"),
+            h,
+            c.intermediate_size,
+            &mut shapes,
+        );
+        lin(
+            format!("{p}.output.dense"),
+            c.intermediate_size,
+            h,
+            &mut shapes,
+        );
+        norm(&format!("{p}.output"), &mut shapes);
+    }
+    let bound = 0.02 * 3f32.sqrt(); // uniform(-b, b) has std 0.02
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("LayerNorm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                let mut h = seed;
+                for b in name.bytes() {
+                    h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+                }
+                let mut rng = rand::rngs::StdRng::seed_from_u64(h);
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            let t = Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches data");
+            (name, t)
+        })
+        .collect()
+}
+
+/// Seed of the synthetic weights; fixed so results are comparable across runs and machines.
+pub const SYNTHETIC_SEED: u64 = 0x5eed_ba7c;
+
+/// Loads the model once per device. Synthetic weights are generated once and copied to each device.
+pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel, ModelError> {
+    let source = resolve_model(spec)?;
+    let devs = resolve_devices(devices)?;
+    let dt = candle_dtype(dtype);
+    let lerr = |reason: String| ModelError::Load {
+        model: spec.to_string(),
+        reason,
+    };
+    let (config, tokenizer, weights): (
+        BertConfig,
+        Arc<dyn Tokenize>,
+        Option<HashMap<String, Tensor>>,
+    ) = match &source {
+        ModelSource::Synthetic(c) => (
+            c.clone(),
+            Arc::new(BuiltinTokenizer::new(c.vocab_size)),
+            Some(synthetic_weights(c, SYNTHETIC_SEED)),
+        ),
+        ModelSource::Folder(dir) => {
+            let text = std::fs::read_to_string(dir.join("config.json"))
+                .map_err(|e| lerr(format!("config.json: {e}")))?;
+            let c: BertConfig =
+                serde_json::from_str(&text).map_err(|e| lerr(format!("config.json: {e}")))?;
+            let tok = HfTokenizer::load(&dir.join("tokenizer.json")).map_err(lerr)?;
+            (c, Arc::new(tok), None)
+        }
+    };
+    let mut replicas: Vec<(String, Arc<dyn Backend>)> = Vec::new();
+    let mut counts: HashMap<&'static str, usize> = HashMap::new();
+    for (dev, name) in devs.iter().zip(devices) {
+        let vb = match (&source, &weights) {
+            (ModelSource::Synthetic(_), Some(w)) => {
+                let moved = w
+                    .iter()
+                    .map(|(k, t)| Ok((k.clone(), t.to_device(dev)?)))
+                    .collect::<candle_core::Result<HashMap<_, _>>>()
+                    .map_err(|e| lerr(e.to_string()))?;
+                VarBuilder::from_tensors(moved, dt, dev)
+            }
+            (ModelSource::Folder(dir), _) => {
+                let file = dir.join("model.safetensors");
+                // SAFETY: the file is memory-mapped read-only; like every safetensors loader we
+                // rely on nobody truncating it while the runtime runs.
+                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&file], dt, dev) }
+                    .map_err(|e| lerr(format!("model.safetensors: {e}")))?;
+                if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+                    vb.pp("bert")
+                } else {
+                    vb
+                }
+            }
+            _ => unreachable!("synthetic sources always carry weights"),
+        };
+        let bert = Bert::load(vb, &config).map_err(|e| lerr(e.to_string()))?;
+        let kind = if dev.is_cuda() { "cuda" } else { "cpu" };
+        let label = if kind == "cuda" {
+            name.clone()
+        } else {
+            let i = counts.entry(kind).or_default();
+            *i += 1;
+            format!("cpu:{}", *i - 1)
+        };
+        replicas.push((label, Arc::new(bert)));
+    }
+    Ok(LoadedModel {
+        tokenizer,
+        replicas,
+        dim: config.hidden_size,
+        max_positions: config.max_position_embeddings,
+        name: spec.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_refused_without_feature() {
+        if cfg!(feature = "cuda") {
+            return;
+        }
+        let e = resolve_devices(&["cuda:0".into()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cuda:0") && e.contains("--features cuda"), "{e}");
+    }
+
+    #[test]
+    fn unknown_model_specs_are_explained() {
+        let e = resolve_model("synthetic:huge").unwrap_err().to_string();
+        assert!(e.contains("unknown synthetic shape"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = resolve_model(dir.path().to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config.json"), "{e}");
+    }
+
+    #[test]
+    fn padded_batch_matches_single_input() {
+        let m = load("synthetic:tiny", &["cpu".into()], Dtype::F32).unwrap();
+        let tok = &m.tokenizer;
+        let short = tok.encode("short text").unwrap();
+        let long = tok
+            .encode("a considerably longer input with many more words in it than the other")
+            .unwrap();
+        let backend = &m.replicas[0].1;
+        let alone = backend.embed(&[&short]).unwrap();
+        let batched = backend.embed(&[&long, &short, &long]).unwrap();
+        let diff: f32 = alone[0]
+            .iter()
+            .zip(&batched[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "max diff {diff}");
+        let norm: f32 = batched[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4);
+        assert_ne!(batched[0], batched[1]);
+    }
+}

@@ -1,0 +1,124 @@
+//! Tokenizers: the built-in one for the synthetic model, and Hugging Face `tokenizer.json`.
+
+use std::path::Path;
+
+/// Turns text into token ids, special tokens included; the length decides batch token budgets.
+pub trait Tokenize: Send + Sync {
+    /// Token ids for one input, `[CLS] … [SEP]` included. Inputs longer than the model allows are
+    /// returned in full so that the caller can refuse them with their true length.
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
+}
+
+/// BERT's special ids in the uncased vocabulary all-MiniLM-L6-v2 uses.
+const CLS: u32 = 101;
+const SEP: u32 = 102;
+/// First id the built-in tokenizer hands out; below it sit BERT's special and unused ids.
+const FIRST_PIECE: u32 = 1000;
+
+/// A deterministic word-piece tokenizer needing no vocabulary file: BERT's basic split (lowercase,
+/// whitespace, punctuation as its own token), words cut into pieces of at most 6 characters, each
+/// piece hashed (FNV-1a) into the vocabulary. Token counts track a real WordPiece tokenizer's
+/// closely enough for batching and budgets, which is all the synthetic model needs.
+pub struct BuiltinTokenizer {
+    vocab_size: u32,
+}
+
+impl BuiltinTokenizer {
+    /// A tokenizer whose ids fall in `[FIRST_PIECE, vocab_size)`.
+    pub fn new(vocab_size: usize) -> Self {
+        BuiltinTokenizer {
+            vocab_size: vocab_size as u32,
+        }
+    }
+
+    fn piece_id(&self, piece: &str, continuation: bool) -> u32 {
+        let mut h: u32 = if continuation {
+            0x811c_9dc5 ^ 0x5a5a
+        } else {
+            0x811c_9dc5
+        };
+        for b in piece.bytes() {
+            h ^= b as u32;
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        FIRST_PIECE + h % (self.vocab_size - FIRST_PIECE)
+    }
+}
+
+impl Tokenize for BuiltinTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut ids = vec![CLS];
+        let lower = text.to_lowercase();
+        for word in lower.split(|c: char| c.is_whitespace()) {
+            let mut start = None;
+            let flush = |from: usize, to: usize, ids: &mut Vec<u32>| {
+                let w: Vec<char> = word[from..to].chars().collect();
+                for (i, chunk) in w.chunks(6).enumerate() {
+                    let piece: String = chunk.iter().collect();
+                    ids.push(self.piece_id(&piece, i > 0));
+                }
+            };
+            for (i, c) in word.char_indices() {
+                if c.is_ascii_punctuation() || (!c.is_alphanumeric() && !c.is_whitespace()) {
+                    if let Some(s) = start.take() {
+                        flush(s, i, &mut ids);
+                    }
+                    flush(i, i + c.len_utf8(), &mut ids);
+                } else if start.is_none() {
+                    start = Some(i);
+                }
+            }
+            if let Some(s) = start {
+                flush(s, word.len(), &mut ids);
+            }
+        }
+        ids.push(SEP);
+        Ok(ids)
+    }
+}
+
+/// A Hugging Face `tokenizer.json` (WordPiece for BERT models), with truncation and padding off
+/// so lengths are true lengths.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl HfTokenizer {
+    /// Loads `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| format!("cannot disable truncation: {e}"))?;
+        Ok(HfTokenizer { inner })
+    }
+}
+
+impl Tokenize for HfTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.inner
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| format!("tokenization failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_is_deterministic_and_bert_shaped() {
+        let t = BuiltinTokenizer::new(30522);
+        let a = t.encode("Hello, world! Tokenization works.").unwrap();
+        assert_eq!(a, t.encode("hello, WORLD! tokenization works.").unwrap());
+        assert_eq!(a[0], CLS);
+        assert_eq!(*a.last().unwrap(), SEP);
+        // hello , world ! tokeni zation works .  = 8 pieces + 2 specials
+        assert_eq!(a.len(), 10, "{a:?}");
+        assert!(a.iter().all(|&id| id < 30522));
+        assert_eq!(t.encode("").unwrap(), vec![CLS, SEP]);
+    }
+}

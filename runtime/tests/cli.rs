@@ -1,0 +1,128 @@
+//! Tests of the `runtime` binary itself: signals, profiles on disk.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn validate_accepts_shipped_profiles_and_explains_bad_ones() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "toml") && p.file_name().unwrap() != "Cargo.toml"
+        })
+        .collect();
+    assert!(files.len() >= 9);
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .arg("validate")
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        bad.path(),
+        "max_batch_size = 0\nbatch_wait_timeout = \"20s\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .arg("validate")
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("max_batch_size = 0: must be between 1 and 4096"),
+        "{text}"
+    );
+    assert!(
+        text.contains("batch_wait_timeout = 20s: must be at most 10s"),
+        "{text}"
+    );
+}
+
+#[test]
+fn cuda_device_is_refused_clearly_on_a_cpu_build() {
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env("BATCHTUNE_DEVICES", "cuda:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cuda:0") && err.contains("--features cuda"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_requests_in_flight_loses_none() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env("BATCHTUNE_MODEL", "synthetic:tiny")
+        // Requests sit in the queue for 500ms, so SIGTERM lands while they are pending.
+        .env("BATCH_WAIT_TIME_MS", "500")
+        .env("BATCHTUNE_MAX_BATCH_SIZE", "64")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .trim_start_matches("listening on http://")
+        .parse()
+        .unwrap();
+    let c = client();
+    wait_ready(&c, addr).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            embed(&c, addr, json!({"input": format!("in flight {i}")}))
+                .await
+                .status
+        }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&c, addr, "batchtune_queue_depth_inputs").await < 20.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            200,
+            "a queued request was lost on SIGTERM"
+        );
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}

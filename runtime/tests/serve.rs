@@ -1,0 +1,441 @@
+//! Integration tests on a real server bound to a free port.
+
+mod common;
+
+use common::*;
+use profiles::Profile;
+use runtime::model::{self, Backend, LoadedModel};
+use runtime::{ServeOptions, Server};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn vec_of(r: &Resp, i: usize) -> Vec<f32> {
+    r.body["data"][i]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn minilm_vectors_are_unit_norm_and_padding_invariant() {
+    let (server, c) = start(Profile::default()).await;
+    let short = "the quick brown fox";
+    let long = "a much longer sentence that pads the batch well beyond the short one, with commas, and more words";
+    let alone = embed(&c, server.addr, json!({"input": short})).await;
+    assert_eq!(alone.status, 200, "{}", alone.text);
+    let v = vec_of(&alone, 0);
+    assert_eq!(v.len(), 384);
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    assert!(alone.body["usage"]["prompt_tokens"].as_u64().unwrap() > 2);
+    assert!(
+        alone.headers.contains_key("x-queue-time")
+            && alone.headers.contains_key("x-inference-time")
+    );
+
+    // One request = one batch here (32 ≥ 3 inputs, all queued together).
+    let batch = embed(&c, server.addr, json!({"input": [long, short, long]})).await;
+    assert_eq!(batch.status, 200);
+    assert_eq!(batch.body["data"][1]["index"], 1);
+    let w = vec_of(&batch, 1);
+    let diff = v
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "padded batch changed the vector by {diff}");
+    assert!(metric(&c, server.addr, "batchtune_batch_size_inputs_sum").await >= 4.0);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_form_batches_larger_than_one() {
+    let p = tiny(Profile {
+        max_concurrent_batches: 1,
+        batch_wait_timeout: Duration::from_millis(20),
+        ..Profile::default()
+    });
+    let (server, c) = start(p).await;
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        let addr = server.addr;
+        tasks.push(tokio::spawn(async move {
+            embed(&c, addr, json!({"input": format!("client {i} says hello")}))
+                .await
+                .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let inputs = metric(&c, server.addr, "batchtune_batch_size_inputs_sum").await;
+    let batches = metric(&c, server.addr, "batchtune_batch_size_inputs_count").await;
+    assert_eq!(inputs, 64.0);
+    assert!(
+        batches < 64.0,
+        "64 inputs took {batches} batches: no batching happened"
+    );
+    assert_eq!(
+        metric(&c, server.addr, "batchtune_requests_total{status=\"200\"}").await,
+        64.0
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_overflow_is_429_and_expiry_is_504() {
+    // The first request waits 2s for its batch; the queue (1 input) is then full.
+    let p = tiny(Profile {
+        max_queue_size: 1,
+        batch_wait_timeout: Duration::from_secs(2),
+        ..Profile::default()
+    });
+    let (server, c) = start(p).await;
+    let addr = server.addr;
+    let c2 = c.clone();
+    let first = tokio::spawn(async move { embed(&c2, addr, json!({"input": "first"})).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&c, addr, "batchtune_queue_depth_inputs").await < 1.0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = embed(&c, addr, json!({"input": "second"})).await;
+    assert_eq!(second.status, 429, "{}", second.text);
+    assert!(second.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_queue_size = 1"));
+    assert_eq!(first.await.unwrap().status, 200);
+    stop(server).await;
+
+    // Deadline 50ms, batch wait 1s: the input expires in the queue and is never computed.
+    let p = tiny(Profile {
+        request_timeout: Duration::from_millis(50),
+        batch_wait_timeout: Duration::from_secs(1),
+        ..Profile::default()
+    });
+    let (server, c) = start(p).await;
+    let r = embed(&c, server.addr, json!({"input": "too slow"})).await;
+    assert_eq!(r.status, 504, "{}", r.text);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("request_timeout (50ms)"));
+    assert_eq!(
+        metric(&c, server.addr, "batchtune_expired_inputs_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&c, server.addr, "batchtune_batch_size_inputs_count").await,
+        0.0,
+        "expired input was computed"
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_4xx_json_naming_the_problem() {
+    let p = tiny(Profile {
+        max_inputs_per_request: 4,
+        max_input_tokens: 16,
+        max_batch_tokens: 64,
+        ..Profile::default()
+    });
+    let server = Server::start(ServeOptions {
+        max_body_bytes: 4096,
+        ..ServeOptions::new(p, "127.0.0.1:0".parse().unwrap())
+    })
+    .await
+    .unwrap();
+    let c = client();
+    wait_ready(&c, server.addr).await;
+    let a = server.addr;
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{\"input\": [".into(), 400, "malformed JSON"),
+        (json!({"input": ""}).to_string(), 400, "input[0] is empty"),
+        (json!({"input": []}).to_string(), 400, "empty array"),
+        (json!({"input": {"a": 1}}).to_string(), 400, "got an object"),
+        (
+            json!({"input": ["ok", false]}).to_string(),
+            400,
+            "input[1] must be a string",
+        ),
+        (
+            json!({"input": ["a", "b", "c", "d", "e"]}).to_string(),
+            400,
+            "input has 5 items; max_inputs_per_request is 4",
+        ),
+        (
+            json!({"input": ["fine", "word ".repeat(40)]}).to_string(),
+            400,
+            "input[1] has 42 tokens; max_input_tokens is 16",
+        ),
+        (
+            json!({"input": "x".repeat(5000)}).to_string(),
+            413,
+            "larger than 4096 bytes",
+        ),
+        (
+            json!({"text": "hi"}).to_string(),
+            400,
+            "missing field `input`",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let r = request(&c, "POST", a, "/v1/embeddings", body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {}", r.text);
+        let msg = r.body["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no JSON error for {body}: {}", r.text));
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    let r = request(&c, "GET", a, "/nope", "").await;
+    assert_eq!(r.status, 400);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_reload_changes_batch_size_live_and_invalid_reload_keeps_profile() {
+    let p = tiny(Profile {
+        batch_wait_timeout: Duration::from_millis(30),
+        max_concurrent_batches: 1,
+        ..Profile::default()
+    });
+    let (server, c) = start(p).await;
+    let a = server.addr;
+    let r = request(
+        &c,
+        "PUT",
+        a,
+        "/config",
+        json!({"max_batch_size": 1}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["max_batch_size"], 1);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            embed(&c, a, json!({"input": format!("text {i}")}))
+                .await
+                .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        metric(&c, a, "batchtune_batch_size_inputs_count").await,
+        8.0,
+        "max_batch_size=1 must give 8 batches"
+    );
+
+    let bad = request(
+        &c,
+        "PUT",
+        a,
+        "/config",
+        json!({"max_batch_size": 0, "batch_wait_timeout": "1ms"}).to_string(),
+    )
+    .await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_batch_size = 0"));
+    let restart = request(
+        &c,
+        "PUT",
+        a,
+        "/config",
+        json!({"model": "synthetic:minilm"}).to_string(),
+    )
+    .await;
+    assert_eq!(restart.status, 409);
+    assert!(restart.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("model"));
+    let cfg = request(&c, "GET", a, "/config", "").await;
+    assert_eq!(cfg.body["max_batch_size"], 1);
+    assert_eq!(cfg.body["batch_wait_timeout"], "30ms");
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_key_guards_embeddings_and_config() {
+    let opts = ServeOptions {
+        api_key: Some("s3cret".into()),
+        ..ServeOptions::new(tiny(Profile::default()), "127.0.0.1:0".parse().unwrap())
+    };
+    let server = Server::start(opts).await.unwrap();
+    let c = client();
+    wait_ready(&c, server.addr).await;
+    let r = embed(&c, server.addr, json!({"input": "hi"})).await;
+    assert_eq!(r.status, 401);
+    let r = request(
+        &c,
+        "PUT",
+        server.addr,
+        "/config",
+        json!({"max_batch_size": 2}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let req = hyper::Request::post(format!("http://{}/v1/embeddings", server.addr))
+        .header("authorization", "Bearer s3cret")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            json!({"input": "hi"}).to_string(),
+        )))
+        .unwrap();
+    assert_eq!(c.request(req).await.unwrap().status(), 200);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_cpu_replicas_share_the_batches() {
+    let p = tiny(Profile {
+        devices: vec!["cpu".into(), "cpu".into()],
+        max_batch_size: 1,
+        max_concurrent_batches: 2,
+        batch_wait_timeout: Duration::ZERO,
+        ..Profile::default()
+    });
+    let (server, c) = start(p).await;
+    let a = server.addr;
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            embed(&c, a, json!({"input": format!("spread me {i}")}))
+                .await
+                .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let d0 = metric(&c, a, "batchtune_batch_size_inputs_count{device=\"cpu:0\"}").await;
+    let d1 = metric(&c, a, "batchtune_batch_size_inputs_count{device=\"cpu:1\"}").await;
+    assert_eq!(d0 + d1, 64.0);
+    assert!(
+        d0 > 0.0 && d1 > 0.0,
+        "batches were not spread: cpu:0={d0} cpu:1={d1}"
+    );
+    stop(server).await;
+}
+
+/// Panics on any batch that contains the word "boom"; otherwise the real tiny model.
+struct Faulty {
+    inner: Arc<dyn Backend>,
+    boom: u32,
+}
+
+impl Backend for Faulty {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+        if batch.iter().any(|s| s.contains(&self.boom)) {
+            panic!("injected fault");
+        }
+        self.inner.embed(batch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_batch_fails_only_its_own_requests() {
+    let mut m: LoadedModel =
+        model::load("synthetic:tiny", &["cpu".into()], profiles::Dtype::F32).unwrap();
+    let boom = m.tokenizer.encode("boom").unwrap()[1];
+    let inner = m.replicas[0].1.clone();
+    m.replicas[0].1 = Arc::new(Faulty { inner, boom });
+    let p = tiny(Profile {
+        max_batch_size: 1,
+        ..Profile::default()
+    });
+    let server = Server::start_with_model(ServeOptions::new(p, "127.0.0.1:0".parse().unwrap()), m)
+        .await
+        .unwrap();
+    let c = client();
+    wait_ready(&c, server.addr).await;
+    let a = server.addr;
+    let mut tasks = Vec::new();
+    for word in ["fine", "boom", "also fine", "still fine"] {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            (word, embed(&c, a, json!({"input": word})).await)
+        }));
+    }
+    for t in tasks {
+        let (word, r) = t.await.unwrap();
+        if word == "boom" {
+            assert_eq!(r.status, 500);
+            assert!(
+                r.body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("panicked: injected fault"),
+                "{}",
+                r.text
+            );
+        } else {
+            assert_eq!(r.status, 200, "{word}: {}", r.text);
+        }
+    }
+    // The worker survives the panic.
+    assert_eq!(embed(&c, a, json!({"input": "after"})).await.status, 200);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hugging_face_folder_loads_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_hf_folder(dir.path());
+    let p = Profile {
+        model: dir.path().display().to_string(),
+        ..Profile::default()
+    };
+    let (server, c) = start(p).await;
+    let r = embed(
+        &c,
+        server.addr,
+        json!({"input": ["hello world", "unknownword"]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(vec_of(&r, 0).len(), 32);
+    // [CLS] hello world [SEP] + [CLS] [UNK] [SEP]
+    assert_eq!(r.body["usage"]["prompt_tokens"], 7);
+    stop(server).await;
+}
+
+/// A tiny BERT folder: random weights saved with a `bert.` prefix (as BertModel checkpoints from
+/// transformers are), a config, and a WordPiece tokenizer.json with a 12-word vocabulary.
+fn write_tiny_hf_folder(dir: &std::path::Path) {
+    let cfg = json!({
+        "vocab_size": 12, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 64, "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12, "hidden_act": "gelu", "model_type": "bert"
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let bc: model::bert::BertConfig = serde_json::from_value(cfg).unwrap();
+    let w: std::collections::HashMap<String, candle_core::Tensor> =
+        model::synthetic_weights(&bc, 7)
+            .into_iter()
+            .map(|(k, v)| (format!("bert.{k}"), v))
+            .collect();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let vocab = json!({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "world": 5, "the": 6, "a": 7, "##s": 8, "fox": 9, ",": 10, ".": 11});
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+        "decoder": null,
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
