@@ -1,1 +1,446 @@
-//! placeholder
+//! batchtune loadgen: an open/closed-loop HTTP load generator whose latency is measured from the
+//! *intended* send time (coordinated-omission corrected), with the generator's own lag recorded
+//! so that a run where the generator was the bottleneck is marked invalid rather than believed.
+//!
+//! Library entry point: [`run`] with a [`Config`]; the tuner calls it in-process, with an
+//! early-stop hook and a cancel flag.
+
+pub mod record;
+pub mod report;
+pub mod schedule;
+pub mod slo;
+pub mod workload;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Uri;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use indicatif::{ProgressBar, ProgressStyle};
+use record::{Collector, Outcome, Progress, Sample};
+pub use report::Report;
+use schedule::{Arrival, Rate, Schedule};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Semaphore};
+use workload::Workload;
+
+/// Errors that prevent a run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    /// The URL cannot be used.
+    #[error("--url {url}: {reason}")]
+    Url {
+        /// As given.
+        url: String,
+        /// Why not.
+        reason: String,
+    },
+    /// Inconsistent options.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Open loop (a schedule of intended send times) or closed loop (N clients back to back).
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Requests leave on schedule whatever the server does.
+    Open {
+        /// Offered rate over time.
+        rate: Rate,
+        /// Inter-arrival distribution.
+        arrival: Arrival,
+        /// Safety cap on requests in flight; what it drops is counted and invalidates the run.
+        max_in_flight: usize,
+    },
+    /// `concurrency` virtual clients, each sending its next request when the last returns.
+    Closed {
+        /// Virtual clients.
+        concurrency: usize,
+    },
+}
+
+/// Decides part-way through whether a run should stop now (returns the reason).
+pub type EarlyStop = Arc<dyn Fn(&Progress<'_>) -> Option<String> + Send + Sync>;
+
+/// Everything a run needs.
+#[derive(Clone)]
+pub struct Config {
+    /// Server base URL (`http://127.0.0.1:8000`); a path in it overrides the workload's path.
+    pub url: String,
+    /// Open or closed loop.
+    pub mode: Mode,
+    /// Measured phase.
+    pub duration: Duration,
+    /// Sent but excluded from statistics.
+    pub warmup: Duration,
+    /// Per-request timeout; counted as an error of kind `timeout`.
+    pub timeout: Duration,
+    /// Bodies and path.
+    pub workload: Workload,
+    /// Extra headers (e.g. Authorization).
+    pub headers: Vec<(String, String)>,
+    /// Measurement window for stability and interval logs; `None` = duration / 5 in [1s, 10s].
+    pub window: Option<Duration>,
+    /// Stability tolerance in percent across the last 3 windows.
+    pub stability_percent: f64,
+    /// Cap on open connections (requests wait for one, which corrected latency shows and
+    /// service time does not); `None` = a new connection whenever all are busy.
+    pub connections: Option<usize>,
+    /// Generator lag p99 above which the run is invalid.
+    pub max_lag_p99: Duration,
+    /// Schedule seed.
+    pub seed: u64,
+    /// Draw a progress bar on stderr when it is a terminal.
+    pub progress: bool,
+    /// Stop early when this says so (checked at each window end).
+    pub early_stop: Option<EarlyStop>,
+    /// Set to stop the run from outside (Ctrl-C, the tuner's time budget).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Config {
+    /// A config with defaults: 10s measured, 2s warm-up, 30s timeout, 10% stability, lag 1ms.
+    pub fn new(url: impl Into<String>, mode: Mode, workload: Workload) -> Self {
+        Config {
+            url: url.into(),
+            mode,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            timeout: Duration::from_secs(30),
+            workload,
+            headers: Vec::new(),
+            window: None,
+            stability_percent: 10.0,
+            connections: None,
+            max_lag_p99: Duration::from_millis(1),
+            seed: 1,
+            progress: false,
+            early_stop: None,
+            cancel: None,
+        }
+    }
+
+    fn window(&self) -> Duration {
+        self.window.unwrap_or_else(|| {
+            Duration::from_secs_f64((self.duration.as_secs_f64() / 5.0).clamp(1.0, 10.0))
+                .min(self.duration)
+        })
+    }
+}
+
+fn target_uri(cfg: &Config) -> Result<Uri, LoadgenError> {
+    let bad = |reason: &str| LoadgenError::Url {
+        url: cfg.url.clone(),
+        reason: reason.into(),
+    };
+    let uri: Uri = cfg
+        .url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad("https is not supported; loadgen speaks plain HTTP/1.1")),
+        _ => return Err(bad("must start with http://")),
+    }
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?.clone();
+    let path = match uri.path() {
+        "" | "/" => cfg.workload.path.clone(),
+        p => p.to_string(),
+    };
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| bad(&e.to_string()))
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Sender {
+    client: HttpClient,
+    uri: Uri,
+    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    timeout: Duration,
+    stream: bool,
+    conns: Option<Arc<Semaphore>>,
+}
+
+impl Sender {
+    /// Sends one request; returns (sent, done, outcome).
+    async fn send(&self, body: Bytes) -> (Instant, Instant, Outcome) {
+        let _permit = match &self.conns {
+            Some(s) => Some(
+                s.clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closes"),
+            ),
+            None => None,
+        };
+        let sent = Instant::now();
+        let mut req = hyper::Request::post(self.uri.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("static request parts are valid");
+        for (k, v) in &self.headers {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
+        let fut = async {
+            let resp = match self.client.request(req).await {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => return Outcome::Connect,
+                Err(_) => return Outcome::Io,
+            };
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            let mut ttft = None;
+            let mut gaps = Vec::new();
+            let mut last = None;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) if f.is_data() && self.stream => {
+                        let now = Instant::now();
+                        match last {
+                            None => ttft = Some(now - sent),
+                            Some(l) => gaps.push(now - l),
+                        }
+                        last = Some(now);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Outcome::Io,
+                }
+            }
+            if (200..300).contains(&status) {
+                Outcome::Ok { ttft, gaps }
+            } else {
+                Outcome::Status(status)
+            }
+        };
+        let outcome = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(o) => o,
+            Err(_) => Outcome::Timeout,
+        };
+        (sent, Instant::now(), outcome)
+    }
+}
+
+/// Sleeps coarsely, then spins (yielding the core) for the last stretch: tokio's timer has ~1 ms
+/// granularity and `thread::sleep` overshoots by tens of µs, both too coarse at 1.25 ms gaps.
+fn wait_until(t: Instant) {
+    loop {
+        let now = Instant::now();
+        if now >= t {
+            return;
+        }
+        let left = t - now;
+        if left > Duration::from_micros(400) {
+            std::thread::sleep(left - Duration::from_micros(300));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Runs the load and returns the report. Must be called inside a multi-threaded tokio runtime.
+pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
+    let uri = target_uri(&cfg)?;
+    if cfg.workload.bodies.is_empty() {
+        return Err(LoadgenError::Config("the workload has no bodies".into()));
+    }
+    if cfg.duration.is_zero() {
+        return Err(LoadgenError::Config("--duration must be > 0".into()));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in &cfg.headers {
+        let name = hyper::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| LoadgenError::Config(format!("header name `{k}` is not valid")))?;
+        let value = hyper::header::HeaderValue::from_str(v)
+            .map_err(|_| LoadgenError::Config(format!("header `{k}` has an invalid value")))?;
+        headers.push((name, value));
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(usize::MAX)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector);
+    let sender = Arc::new(Sender {
+        client,
+        uri: uri.clone(),
+        headers,
+        timeout: cfg.timeout,
+        stream: cfg.workload.stream,
+        conns: cfg.connections.map(|n| Arc::new(Semaphore::new(n.max(1)))),
+    });
+
+    let window = cfg.window();
+    let start = Instant::now() + Duration::from_millis(20);
+    let measure_start = start + cfg.warmup;
+    let measure_end = measure_start + cfg.duration;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Sample>();
+    let bodies = Arc::new(cfg.workload.bodies.clone());
+
+    match &cfg.mode {
+        Mode::Open {
+            rate,
+            arrival,
+            max_in_flight,
+        } => {
+            let handle = tokio::runtime::Handle::current();
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let (rate, arrival, cap) = (*rate, *arrival, *max_in_flight);
+            let (stop, tx, sender, bodies, seed) = (
+                stop.clone(),
+                tx.clone(),
+                sender.clone(),
+                bodies.clone(),
+                cfg.seed,
+            );
+            std::thread::Builder::new()
+                .name("loadgen-pacer".into())
+                .spawn(move || {
+                    let mut sched = Schedule::new(arrival, rate, seed);
+                    let mut i = 0usize;
+                    loop {
+                        let intended = start + sched.next_offset();
+                        if intended >= measure_end || stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        wait_until(intended);
+                        if in_flight.load(Ordering::Relaxed) >= cap {
+                            let now = Instant::now();
+                            let _ = tx.send(Sample {
+                                intended,
+                                started: now,
+                                sent: now,
+                                done: now,
+                                outcome: Outcome::Dropped,
+                            });
+                            continue;
+                        }
+                        in_flight.fetch_add(1, Ordering::Relaxed);
+                        let body = bodies[i % bodies.len()].clone();
+                        i += 1;
+                        let (tx, sender, in_flight) =
+                            (tx.clone(), sender.clone(), in_flight.clone());
+                        handle.spawn(async move {
+                            let started = Instant::now();
+                            let (sent, done, outcome) = sender.send(body).await;
+                            in_flight.fetch_sub(1, Ordering::Relaxed);
+                            let _ = tx.send(Sample {
+                                intended,
+                                started,
+                                sent,
+                                done,
+                                outcome,
+                            });
+                        });
+                    }
+                })
+                .expect("spawning the pacer thread");
+        }
+        Mode::Closed { concurrency } => {
+            if *concurrency == 0 {
+                return Err(LoadgenError::Config("--concurrency must be ≥ 1".into()));
+            }
+            for k in 0..*concurrency {
+                let (stop, tx, sender, bodies) =
+                    (stop.clone(), tx.clone(), sender.clone(), bodies.clone());
+                let n = *concurrency;
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
+                    let mut i = k;
+                    while Instant::now() < measure_end && !stop.load(Ordering::Relaxed) {
+                        let intended = Instant::now();
+                        let (sent, done, outcome) =
+                            sender.send(bodies[i % bodies.len()].clone()).await;
+                        i += n;
+                        let _ = tx.send(Sample {
+                            intended,
+                            started: intended,
+                            sent,
+                            done,
+                            outcome,
+                        });
+                    }
+                });
+            }
+        }
+    }
+    drop(tx);
+
+    let bar = (cfg.progress && std::io::stderr().is_terminal()).then(|| {
+        let total = (cfg.warmup + cfg.duration).as_millis() as u64;
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {percent:>3}% {msg}",
+            )
+            .expect("static template"),
+        );
+        b
+    });
+    let mut col = Collector::new(measure_start, measure_end, window);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut next_check = measure_start + window;
+    let mut stopped_early: Option<String> = None;
+    let hard_deadline = measure_end + cfg.timeout + Duration::from_secs(2);
+    let mut last_ok = (Instant::now(), 0u64);
+    loop {
+        tokio::select! {
+            s = rx.recv() => match s {
+                Some(s) => {
+                    col.record(&s);
+                    while let Ok(s) = rx.try_recv() {
+                        col.record(&s);
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if let Some(b) = &bar {
+                    let rate = (col.ok - last_ok.1) as f64 / now.duration_since(last_ok.0).as_secs_f64().max(1e-3);
+                    last_ok = (now, col.ok);
+                    let p95 = col.histos.latency.value_at_quantile(0.95) as f64 / 1e6;
+                    let phase = if now < measure_start { "warm-up " } else { "" };
+                    b.set_position(now.saturating_duration_since(start).as_millis() as u64);
+                    b.set_message(format!("{phase}{rate:.0} ok/s  p95 {}  errors {}", slo::format_secs(p95), col.error_count()));
+                }
+                if cfg.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) && stopped_early.is_none() {
+                    stopped_early = Some("cancelled".into());
+                    stop.store(true, Ordering::Relaxed);
+                }
+                if now >= next_check && now <= measure_end && stopped_early.is_none() {
+                    next_check += window;
+                    if let Some(hook) = &cfg.early_stop {
+                        if let Some(reason) = hook(&col.progress(now)) {
+                            stopped_early = Some(reason);
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if now > hard_deadline {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let ended = if stopped_early.is_some() {
+        Instant::now()
+            .min(measure_end)
+            .max(measure_start + Duration::from_millis(1))
+    } else {
+        measure_end
+    };
+    Ok(Report::build(&cfg, &uri, col, ended, stopped_early))
+}

@@ -1,0 +1,241 @@
+//! `loadgen`: open/closed-loop HTTP load with coordinated-omission-corrected latency.
+//!
+//! Exit codes: 0 success; 1 the run could not be made (bad URL, unreadable file); 2 usage error;
+//! 3 invalid run (the generator was the bottleneck: send lag p99 over 1 ms, or requests dropped by
+//! the safety cap); 4 a `--fail-on` threshold was crossed.
+
+use clap::Parser;
+use loadgen::schedule::{Arrival, Rate};
+use loadgen::slo::{parse_latency, Target};
+use loadgen::workload::{TextOptions, Workload};
+use loadgen::{Config, Mode};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit code: the run was invalid (the generator was the bottleneck).
+const EXIT_INVALID: u8 = 3;
+/// Exit code: a --fail-on threshold was crossed.
+const EXIT_FAIL_ON: u8 = 4;
+
+/// Load generator for HTTP inference servers. Open loop (--rps or --ramp) sends on a schedule of
+/// intended times whatever the server does, and measures latency from those times; closed loop
+/// (--concurrency) runs N clients back to back.
+///
+/// Exit codes: 0 ok, 1 could not run, 2 usage error, 3 invalid run (send lag p99 > 1ms or requests
+/// dropped by the safety cap), 4 a --fail-on threshold crossed.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Server URL; a path in it (http://host:8000/v1/embeddings) overrides the workload's path.
+    #[arg(long, env = "LOADGEN_URL", default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Open loop: requests per second.
+    #[arg(long, env = "LOADGEN_RPS", conflicts_with_all = ["concurrency", "ramp"])]
+    rps: Option<f64>,
+    /// Open loop: a ramp start:end:step/every, e.g. 100:800:100/10s.
+    #[arg(long, env = "LOADGEN_RAMP", conflicts_with = "concurrency")]
+    ramp: Option<String>,
+    /// Closed loop: this many clients, each sending when its last request returns.
+    #[arg(long, env = "LOADGEN_CONCURRENCY")]
+    concurrency: Option<usize>,
+    /// Arrival process for the open loop: constant, poisson, or gamma:<burstiness> (squared
+    /// coefficient of variation; 1 = Poisson).
+    #[arg(long, env = "LOADGEN_ARRIVAL", default_value = "constant")]
+    arrival: String,
+    /// Measured phase, e.g. 30s.
+    #[arg(long, env = "LOADGEN_DURATION", default_value = "30s")]
+    duration: String,
+    /// Warm-up before measuring (sent, not counted).
+    #[arg(long, env = "LOADGEN_WARMUP", default_value = "5s")]
+    warmup: String,
+    /// Workload: embeddings, completions, chat, or a FILE.jsonl of request bodies.
+    #[arg(long, env = "LOADGEN_WORKLOAD", default_value = "embeddings")]
+    workload: String,
+    /// A raw body template with a {{text}} placeholder (other servers); needs --path or a URL path.
+    #[arg(long, env = "LOADGEN_BODY_TEMPLATE")]
+    body_template: Option<PathBuf>,
+    /// Inputs per embeddings request.
+    #[arg(long, env = "LOADGEN_INPUTS_PER_REQUEST", default_value_t = 1)]
+    inputs_per_request: usize,
+    /// Median words per generated text.
+    #[arg(long, env = "LOADGEN_MEDIAN_WORDS", default_value_t = 24.0)]
+    median_words: f64,
+    /// Per-request timeout (counted as errors of kind `timeout`).
+    #[arg(long, env = "LOADGEN_TIMEOUT", default_value = "30s")]
+    timeout: String,
+    /// Extra header, `Name: value` (repeatable).
+    #[arg(long = "header", env = "LOADGEN_HEADERS", value_delimiter = '\n')]
+    headers: Vec<String>,
+    /// Sends `Authorization: Bearer KEY`.
+    #[arg(long, env = "LOADGEN_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Cap on open connections (requests then wait for one, like a pooled client). Default: none,
+    /// so the open loop is never silently turned into a closed one.
+    #[arg(long, env = "LOADGEN_CONNECTIONS")]
+    connections: Option<usize>,
+    /// Safety cap on requests in flight in the open loop; drops are counted and invalidate the run.
+    #[arg(long, env = "LOADGEN_MAX_IN_FLIGHT", default_value_t = 20_000)]
+    max_in_flight: usize,
+    /// Measurement window for stability and the interval log (default: duration/5 within 1s..10s).
+    #[arg(long, env = "LOADGEN_WINDOW")]
+    window: Option<String>,
+    /// Stable when the last 3 windows' throughput and p95 lie within this percentage.
+    #[arg(long, env = "LOADGEN_STABILITY_PERCENT", default_value_t = 10.0)]
+    stability_percent: f64,
+    /// Fail (exit 4) when this holds, e.g. 'p95>200ms' or 'error_rate>1%' (repeatable).
+    #[arg(long, env = "LOADGEN_FAIL_ON")]
+    fail_on: Vec<String>,
+    /// Schedule and text seed.
+    #[arg(long, env = "LOADGEN_SEED", default_value_t = 1)]
+    seed: u64,
+    /// Write the JSON report here.
+    #[arg(long, env = "LOADGEN_JSON")]
+    json: Option<PathBuf>,
+    /// Write the corrected latency distribution (.hgrm, milliseconds) here.
+    #[arg(long, env = "LOADGEN_HGRM")]
+    hgrm: Option<PathBuf>,
+    /// Write an HdrHistogram interval log (.hlog) of per-window latency here.
+    #[arg(long, env = "LOADGEN_HLOG")]
+    hlog: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short, env = "LOADGEN_QUIET")]
+    quiet: bool,
+    /// Worker threads of the async runtime (default: all cores).
+    #[arg(long, env = "LOADGEN_THREADS")]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage(msg: String) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(2);
+}
+
+fn dur(flag: &str, v: &str) -> Duration {
+    parse_latency(v).unwrap_or_else(|e| usage(format!("--{flag}: {e}")))
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let arrival = Arrival::parse(&cli.arrival).unwrap_or_else(|e| usage(format!("--arrival: {e}")));
+    let mode = match (cli.rps, &cli.ramp, cli.concurrency) {
+        (Some(r), None, None) if r > 0.0 && r.is_finite() => Mode::Open {
+            rate: Rate::Fixed(r),
+            arrival,
+            max_in_flight: cli.max_in_flight,
+        },
+        (Some(r), _, _) if !(r > 0.0 && r.is_finite()) => usage(format!("--rps {r}: must be > 0")),
+        (None, Some(ramp), None) => {
+            let rate = Rate::parse_ramp(ramp).unwrap_or_else(|e| usage(format!("--ramp: {e}")));
+            Mode::Open {
+                rate,
+                arrival,
+                max_in_flight: cli.max_in_flight,
+            }
+        }
+        (None, None, Some(c)) if c > 0 => Mode::Closed { concurrency: c },
+        (None, None, Some(_)) => usage("--concurrency must be ≥ 1".into()),
+        _ => usage("give exactly one of --rps, --ramp or --concurrency".into()),
+    };
+    let opts = TextOptions {
+        inputs_per_request: cli.inputs_per_request.max(1),
+        median_words: cli.median_words,
+        seed: cli.seed,
+        ..TextOptions::default()
+    };
+    let workload = match &cli.body_template {
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--body-template {}: {e}", path.display()))?;
+            Workload::from_template(&t, "/", &opts).map_err(anyhow::Error::msg)?
+        }
+        None => Workload::from_spec(&cli.workload, &opts)
+            .map_err(|e| anyhow::anyhow!("--workload: {e}"))?,
+    };
+    let targets: Vec<Target> = cli
+        .fail_on
+        .iter()
+        .map(|t| Target::parse(t).unwrap_or_else(|e| usage(format!("--fail-on: {e}"))))
+        .collect();
+    let mut headers = Vec::new();
+    for h in cli.headers.iter().filter(|h| !h.trim().is_empty()) {
+        let (k, v) = h
+            .split_once(':')
+            .unwrap_or_else(|| usage(format!("--header `{h}`: write `Name: value`")));
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    if let Some(k) = &cli.api_key {
+        headers.push(("authorization".into(), format!("Bearer {k}")));
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cfg = Config {
+        duration: dur("duration", &cli.duration),
+        warmup: dur("warmup", &cli.warmup),
+        timeout: dur("timeout", &cli.timeout),
+        headers,
+        window: cli.window.as_deref().map(|w| dur("window", w)),
+        stability_percent: cli.stability_percent,
+        connections: cli.connections,
+        seed: cli.seed,
+        progress: !cli.quiet,
+        cancel: Some(cancel.clone()),
+        ..Config::new(cli.url.clone(), mode, workload)
+    };
+    let window = cfg.window.unwrap_or_else(|| {
+        Duration::from_secs_f64((cfg.duration.as_secs_f64() / 5.0).clamp(1.0, 10.0))
+            .min(cfg.duration)
+    });
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(t) = cli.threads {
+        rt.worker_threads(t.max(1));
+    }
+    let rt = rt.enable_all().build()?;
+    let report = rt.block_on(async move {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: finishing in-flight requests and reporting");
+                c.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        loadgen::run(cfg).await
+    })?;
+    print!("{}", report.summary());
+    if let Some(p) = &cli.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .map_err(|e| anyhow::anyhow!("--json {}: {e}", p.display()))?;
+    }
+    if let Some(p) = &cli.hgrm {
+        std::fs::write(p, report.hgrm())
+            .map_err(|e| anyhow::anyhow!("--hgrm {}: {e}", p.display()))?;
+    }
+    if let Some(p) = &cli.hlog {
+        std::fs::write(p, report.hlog(window)?)
+            .map_err(|e| anyhow::anyhow!("--hlog {}: {e}", p.display()))?;
+    }
+    if !report.valid {
+        return Ok(ExitCode::from(EXIT_INVALID));
+    }
+    let crossed: Vec<String> = targets
+        .iter()
+        .filter(|t| t.holds(&report))
+        .map(|t| format!("{t} (observed {})", t.format_value(t.observe(&report))))
+        .collect();
+    if !crossed.is_empty() {
+        eprintln!("fail-on crossed: {}", crossed.join(", "));
+        return Ok(ExitCode::from(EXIT_FAIL_ON));
+    }
+    Ok(ExitCode::SUCCESS)
+}

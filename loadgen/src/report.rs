@@ -1,0 +1,330 @@
+//! The run report: JSON (schema in `loadgen/report.schema.json`), the human summary, `.hgrm`
+//! and `.hlog` files.
+
+use crate::record::{self, is_stable, Collector, Histos, LatencyStats, Window};
+use crate::slo::{format_secs, Observed};
+use crate::{Config, Mode};
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2DeflateSerializer;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Version of the JSON layout; bumped on incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// JSON layout version.
+    pub schema_version: u32,
+    /// Full request URL.
+    pub url: String,
+    /// Workload name.
+    pub workload: String,
+    /// `open` or `closed`.
+    pub mode: String,
+    /// Open loop: the rate asked for (e.g. `800/s`, `ramp 100:800:100/10s`).
+    pub rate: Option<String>,
+    /// Open loop: arrival process.
+    pub arrival: Option<String>,
+    /// Closed loop: virtual clients.
+    pub concurrency: Option<usize>,
+    /// Warm-up, seconds (excluded).
+    pub warmup_s: f64,
+    /// Measured phase actually run, seconds.
+    pub duration_s: f64,
+    /// Unix time the measured phase began.
+    pub started_unix_s: f64,
+    /// Requests scheduled in the measured phase (sent or dropped).
+    pub scheduled: u64,
+    /// 2xx responses.
+    pub ok: u64,
+    /// Errors by kind (`status_429`, `timeout`, `connect`, `io`, `dropped`).
+    pub errors: BTreeMap<String, u64>,
+    /// Errors ÷ scheduled.
+    pub error_rate: f64,
+    /// Scheduled ÷ duration.
+    pub offered_rps: f64,
+    /// Successes ÷ duration.
+    pub achieved_rps: f64,
+    /// Latency from the intended send time (coordinated-omission corrected).
+    pub latency: LatencyStats,
+    /// Service time: from the actual send.
+    pub service: LatencyStats,
+    /// The generator's own lag: when it got to a request minus when it should have.
+    pub send_lag: LatencyStats,
+    /// Streaming only: time to first token.
+    pub ttft: Option<LatencyStats>,
+    /// Streaming only: gaps between tokens.
+    pub inter_token: Option<LatencyStats>,
+    /// Measurement windows.
+    pub windows: Vec<Window>,
+    /// Last 3 windows agree within `stability_percent`.
+    pub stable: bool,
+    /// Tolerance used for `stable`.
+    pub stability_percent: f64,
+    /// False when the generator was the bottleneck (lag, drops): the numbers describe loadgen.
+    pub valid: bool,
+    /// Why the run is invalid.
+    pub invalid_reasons: Vec<String>,
+    /// Set when an early-stop hook or a cancel ended the run.
+    pub stopped_early: Option<String>,
+    /// Latency histogram, HdrHistogram V2-deflate, base64 (microseconds).
+    pub latency_histogram: String,
+    /// Service-time histogram, same encoding.
+    pub service_histogram: String,
+    /// In-memory histograms, for `.hgrm`/`.hlog` (not serialized).
+    #[serde(skip)]
+    pub histos: Option<Histos>,
+    /// Per-window latency histograms (not serialized).
+    #[serde(skip)]
+    pub interval_hists: Vec<Histogram<u64>>,
+}
+
+impl Report {
+    pub(crate) fn build(
+        cfg: &Config,
+        uri: &hyper::Uri,
+        mut col: Collector,
+        ended: Instant,
+        stopped_early: Option<String>,
+    ) -> Report {
+        col.truncate(ended);
+        let dur = col.duration().as_secs_f64().max(1e-9);
+        let windows = col.window_stats(ended);
+        let stable = is_stable(&windows, cfg.stability_percent);
+        let errors = col.errors.clone();
+        let err_n: u64 = errors.values().sum();
+        let lag = LatencyStats::of(&col.histos.lag);
+        let mut invalid = Vec::new();
+        if lag.p99 > cfg.max_lag_p99.as_secs_f64() {
+            invalid.push(format!(
+                "send lag p99 {} exceeds {}: the generator, not the server, was the bottleneck",
+                format_secs(lag.p99),
+                format_secs(cfg.max_lag_p99.as_secs_f64())
+            ));
+        }
+        if let Some(d) = errors.get("dropped") {
+            invalid.push(format!(
+                "{d} requests dropped by the in-flight safety cap (--max-in-flight)"
+            ));
+        }
+        let (mode, rate, arrival, concurrency) = match &cfg.mode {
+            Mode::Open { rate, arrival, .. } => {
+                let r = match rate {
+                    crate::schedule::Rate::Fixed(r) => format!("{r}/s"),
+                    crate::schedule::Rate::Ramp {
+                        start,
+                        end,
+                        step,
+                        every,
+                    } => {
+                        format!(
+                            "ramp {start}:{end}:{step}/{}",
+                            format_secs(every.as_secs_f64())
+                        )
+                    }
+                };
+                let a = match arrival {
+                    crate::schedule::Arrival::Constant => "constant".to_string(),
+                    crate::schedule::Arrival::Poisson => "poisson".to_string(),
+                    crate::schedule::Arrival::Gamma(b) => format!("gamma:{b}"),
+                };
+                ("open", Some(r), Some(a), None)
+            }
+            Mode::Closed { concurrency } => ("closed", None, None, Some(*concurrency)),
+        };
+        let started = SystemTime::now()
+            .checked_sub(Instant::now().saturating_duration_since(ended) + col.duration())
+            .unwrap_or(SystemTime::now());
+        let streamed = cfg.workload.stream;
+        Report {
+            schema_version: SCHEMA_VERSION,
+            url: uri.to_string(),
+            workload: cfg.workload.name.clone(),
+            mode: mode.into(),
+            rate,
+            arrival,
+            concurrency,
+            warmup_s: cfg.warmup.as_secs_f64(),
+            duration_s: dur,
+            started_unix_s: started
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            scheduled: col.scheduled,
+            ok: col.ok,
+            error_rate: if col.scheduled == 0 {
+                0.0
+            } else {
+                err_n as f64 / col.scheduled as f64
+            },
+            errors,
+            offered_rps: col.scheduled as f64 / dur,
+            achieved_rps: col.ok as f64 / dur,
+            latency: LatencyStats::of(&col.histos.latency),
+            service: LatencyStats::of(&col.histos.service),
+            send_lag: lag,
+            ttft: streamed.then(|| LatencyStats::of(&col.histos.ttft)),
+            inter_token: streamed.then(|| LatencyStats::of(&col.histos.itl)),
+            windows,
+            stable,
+            stability_percent: cfg.stability_percent,
+            valid: invalid.is_empty(),
+            invalid_reasons: invalid,
+            stopped_early,
+            latency_histogram: record::encode_hist(&col.histos.latency),
+            service_histogram: record::encode_hist(&col.histos.service),
+            interval_hists: col.windows.iter().map(|w| w.0.clone()).collect(),
+            histos: Some(col.histos),
+        }
+    }
+
+    /// The human summary printed at the end of a run.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let what = match (&self.rate, self.concurrency) {
+            (Some(r), _) => format!(
+                "open loop, {r} {}",
+                self.arrival.clone().unwrap_or_default()
+            ),
+            (None, Some(c)) => format!("closed loop, {c} clients"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "{} → {} ({what}), {:.1}s measured after {:.1}s warm-up",
+            self.workload, self.url, self.duration_s, self.warmup_s
+        );
+        let _ = writeln!(
+            s,
+            "  offered  {:>10.1} req/s   achieved {:>10.1} req/s",
+            self.offered_rps, self.achieved_rps
+        );
+        let errs = if self.errors.is_empty() {
+            "none".to_string()
+        } else {
+            self.errors
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(
+            s,
+            "  ok {}   errors {} ({:.3}%): {errs}",
+            self.ok,
+            self.errors.values().sum::<u64>(),
+            self.error_rate * 100.0
+        );
+        let row = |name: &str, l: &LatencyStats| {
+            format!(
+                "  {name:<22} p50 {:>9}  p90 {:>9}  p95 {:>9}  p99 {:>9}  p99.9 {:>9}  max {:>9}\n",
+                format_secs(l.p50),
+                format_secs(l.p90),
+                format_secs(l.p95),
+                format_secs(l.p99),
+                format_secs(l.p999),
+                format_secs(l.max)
+            )
+        };
+        s += &row("latency (intended)", &self.latency);
+        s += &row("service (actual send)", &self.service);
+        if let Some(t) = &self.ttft {
+            s += &row("time to first token", t);
+        }
+        if let Some(t) = &self.inter_token {
+            s += &row("inter-token gap", t);
+        }
+        let _ = writeln!(
+            s,
+            "  send lag p99 {}  (max {})",
+            format_secs(self.send_lag.p99),
+            format_secs(self.send_lag.max)
+        );
+        let _ = writeln!(
+            s,
+            "  stable: {} (last 3 of {} windows within {}%)",
+            if self.stable { "yes" } else { "no" },
+            self.windows.len(),
+            self.stability_percent
+        );
+        if let Some(r) = &self.stopped_early {
+            let _ = writeln!(s, "  stopped early: {r}");
+        }
+        if self.valid {
+            let _ = writeln!(s, "  valid: yes");
+        } else {
+            for r in &self.invalid_reasons {
+                let _ = writeln!(s, "  INVALID: {r}");
+            }
+        }
+        s
+    }
+
+    /// Latency histogram (decoded from the report when loaded from JSON).
+    pub fn latency_hist(&self) -> Histogram<u64> {
+        match &self.histos {
+            Some(h) => h.latency.clone(),
+            None => {
+                record::decode_hist(&self.latency_histogram).unwrap_or_else(|_| record::new_hist())
+            }
+        }
+    }
+
+    /// The classic percentile distribution of the corrected latency.
+    pub fn hgrm(&self) -> String {
+        record::hgrm(&self.latency_hist())
+    }
+
+    /// HdrHistogram interval log of the per-window latency histograms.
+    pub fn hlog(&self, window: Duration) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut ser = V2DeflateSerializer::new();
+        let base = UNIX_EPOCH + Duration::from_secs_f64(self.started_unix_s);
+        {
+            let mut w = IntervalLogWriterBuilder::new()
+                .add_comment("batchtune loadgen: latency from intended send time, microseconds")
+                .with_start_time(base)
+                .with_base_time(base)
+                .with_max_value_divisor(1000.0)
+                .begin_log_with(&mut out, &mut ser)?;
+            for (i, h) in self.interval_hists.iter().enumerate() {
+                w.write_histogram(h, window * i as u32, window, Tag::new("latency"))
+                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Observed for Report {
+    fn latency_quantile(&self, q: f64) -> f64 {
+        match &self.histos {
+            Some(h) if !h.latency.is_empty() => h.latency.value_at_quantile(q) as f64 / 1e6,
+            _ => {
+                let h = self.latency_hist();
+                if h.is_empty() {
+                    0.0
+                } else {
+                    h.value_at_quantile(q) as f64 / 1e6
+                }
+            }
+        }
+    }
+    fn latency_mean(&self) -> f64 {
+        self.latency.mean
+    }
+    fn latency_max(&self) -> f64 {
+        self.latency.max
+    }
+    fn error_rate(&self) -> f64 {
+        self.error_rate
+    }
+    fn throughput(&self) -> f64 {
+        self.achieved_rps
+    }
+}

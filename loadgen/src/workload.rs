@@ -1,0 +1,398 @@
+//! Request bodies: built-in embeddings/completions/chat texts, a JSONL file of bodies, or a raw
+//! template. Bodies are built before the run so that no JSON is formatted on the send path.
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, LogNormal};
+use std::path::Path;
+
+/// What to send and where.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Name for reports (`embeddings`, a file path…).
+    pub name: String,
+    /// Request path on the server.
+    pub path: String,
+    /// Pre-built bodies, sent round-robin.
+    pub bodies: Vec<Bytes>,
+    /// Read the response as a stream and record time to first token and gaps between tokens.
+    pub stream: bool,
+}
+
+/// Options for the built-in workloads.
+#[derive(Debug, Clone)]
+pub struct TextOptions {
+    /// Median words per text (the length distribution is log-normal around it).
+    pub median_words: f64,
+    /// Spread of the log-normal (σ of ln words).
+    pub sigma: f64,
+    /// Inputs per embeddings request.
+    pub inputs_per_request: usize,
+    /// `max_tokens` for completions/chat.
+    pub max_tokens: usize,
+    /// Seed of the text generator.
+    pub seed: u64,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        TextOptions {
+            median_words: 24.0,
+            sigma: 0.6,
+            inputs_per_request: 1,
+            max_tokens: 64,
+            seed: 7,
+        }
+    }
+}
+
+// A small built-in corpus: common English words, so tokenizers see realistic word pieces.
+const WORDS: &[&str] = &[
+    "the",
+    "model",
+    "serves",
+    "requests",
+    "with",
+    "dynamic",
+    "batching",
+    "and",
+    "a",
+    "queue",
+    "of",
+    "inputs",
+    "latency",
+    "throughput",
+    "under",
+    "load",
+    "image",
+    "describes",
+    "city",
+    "street",
+    "at",
+    "night",
+    "people",
+    "walking",
+    "near",
+    "shops",
+    "bright",
+    "lights",
+    "rain",
+    "reflections",
+    "on",
+    "wet",
+    "pavement",
+    "car",
+    "passing",
+    "by",
+    "slowly",
+    "while",
+    "dog",
+    "waits",
+    "for",
+    "its",
+    "owner",
+    "outside",
+    "cafe",
+    "morning",
+    "coffee",
+    "newspaper",
+    "table",
+    "chair",
+    "window",
+    "view",
+    "mountains",
+    "river",
+    "valley",
+    "forest",
+    "trees",
+    "green",
+    "leaves",
+    "autumn",
+    "colours",
+    "orange",
+    "red",
+    "yellow",
+    "sky",
+    "clouds",
+    "sunset",
+    "ocean",
+    "waves",
+    "beach",
+    "sand",
+    "children",
+    "playing",
+    "football",
+    "park",
+    "bench",
+    "old",
+    "man",
+    "reading",
+    "book",
+    "woman",
+    "riding",
+    "bicycle",
+    "train",
+    "station",
+    "platform",
+    "travellers",
+    "luggage",
+    "announcement",
+    "delayed",
+    "because",
+    "weather",
+    "storm",
+    "snow",
+    "winter",
+    "kitchen",
+    "cooking",
+    "dinner",
+    "family",
+    "recipe",
+    "tomatoes",
+    "garlic",
+    "olive",
+    "oil",
+    "bread",
+    "cheese",
+    "wine",
+    "market",
+    "fresh",
+    "fruit",
+    "vegetables",
+    "price",
+    "customer",
+    "service",
+    "quality",
+    "product",
+    "review",
+    "excellent",
+    "terrible",
+    "shipping",
+    "arrived",
+    "broken",
+    "refund",
+    "support",
+    "ticket",
+    "question",
+    "answer",
+    "search",
+    "query",
+    "document",
+    "retrieval",
+    "embedding",
+    "vector",
+    "similarity",
+    "cosine",
+    "distance",
+    "nearest",
+    "neighbour",
+    "index",
+    "database",
+    "server",
+    "client",
+    "network",
+    "connection",
+    "timeout",
+    "error",
+    "retry",
+    "success",
+    "how",
+    "do",
+    "i",
+    "reset",
+    "my",
+    "password",
+    "account",
+    "settings",
+    "privacy",
+    "policy",
+    "terms",
+    "conditions",
+    "invoice",
+    "payment",
+    "credit",
+    "card",
+    "declined",
+    "bank",
+    "transfer",
+    "balance",
+];
+
+/// Generates `n` texts with log-normal word counts (3..=400 words), deterministically.
+pub fn texts(n: usize, o: &TextOptions) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let len =
+        LogNormal::new(o.median_words.max(1.0).ln(), o.sigma.max(0.0)).expect("valid log-normal");
+    (0..n)
+        .map(|_| {
+            let words = (len.sample(&mut rng).round() as usize).clamp(3, 400);
+            let mut s = String::with_capacity(words * 7);
+            for i in 0..words {
+                if i > 0 {
+                    s.push(' ');
+                }
+                s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+            }
+            s.push('.');
+            s
+        })
+        .collect()
+}
+
+/// How many distinct bodies the built-in workloads pre-build (cycled during the run).
+pub const BUILTIN_BODIES: usize = 1024;
+
+impl Workload {
+    /// `embeddings`, `completions` or `chat`, or a `.jsonl` file of request bodies.
+    pub fn from_spec(spec: &str, o: &TextOptions) -> Result<Workload, String> {
+        match spec {
+            "embeddings" => {
+                let t = texts(BUILTIN_BODIES * o.inputs_per_request.max(1), o);
+                let bodies = t
+                    .chunks(o.inputs_per_request.max(1))
+                    .map(|c| {
+                        let input = if c.len() == 1 {
+                            serde_json::json!(c[0])
+                        } else {
+                            serde_json::json!(c)
+                        };
+                        Bytes::from(serde_json::json!({"input": input}).to_string())
+                    })
+                    .collect();
+                Ok(Workload {
+                    name: spec.into(),
+                    path: "/v1/embeddings".into(),
+                    bodies,
+                    stream: false,
+                })
+            }
+            "completions" => {
+                let bodies = texts(BUILTIN_BODIES, o)
+                    .into_iter()
+                    .map(|t| Bytes::from(serde_json::json!({"prompt": t, "max_tokens": o.max_tokens, "stream": true}).to_string()))
+                    .collect();
+                Ok(Workload {
+                    name: spec.into(),
+                    path: "/v1/completions".into(),
+                    bodies,
+                    stream: true,
+                })
+            }
+            "chat" => {
+                let bodies = texts(BUILTIN_BODIES, o)
+                    .into_iter()
+                    .map(|t| {
+                        Bytes::from(
+                            serde_json::json!({"messages": [{"role": "user", "content": t}], "max_tokens": o.max_tokens, "stream": true})
+                                .to_string(),
+                        )
+                    })
+                    .collect();
+                Ok(Workload {
+                    name: spec.into(),
+                    path: "/v1/chat/completions".into(),
+                    bodies,
+                    stream: true,
+                })
+            }
+            f if f.ends_with(".jsonl") => Self::from_jsonl(Path::new(f)),
+            other => Err(format!(
+                "unknown workload `{other}`; use embeddings, completions, chat or a FILE.jsonl"
+            )),
+        }
+    }
+
+    /// One JSON request body per line; blank lines skipped; every line must parse. A body with
+    /// `"stream": true` makes the run record streaming timings.
+    pub fn from_jsonl(path: &Path) -> Result<Workload, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut bodies = Vec::new();
+        let mut stream = false;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+            stream |= v.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
+            bodies.push(Bytes::from(line.trim().to_string()));
+        }
+        if bodies.is_empty() {
+            return Err(format!("{} has no request bodies", path.display()));
+        }
+        let guess = if text.contains("\"messages\"") {
+            "/v1/chat/completions"
+        } else if text.contains("\"prompt\"") {
+            "/v1/completions"
+        } else {
+            "/v1/embeddings"
+        };
+        Ok(Workload {
+            name: path.display().to_string(),
+            path: guess.into(),
+            bodies,
+            stream,
+        })
+    }
+
+    /// A raw body template for other servers: `{{text}}` is replaced by a JSON-escaped text.
+    pub fn from_template(template: &str, path: &str, o: &TextOptions) -> Result<Workload, String> {
+        if !template.contains("{{text}}") {
+            return Err("the body template has no {{text}} placeholder".into());
+        }
+        let bodies = texts(BUILTIN_BODIES, o)
+            .into_iter()
+            .map(|t| {
+                let esc = serde_json::to_string(&t).expect("strings serialize");
+                Bytes::from(template.replace("{{text}}", &esc[1..esc.len() - 1]))
+            })
+            .collect();
+        Ok(Workload {
+            name: "template".into(),
+            path: path.into(),
+            bodies,
+            stream: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_are_deterministic_with_a_median_near_the_option() {
+        let o = TextOptions::default();
+        let a = texts(2000, &o);
+        assert_eq!(a, texts(2000, &o));
+        let mut lens: Vec<usize> = a.iter().map(|t| t.split(' ').count()).collect();
+        lens.sort();
+        let median = lens[lens.len() / 2] as f64;
+        assert!((median - 24.0).abs() <= 2.0, "median {median}");
+    }
+
+    #[test]
+    fn builtin_and_file_workloads() {
+        let o = TextOptions {
+            inputs_per_request: 3,
+            ..TextOptions::default()
+        };
+        let w = Workload::from_spec("embeddings", &o).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&w.bodies[0]).unwrap();
+        assert_eq!(v["input"].as_array().unwrap().len(), 3);
+        assert!(Workload::from_spec("chat", &o).unwrap().stream);
+        let f = std::env::temp_dir().join(format!("lg-{}.jsonl", std::process::id()));
+        std::fs::write(&f, "{\"input\": \"a\"}\n\n{\"input\": \"b\"}\n").unwrap();
+        let w = Workload::from_spec(f.to_str().unwrap(), &o).unwrap();
+        assert_eq!((w.bodies.len(), w.path.as_str()), (2, "/v1/embeddings"));
+        std::fs::write(&f, "{\"input\": \"a\"}\nnot json\n").unwrap();
+        assert!(Workload::from_spec(f.to_str().unwrap(), &o)
+            .unwrap_err()
+            .contains(":2: not JSON"));
+        std::fs::remove_file(&f).ok();
+        let t = Workload::from_template("{\"q\": \"{{text}}\"}", "/search", &o).unwrap();
+        assert!(serde_json::from_slice::<serde_json::Value>(&t.bodies[0]).is_ok());
+    }
+}

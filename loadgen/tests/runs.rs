@@ -1,0 +1,310 @@
+//! loadgen against small servers started inside the tests.
+
+use axum::routing::post;
+use axum::Router;
+use loadgen::schedule::{Arrival, Rate};
+use loadgen::workload::{TextOptions, Workload};
+use loadgen::{Config, Mode, Report};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Seen {
+    n: AtomicU64,
+    arrivals: Mutex<Vec<Instant>>,
+}
+
+/// Serves `handler` on a free port; returns its address.
+async fn serve(app: Router) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    addr
+}
+
+fn workload() -> Workload {
+    Workload::from_spec("embeddings", &TextOptions::default()).unwrap()
+}
+
+fn open(addr: SocketAddr, rps: f64, secs: f64) -> Config {
+    let mut c = Config::new(
+        format!("http://{addr}"),
+        Mode::Open {
+            rate: Rate::Fixed(rps),
+            arrival: Arrival::Constant,
+            max_in_flight: 10_000,
+        },
+        workload(),
+    );
+    c.duration = Duration::from_secs_f64(secs);
+    c.warmup = Duration::from_millis(500);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constant_rate_is_achieved_within_one_percent() {
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    let addr = serve(Router::new().route(
+        "/v1/embeddings",
+        post(move || {
+            let s = s.clone();
+            async move {
+                s.n.fetch_add(1, Ordering::Relaxed);
+                s.arrivals.lock().unwrap().push(Instant::now());
+                "ok"
+            }
+        }),
+    ))
+    .await;
+    let r = loadgen::run(open(addr, 400.0, 4.0)).await.unwrap();
+    assert!(
+        (r.offered_rps - 400.0).abs() / 400.0 < 0.01,
+        "offered {}",
+        r.offered_rps
+    );
+    assert!(
+        (r.achieved_rps - 400.0).abs() / 400.0 < 0.01,
+        "achieved {}",
+        r.achieved_rps
+    );
+    assert_eq!(r.ok, 1600);
+    // The server saw them arrive at that rate too (first to last arrival, warm-up included).
+    let a = seen.arrivals.lock().unwrap();
+    let span = (*a.last().unwrap() - a[0]).as_secs_f64();
+    let server_rate = (a.len() - 1) as f64 / span;
+    assert!(
+        (server_rate - 400.0).abs() / 400.0 < 0.01,
+        "server saw {server_rate:.1}/s"
+    );
+    assert!(r.send_lag.p50 < 1e-3, "lag p50 {}", r.send_lag.p50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_stall_shows_in_corrected_latency_not_in_service_time() {
+    let n = Arc::new(AtomicU64::new(0));
+    let addr = serve(Router::new().route(
+        "/v1/embeddings",
+        post(move || {
+            let n = n.clone();
+            async move {
+                if n.fetch_add(1, Ordering::Relaxed) == 1000 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                "ok"
+            }
+        }),
+    ))
+    .await;
+    // One connection: while the server stalls, later requests wait for it at the client, as
+    // behind any connection pool. That wait is latency the user sees.
+    let mut cfg = open(addr, 400.0, 6.0);
+    cfg.connections = Some(1);
+    let r = loadgen::run(cfg).await.unwrap();
+    assert_eq!(r.errors.len(), 0, "{:?}", r.errors);
+    assert!(r.latency.max >= 0.99, "corrected max {}", r.latency.max);
+    assert!(r.latency.p999 > 0.5, "corrected p99.9 {}", r.latency.p999);
+    assert!(
+        r.service.p999 < 0.1,
+        "service p99.9 {} hides nothing",
+        r.service.p999
+    );
+    assert!(r.service.p99 < 0.05);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_throughput_is_clients_over_service_time() {
+    let addr = serve(Router::new().route(
+        "/v1/embeddings",
+        post(|| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            "ok"
+        }),
+    ))
+    .await;
+    let mut cfg = Config::new(
+        format!("http://{addr}"),
+        Mode::Closed { concurrency: 8 },
+        workload(),
+    );
+    cfg.duration = Duration::from_secs(3);
+    cfg.warmup = Duration::from_millis(300);
+    let r = loadgen::run(cfg).await.unwrap();
+    let expect = 8.0 / r.service.mean;
+    assert!(
+        (r.achieved_rps - expect).abs() / expect < 0.05,
+        "achieved {} vs N/service {expect}",
+        r.achieved_rps
+    );
+    assert!(r.service.mean >= 0.02);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_counted_by_kind_and_kept_out_of_latency() {
+    let n = Arc::new(AtomicU64::new(0));
+    let addr = serve(Router::new().route(
+        "/v1/embeddings",
+        post(move || {
+            let n = n.clone();
+            async move {
+                let i = n.fetch_add(1, Ordering::Relaxed);
+                if i % 5 == 1 {
+                    tokio::time::sleep(Duration::from_secs(3)).await; // past the timeout
+                }
+                if i % 5 == 2 {
+                    return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom");
+                }
+                (axum::http::StatusCode::OK, "ok")
+            }
+        }),
+    ))
+    .await;
+    let mut cfg = open(addr, 100.0, 2.0);
+    cfg.warmup = Duration::ZERO;
+    cfg.timeout = Duration::from_millis(300);
+    let r = loadgen::run(cfg).await.unwrap();
+    assert_eq!(r.errors.get("status_500"), Some(&40), "{:?}", r.errors);
+    assert_eq!(r.errors.get("timeout"), Some(&40), "{:?}", r.errors);
+    assert_eq!(r.ok, 120);
+    assert_eq!(r.latency.count, 120, "errors leaked into latency");
+    assert!(
+        r.latency.max < 0.3,
+        "a timed-out request's time leaked into latency: {}",
+        r.latency.max
+    );
+    assert!((r.error_rate - 0.4).abs() < 1e-9);
+
+    // Nobody listens on this port: every request is a connect error.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = l.local_addr().unwrap();
+    drop(l);
+    let mut cfg = open(closed, 50.0, 1.0);
+    cfg.warmup = Duration::ZERO;
+    let r = loadgen::run(cfg).await.unwrap();
+    assert_eq!(r.errors.get("connect"), Some(&50), "{:?}", r.errors);
+    assert_eq!((r.ok, r.latency.count), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_stop_hook_ends_the_run() {
+    let addr = serve(Router::new().route(
+        "/v1/embeddings",
+        post(|| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            "ok"
+        }),
+    ))
+    .await;
+    let mut cfg = open(addr, 100.0, 20.0);
+    cfg.window = Some(Duration::from_millis(500));
+    let target = loadgen::slo::Target::parse("p95<10ms").unwrap();
+    cfg.early_stop = Some(Arc::new(move |p| {
+        (!target.holds(p)).then(|| format!("{target} missed"))
+    }));
+    let t0 = Instant::now();
+    let r = loadgen::run(cfg).await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "did not stop early");
+    assert!(r.stopped_early.as_deref().unwrap().contains("missed"));
+    assert!(r.duration_s < 5.0);
+}
+
+/// Checks `v` against the subset of JSON Schema the committed schema uses (type, required,
+/// properties, items, additionalProperties, enum, $ref, oneOf).
+fn check(schema: &Value, root: &Value, v: &Value, path: &str) -> Result<(), String> {
+    if let Some(r) = schema.get("$ref").and_then(|r| r.as_str()) {
+        let name = r.trim_start_matches("#/$defs/");
+        return check(&root["$defs"][name], root, v, path);
+    }
+    if let Some(alts) = schema.get("oneOf").and_then(|a| a.as_array()) {
+        return if alts
+            .iter()
+            .filter(|s| check(s, root, v, path).is_ok())
+            .count()
+            == 1
+        {
+            Ok(())
+        } else {
+            Err(format!("{path}: matches no single alternative"))
+        };
+    }
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+            _ => vec![],
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "number" => v.is_number(),
+            "integer" => v.is_u64() || v.is_i64(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => false,
+        });
+        if !ok {
+            return Err(format!("{path}: {v} is not {types:?}"));
+        }
+    }
+    if let Some(e) = schema.get("enum").and_then(|e| e.as_array()) {
+        if !e.contains(v) {
+            return Err(format!("{path}: {v} not in {e:?}"));
+        }
+    }
+    if let Some(req) = schema.get("required").and_then(|r| r.as_array()) {
+        for k in req {
+            let k = k.as_str().unwrap();
+            if v.get(k).is_none() {
+                return Err(format!("{path}: missing `{k}`"));
+            }
+        }
+    }
+    if let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(|p| p.as_object()),
+        v.as_object(),
+    ) {
+        for (k, val) in obj {
+            match props.get(k) {
+                Some(s) => check(s, root, val, &format!("{path}.{k}"))?,
+                None if schema.get("additionalProperties").is_none() => {
+                    return Err(format!("{path}: `{k}` is not in the schema"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Some(ap), Some(obj)) = (schema.get("additionalProperties"), v.as_object()) {
+        if ap.is_object() {
+            for (k, val) in obj {
+                check(ap, root, val, &format!("{path}.{k}"))?;
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, x) in arr.iter().enumerate() {
+            check(items, root, x, &format!("{path}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_report_validates_against_the_committed_schema_and_round_trips() {
+    let addr = serve(Router::new().route("/v1/embeddings", post(|| async { "ok" }))).await;
+    let r = loadgen::run(open(addr, 100.0, 1.0)).await.unwrap();
+    let v = serde_json::to_value(&r).unwrap();
+    let schema: Value = serde_json::from_str(include_str!("../report.schema.json")).unwrap();
+    check(&schema, &schema, &v, "report").unwrap();
+    // The check itself can fail: a report without `ok` must be rejected.
+    let mut broken = v.clone();
+    broken.as_object_mut().unwrap().remove("ok");
+    assert!(check(&schema, &schema, &broken, "report").is_err());
+    let back: Report = serde_json::from_value(v).unwrap();
+    let h = back.latency_hist();
+    assert_eq!(h.len(), r.ok);
+    assert!(back.hgrm().contains("#[Max"));
+}
