@@ -1,1 +1,15 @@
-//! placeholder
+//! batchtune tuner: finds the knob settings that sustain the highest request rate while meeting
+//! latency and error targets, measured with loadgen against the real server, and writes them as
+//! a profile with its provenance.
+//!
+//! Where to look: [`space`] (knobs → unit box), [`trial`] (the sustainable rate of one
+//! configuration: bracket and bisect), [`strategy`] (Nelder–Mead via argmin, grid, random, hill
+//! climbing), [`search`] (the live loop, re-measurement, profile writer), [`journal`] (resume),
+//! [`control`] (spawning and reconfiguring the server over HTTP).
+
+pub mod control;
+pub mod journal;
+pub mod search;
+pub mod space;
+pub mod strategy;
+pub mod trial;

@@ -1,0 +1,251 @@
+//! `tuner`: SLO-constrained search over serving knobs.
+
+use clap::{Parser, Subcommand};
+use loadgen::slo::Target;
+use loadgen::workload::{TextOptions, Workload};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tuner::search::{search, SearchError, SearchOptions, ServerSpec};
+use tuner::space::Space;
+use tuner::strategy::Strategy;
+use tuner::trial::ProbeSettings;
+
+/// batchtune tuner: measure, don't guess, the serving knobs.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Search batch size, wait timeout, concurrency, queue size and token budget for the highest
+    /// request rate that meets every --target, and write a tuned profile.
+    ///
+    /// With only --target it starts the runtime (found next to this binary) with the embedded
+    /// model on CPU and searches the default space. Each trial applies knobs by hot reload, then
+    /// finds the sustainable rate by bracketing and bisection with open-loop loadgen probes.
+    /// Every finished trial is journaled under --journal-dir; --resume continues a killed search.
+    Search(SearchArgs),
+}
+
+#[derive(clap::Args)]
+struct SearchArgs {
+    /// A target that must hold, e.g. 'p95<4s', 'p99<250ms', 'error_rate<0.1%', 'throughput>50'.
+    /// Repeat for several (all must hold). Without an error_rate target, error_rate<1% applies.
+    #[arg(
+        long = "target",
+        env = "TUNER_TARGETS",
+        value_delimiter = ',',
+        required_unless_present = "resume"
+    )]
+    targets: Vec<String>,
+    /// Search space TOML (a table per knob: type, min, max, scale, or choices). Default: the five
+    /// batching knobs (see README).
+    #[arg(long, env = "TUNER_SPACE")]
+    space: Option<PathBuf>,
+    /// Most trials (configurations measured).
+    #[arg(long, env = "TUNER_BUDGET", default_value_t = 12)]
+    budget: usize,
+    /// Wall-clock budget for the trials, e.g. 8m; re-measuring the winner comes on top.
+    #[arg(long, env = "TUNER_TIME", default_value = "7m")]
+    time: String,
+    /// Command that starts the server; `--addr 127.0.0.1:0` is added unless present.
+    /// Default: the `runtime` binary next to this one, `serve`.
+    #[arg(long, env = "TUNER_SPAWN", conflicts_with = "url")]
+    spawn: Option<String>,
+    /// Tune a server that is already running (hot reload only).
+    #[arg(long, env = "TUNER_URL")]
+    url: Option<String>,
+    /// Workload: embeddings, or a FILE.jsonl of request bodies.
+    #[arg(long, env = "TUNER_WORKLOAD", default_value = "embeddings")]
+    workload: String,
+    /// Strategy: auto (Nelder–Mead via argmin), grid, random, hill.
+    #[arg(long, env = "TUNER_STRATEGY", default_value = "auto")]
+    strategy: String,
+    /// Where to write the tuned profile.
+    #[arg(long, env = "TUNER_OUT", default_value = "profiles/tuned.toml")]
+    out: PathBuf,
+    /// Continue the search with this id (its journal decides targets, space and strategy).
+    #[arg(long, env = "TUNER_RESUME")]
+    resume: Option<String>,
+    /// Folder of search journals.
+    #[arg(long, env = "TUNER_JOURNAL_DIR", default_value = "results/searches")]
+    journal_dir: PathBuf,
+    /// Measured seconds per rate probe.
+    #[arg(long, env = "TUNER_PROBE", default_value = "4s")]
+    probe: String,
+    /// Warm-up per probe.
+    #[arg(long, env = "TUNER_PROBE_WARMUP", default_value = "1s")]
+    probe_warmup: String,
+    /// Most probes per trial.
+    #[arg(long, env = "TUNER_MAX_PROBES", default_value_t = 7)]
+    max_probes: usize,
+    /// rate_limit in the output = this fraction of the sustainable rate (overload is shed as 429).
+    #[arg(long, env = "TUNER_RATE_LIMIT_FRACTION", default_value_t = 0.9)]
+    rate_limit_fraction: f64,
+    /// Times the winner is re-measured at its sustainable rate.
+    #[arg(long, env = "TUNER_REMEASURE", default_value_t = 3)]
+    remeasure: usize,
+    /// Strategy seed.
+    #[arg(long, env = "TUNER_SEED", default_value_t = 1)]
+    seed: u64,
+    /// Inputs per embeddings request.
+    #[arg(long, env = "TUNER_INPUTS_PER_REQUEST", default_value_t = 1)]
+    inputs_per_request: usize,
+    /// Sends `Authorization: Bearer KEY`.
+    #[arg(long, env = "TUNER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// No progress output.
+    #[arg(long, short, env = "TUNER_QUIET")]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Search(a) => match run_search(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn find_runtime() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("BATCHTUNE_RUNTIME") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let sibling = me.with_file_name(format!("runtime{}", std::env::consts::EXE_SUFFIX));
+    if sibling.is_file() {
+        return Ok(sibling);
+    }
+    anyhow::bail!(
+        "cannot find the `runtime` binary next to {} ; build it with `cargo build --release -p runtime`, \
+         set BATCHTUNE_RUNTIME, or pass --spawn/--url",
+        me.display()
+    )
+}
+
+fn run_search(a: SearchArgs) -> anyhow::Result<()> {
+    let dur = |flag: &str, v: &str| {
+        loadgen::slo::parse_latency(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    for t in &a.targets {
+        Target::parse(t).map_err(|e| anyhow::anyhow!("--target: {e}"))?;
+    }
+    let space = match &a.space {
+        Some(p) => Space::from_toml(
+            &std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("--space {}: {e}", p.display()))?,
+        )?,
+        None => Space::default_space(),
+    };
+    let strategy = Strategy::parse(&a.strategy).map_err(anyhow::Error::msg)?;
+    if !(a.rate_limit_fraction > 0.0 && a.rate_limit_fraction <= 1.0) {
+        anyhow::bail!("--rate-limit-fraction must be in (0, 1]");
+    }
+    let opts = TextOptions {
+        inputs_per_request: a.inputs_per_request.max(1),
+        ..TextOptions::default()
+    };
+    let workload =
+        Workload::from_spec(&a.workload, &opts).map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+    let server = match (&a.url, &a.spawn) {
+        (Some(u), _) => ServerSpec::Url(u.clone()),
+        (None, Some(cmd)) => ServerSpec::Spawn(cmd.split_whitespace().map(String::from).collect()),
+        (None, None) => {
+            ServerSpec::Spawn(vec![find_runtime()?.display().to_string(), "serve".into()])
+        }
+    };
+    let probe = ProbeSettings {
+        duration: dur("probe", &a.probe)?,
+        warmup: dur("probe-warmup", &a.probe_warmup)?,
+        max_probes: a.max_probes.max(1),
+        ..ProbeSettings::default()
+    };
+    let mut headers = Vec::new();
+    if let Some(k) = &a.api_key {
+        headers.push(("authorization".to_string(), format!("Bearer {k}")));
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let c = cancel.clone();
+        // First Ctrl-C: finish the current probe quickly and leave the journal consistent.
+        let _ = std::thread::Builder::new()
+            .name("ctrl-c".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("signal runtime");
+                rt.block_on(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                });
+                eprintln!(
+                    "\ninterrupted: stopping the current trial; finished trials are in the journal"
+                );
+                c.store(true, Ordering::Relaxed);
+            });
+    }
+    let out = search(
+        SearchOptions {
+            targets: a.targets.clone(),
+            space,
+            budget: a.budget.max(1),
+            time: dur("time", &a.time)?,
+            strategy,
+            seed: a.seed,
+            probe,
+            workload_spec: a.workload.clone(),
+            workload,
+            server,
+            out: a.out.clone(),
+            journal_dir: a.journal_dir.clone(),
+            resume: a.resume.clone(),
+            rate_limit_fraction: a.rate_limit_fraction,
+            remeasure: a.remeasure,
+            quiet: a.quiet,
+            headers,
+        },
+        cancel,
+    );
+    match out {
+        Ok(o) => {
+            let prov = o.profile.provenance.clone().unwrap_or_default();
+            println!("search {}: {} trials", o.search_id, o.trials.len());
+            println!(
+                "best: {}",
+                o.best
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            println!(
+                "sustainable rate {:.1} req/s; rate_limit set to {:.1} req/s",
+                o.best_rps, o.profile.rate_limit
+            );
+            if let (Some(p95), Some(passed), Some(runs)) = (
+                prov.get("p95_s"),
+                prov.get("remeasured_passed"),
+                prov.get("remeasured_runs"),
+            ) {
+                println!("re-measured: {passed}/{runs} runs met the targets; median p95 {p95}s");
+            }
+            println!("wrote {}", o.out.display());
+            Ok(())
+        }
+        Err(e @ SearchError::Interrupted { .. }) => {
+            eprintln!("{e}");
+            std::process::exit(130);
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,625 @@
+//! The live search: measures strategy points against the server, journals each trial, re-measures
+//! the winner and writes the tuned profile with its provenance.
+
+use crate::control::Target as Server;
+use crate::journal::{Header, Journal, Trial};
+use crate::space::{key, Knobs, Space};
+use crate::strategy::{self, Evaluator, Strategy};
+use crate::trial::{
+    effective_targets, next_rate, result_of, ProbeSettings, RateResult, RateSearch,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use loadgen::slo::{format_secs, Target};
+use loadgen::workload::Workload;
+use profiles::Profile;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Where the server comes from.
+#[derive(Debug, Clone)]
+pub enum ServerSpec {
+    /// Start this command (e.g. `runtime serve --profile p.toml`) as a child on a free port.
+    Spawn(Vec<String>),
+    /// A server that is already running.
+    Url(String),
+}
+
+/// Everything `tuner search` needs.
+#[derive(Clone)]
+pub struct SearchOptions {
+    /// Targets as written.
+    pub targets: Vec<String>,
+    /// Knobs and ranges.
+    pub space: Space,
+    /// Most trials.
+    pub budget: usize,
+    /// Wall-clock budget for trials (re-measurement comes on top, about `remeasure` probes).
+    pub time: Duration,
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Strategy seed.
+    pub seed: u64,
+    /// How probes run.
+    pub probe: ProbeSettings,
+    /// Workload spec (for the journal and provenance).
+    pub workload_spec: String,
+    /// Workload bodies.
+    pub workload: Workload,
+    /// Server under test.
+    pub server: ServerSpec,
+    /// Tuned profile output.
+    pub out: PathBuf,
+    /// Folder of search journals.
+    pub journal_dir: PathBuf,
+    /// Resume this search id.
+    pub resume: Option<String>,
+    /// `rate_limit` = this × sustainable rate.
+    pub rate_limit_fraction: f64,
+    /// Re-measurements of the winner.
+    pub remeasure: usize,
+    /// No progress bars.
+    pub quiet: bool,
+    /// Extra request headers.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Errors that end a search.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// Bad options.
+    #[error("{0}")]
+    Config(String),
+    /// Server control failed.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// Journal I/O failed.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    /// The search was interrupted; the journal holds every finished trial.
+    #[error("interrupted after {trials} finished trials; continue with `tuner search --resume {search_id}`")]
+    Interrupted {
+        /// Search id to resume.
+        search_id: String,
+        /// Trials in the journal.
+        trials: usize,
+    },
+    /// No configuration met the targets.
+    #[error("no configuration met the targets in {trials} trials (search {search_id}); loosen the targets or widen the space")]
+    NothingFeasible {
+        /// Search id.
+        search_id: String,
+        /// Trials run.
+        trials: usize,
+    },
+}
+
+/// What a finished search produced.
+#[derive(Debug, Clone)]
+pub struct SearchOutcome {
+    /// Search id.
+    pub search_id: String,
+    /// The tuned profile as written.
+    pub profile: Profile,
+    /// Where it was written.
+    pub out: PathBuf,
+    /// Every trial.
+    pub trials: Vec<Trial>,
+    /// The winner's knobs.
+    pub best: Knobs,
+    /// The winner's sustainable rate.
+    pub best_rps: f64,
+}
+
+struct Live<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    server: &'a mut Server,
+    journal: &'a mut Journal,
+    cache: HashMap<String, Trial>,
+    order: Vec<Trial>,
+    targets: Vec<Target>,
+    settings: ProbeSettings,
+    workload: &'a Workload,
+    headers: Vec<(String, String)>,
+    budget: usize,
+    deadline: Instant,
+    cancel: Arc<AtomicBool>,
+    interrupted: bool,
+    measured_times: Vec<f64>,
+    quiet: bool,
+    seed: u64,
+    error: Option<SearchError>,
+}
+
+impl Live<'_> {
+    fn best(&self) -> Option<&Trial> {
+        self.order.iter().max_by(|a, b| {
+            a.result
+                .sustainable_rps
+                .total_cmp(&b.result.sustainable_rps)
+        })
+    }
+
+    fn measure(&mut self, knobs: &Knobs) -> Result<RateResult, SearchError> {
+        let hint = self
+            .best()
+            .map(|t| t.result.sustainable_rps)
+            .filter(|r| *r > 0.0)
+            .unwrap_or(16.0);
+        let bar = (!self.quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} trial {prefix}: {msg} [{elapsed}]")
+                    .expect("static template"),
+            );
+            b.set_prefix(format!("{}/{}", self.order.len() + 1, self.budget));
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        let (rt, server) = (self.rt, &mut *self.server);
+        rt.block_on(server.apply(knobs))?;
+        rt.block_on(server.wait_idle(Duration::from_secs(60)));
+        let search = RateSearch {
+            url: &server.url,
+            workload: self.workload,
+            targets: &self.targets,
+            settings: &self.settings,
+            cancel: self.cancel.clone(),
+            headers: self.headers.clone(),
+        };
+        let mut probes = Vec::new();
+        while let Some(rate) = next_rate(&probes, hint, &self.settings) {
+            if let Some(b) = &bar {
+                b.set_message(format!("probing {rate:.1}/s"));
+            }
+            self.seed += 1;
+            let (probe, _) = rt
+                .block_on(search.probe(rate, self.seed))
+                .map_err(|e| SearchError::Config(e.to_string()))?;
+            rt.block_on(server.wait_idle(Duration::from_secs(60)));
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(SearchError::Config("cancelled".into()));
+            }
+            probes.push(probe);
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        Ok(result_of(probes))
+    }
+}
+
+impl Evaluator for Live<'_> {
+    fn eval(&mut self, knobs: &Knobs) -> Option<f64> {
+        let k = key(knobs);
+        if let Some(t) = self.cache.get(&k) {
+            return Some(t.result.sustainable_rps);
+        }
+        if self.error.is_some()
+            || self.order.len() >= self.budget
+            || self.cancel.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        // Start a trial only if a typical one still fits in the time budget.
+        let typical = self.measured_times.iter().cloned().fold(0.0, f64::max);
+        if Instant::now() + Duration::from_secs_f64(typical) > self.deadline {
+            return None;
+        }
+        let t0 = Instant::now();
+        let result = match self.measure(knobs) {
+            Ok(r) => r,
+            Err(e) => {
+                if self.cancel.load(Ordering::Relaxed) {
+                    self.interrupted = true;
+                } else {
+                    self.error = Some(e);
+                }
+                return None;
+            }
+        };
+        let elapsed = t0.elapsed().as_secs_f64();
+        self.measured_times.push(elapsed);
+        let trial = Trial {
+            index: self.order.len(),
+            key: k.clone(),
+            knobs: knobs.clone(),
+            result,
+            elapsed_s: elapsed,
+        };
+        if let Err(e) = self.journal.append(&trial) {
+            self.error = Some(e.into());
+            return None;
+        }
+        let rate = trial.result.sustainable_rps;
+        self.cache.insert(k, trial.clone());
+        self.order.push(trial);
+        let best = self.best().map(|t| t.result.sustainable_rps).unwrap_or(0.0);
+        if !self.quiet {
+            let knobs_s = knobs
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!(
+                "trial {:>2}/{}  {knobs_s}  → {rate:.1} req/s  (best {best:.1}, {elapsed:.0}s)",
+                self.order.len(),
+                self.budget
+            );
+        }
+        Some(rate)
+    }
+}
+
+/// A new search id: UTC time plus a random suffix.
+pub fn new_search_id() -> String {
+    let (d, t) = utc_now();
+    format!(
+        "{}-{}-{:04x}",
+        d.replace('-', ""),
+        t.replace(':', ""),
+        rand::random::<u16>()
+    )
+}
+
+/// (`YYYY-MM-DD`, `HH:MM:SS`) in UTC, without a date crate.
+pub fn utc_now() -> (String, String) {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        format!("{year:04}-{month:02}-{day:02}"),
+        format!("{:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60),
+    )
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// `git rev-parse HEAD` (+`-dirty`), or `unknown` outside a checkout.
+pub fn git_revision() -> String {
+    match command_output("git", &["rev-parse", "--short=12", "HEAD"]) {
+        Some(rev) => {
+            let dirty =
+                command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_some();
+            if dirty {
+                format!("{rev}-dirty")
+            } else {
+                rev
+            }
+        }
+        None => "unknown".into(),
+    }
+}
+
+/// CPU model and core count of this host.
+pub fn host_cpu() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{cpu} ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )
+}
+
+/// GPU names from nvidia-smi, or `none`.
+pub fn host_gpu() -> String {
+    command_output("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader"])
+        .map(|s| s.lines().collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Runs a search to the end (or to an interruption, leaving the journal consistent).
+pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutcome, SearchError> {
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SearchError::Config(e.to_string()))?;
+    let (mut journal, header, done) = match &opts.resume {
+        Some(id) => {
+            let (j, h, t) = Journal::resume(&opts.journal_dir, id)?;
+            eprintln!(
+                "resuming search {id}: {} finished trials will not be repeated",
+                t.len()
+            );
+            (j, h, t)
+        }
+        None => {
+            let h = Header {
+                search_id: new_search_id(),
+                targets: opts.targets.clone(),
+                space: opts.space.clone(),
+                strategy: format!("{:?}", opts.strategy),
+                budget: opts.budget,
+                seed: opts.seed,
+                probe: opts.probe.clone(),
+                workload: opts.workload_spec.clone(),
+                started_unix_s: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+            };
+            let j = Journal::create(&opts.journal_dir, &h)?;
+            (j, h, Vec::new())
+        }
+    };
+    let targets: Vec<Target> = header
+        .targets
+        .iter()
+        .map(|t| Target::parse(t).map_err(|e| SearchError::Config(format!("target: {e}"))))
+        .collect::<Result<_, _>>()?;
+    let effective = effective_targets(&targets);
+    let strategy_kind = if opts.resume.is_some() {
+        Strategy::parse(
+            &header
+                .strategy
+                .to_lowercase()
+                .replace("neldermead", "nelder-mead"),
+        )
+        .unwrap_or(opts.strategy)
+    } else {
+        opts.strategy
+    };
+    let mut server = match &opts.server {
+        ServerSpec::Spawn(cmd) => rt.block_on(Server::spawn(cmd.clone()))?,
+        ServerSpec::Url(u) => rt.block_on(Server::url(u))?,
+    };
+    // Probes must measure capacity, not a rate limit left on by a previous profile.
+    if server.is_batchtune {
+        rt.block_on(server.put_config(serde_json::json!({"rate_limit": 0.0})))?;
+    }
+    let base: Profile = if server.is_batchtune {
+        serde_json::from_value(rt.block_on(server.get("/config"))?)
+            .map_err(|e| SearchError::Config(format!("GET /config: {e}")))?
+    } else {
+        Profile::default()
+    };
+    let start_knobs = header.space.from_profile(&base);
+    eprintln!(
+        "search {}: targets {} | strategy {:?} | budget {} trials / {} | server {}",
+        header.search_id,
+        effective
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        strategy_kind,
+        header.budget,
+        format_secs(opts.time.as_secs_f64()),
+        server.url
+    );
+    let mut live = Live {
+        rt: &rt,
+        server: &mut server,
+        journal: &mut journal,
+        cache: done.iter().map(|t| (t.key.clone(), t.clone())).collect(),
+        order: done.clone(),
+        targets: effective.clone(),
+        settings: header.probe.clone(),
+        workload: &opts.workload,
+        headers: opts.headers.clone(),
+        budget: header.budget,
+        deadline: started + opts.time,
+        cancel: cancel.clone(),
+        interrupted: false,
+        measured_times: done.iter().map(|t| t.elapsed_s).collect(),
+        quiet: opts.quiet,
+        seed: header.seed * 1000 + done.len() as u64 * 17,
+        error: None,
+    };
+    strategy::run(
+        strategy_kind,
+        &header.space,
+        &start_knobs,
+        header.budget,
+        header.seed,
+        &mut live,
+    );
+    if let Some(e) = live.error.take() {
+        return Err(e);
+    }
+    let trials = live.order.clone();
+    if live.interrupted || cancel.load(Ordering::Relaxed) {
+        return Err(SearchError::Interrupted {
+            search_id: header.search_id.clone(),
+            trials: trials.len(),
+        });
+    }
+    let Some(best) = live
+        .best()
+        .cloned()
+        .filter(|t| t.result.sustainable_rps > 0.0)
+    else {
+        return Err(SearchError::NothingFeasible {
+            search_id: header.search_id.clone(),
+            trials: trials.len(),
+        });
+    };
+    drop(live);
+
+    // Re-measure the winner at its sustainable rate to see whether it holds up.
+    eprintln!(
+        "re-measuring the winner {} times at {:.1} req/s",
+        opts.remeasure, best.result.sustainable_rps
+    );
+    rt.block_on(server.apply(&best.knobs))?;
+    rt.block_on(server.wait_idle(Duration::from_secs(60)));
+    let rs = RateSearch {
+        url: &server.url,
+        workload: &opts.workload,
+        targets: &effective,
+        settings: &header.probe,
+        cancel: cancel.clone(),
+        headers: opts.headers.clone(),
+    };
+    let mut again = Vec::new();
+    for i in 0..opts.remeasure {
+        let (p, _) = rt
+            .block_on(rs.probe(best.result.sustainable_rps, 9_000 + i as u64))
+            .map_err(|e| SearchError::Config(e.to_string()))?;
+        rt.block_on(server.wait_idle(Duration::from_secs(60)));
+        again.push(p);
+    }
+    let profile = tuned_profile(
+        &opts,
+        &header,
+        &base,
+        &best,
+        &again,
+        &trials,
+        started.elapsed(),
+        &server.url,
+    );
+    server.stop();
+    profile
+        .validate()
+        .map_err(|e| SearchError::Config(format!("tuned profile is invalid: {e}")))?;
+    let text = format!(
+        "# Tuned by `tuner search` ({}): {} trials, targets {}.\n# Provenance below; regenerate rather than edit by hand.\n{}",
+        header.search_id,
+        trials.len(),
+        header.targets.join(" "),
+        profile.to_toml_string()
+    );
+    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SearchError::Config(format!("{}: {e}", dir.display())))?;
+    }
+    std::fs::write(&opts.out, &text)
+        .map_err(|e| SearchError::Config(format!("{}: {e}", opts.out.display())))?;
+    let copy = opts.journal_dir.join(&header.search_id).join("tuned.toml");
+    let _ = std::fs::write(copy, &text);
+    Ok(SearchOutcome {
+        search_id: header.search_id,
+        profile,
+        out: opts.out.clone(),
+        trials,
+        best_rps: best.result.sustainable_rps,
+        best: best.knobs,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tuned_profile(
+    opts: &SearchOptions,
+    header: &Header,
+    base: &Profile,
+    best: &Trial,
+    again: &[crate::trial::Probe],
+    trials: &[Trial],
+    elapsed: Duration,
+    url: &str,
+) -> Profile {
+    use toml::Value as T;
+    let mut p = base.clone();
+    for (k, v) in &best.knobs {
+        // Values come from the validated space, so they parse.
+        let _ = p.set_knob(k, &v.to_string());
+    }
+    let rate = best.result.sustainable_rps;
+    p.rate_limit = ((rate * opts.rate_limit_fraction) * 10.0).round() / 10.0;
+    p.rate_burst = 0;
+    let med = |f: fn(&crate::trial::Probe) -> f64| -> f64 {
+        let mut v: Vec<f64> = again.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let spread = |f: fn(&crate::trial::Probe) -> f64| -> T {
+        let v: Vec<f64> = again.iter().map(f).collect();
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        T::Array(vec![T::Float(round4(lo)), T::Float(round4(hi))])
+    };
+    let (date, time) = utc_now();
+    let mut prov = std::collections::BTreeMap::new();
+    let mut put = |k: &str, v: T| {
+        prov.insert(k.to_string(), v);
+    };
+    put("search_id", T::String(header.search_id.clone()));
+    put(
+        "targets",
+        T::Array(header.targets.iter().cloned().map(T::String).collect()),
+    );
+    put("sustainable_rps", T::Float(round4(rate)));
+    put(
+        "sustainable_rps_bracket",
+        T::Array(vec![
+            T::Float(round4(rate)),
+            best.result
+                .failed_rps
+                .map(|f| T::Float(round4(f)))
+                .unwrap_or(T::String("not reached".into())),
+        ]),
+    );
+    put("rate_limit_fraction", T::Float(opts.rate_limit_fraction));
+    put("remeasured_runs", T::Integer(again.len() as i64));
+    put(
+        "remeasured_passed",
+        T::Integer(again.iter().filter(|p| p.pass).count() as i64),
+    );
+    put("remeasured_achieved_rps_range", spread(|p| p.achieved_rps));
+    put("p50_s", T::Float(round4(med(|p| p.p50))));
+    put("p95_s", T::Float(round4(med(|p| p.p95))));
+    put("p99_s", T::Float(round4(med(|p| p.p99))));
+    put("p95_s_range", spread(|p| p.p95));
+    put("workload", T::String(header.workload.clone()));
+    put("model", T::String(base.model.clone()));
+    put(
+        "devices",
+        T::Array(base.devices.iter().cloned().map(T::String).collect()),
+    );
+    put("dtype", T::String(base.dtype.to_string()));
+    put("host_cpu", T::String(host_cpu()));
+    put("host_gpu", T::String(host_gpu()));
+    put("date_utc", T::String(format!("{date}T{time}Z")));
+    put("git_revision", T::String(git_revision()));
+    put("strategy", T::String(header.strategy.clone()));
+    put("trials", T::Integer(trials.len() as i64));
+    put("budget", T::Integer(header.budget as i64));
+    put("search_seconds", T::Float(elapsed.as_secs_f64().round()));
+    put(
+        "probe_seconds",
+        T::Float(header.probe.duration.as_secs_f64()),
+    );
+    put("server_url", T::String(url.to_string()));
+    p.provenance = Some(prov);
+    p
+}
+
+fn round4(x: f64) -> f64 {
+    if x.is_finite() {
+        (x * 1e4).round() / 1e4
+    } else {
+        0.0
+    }
+}
