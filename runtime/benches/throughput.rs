@@ -8,7 +8,7 @@
 //! Run: `cargo bench -p runtime --bench throughput [-- --model synthetic:minilm --seconds 5]`.
 //! Writes `results/runtime-throughput.json` and `results/runtime-throughput.md`.
 
-use loadgen::workload::{texts, TextOptions, Workload};
+use loadgen::workload::Workload;
 use loadgen::{Config, Mode};
 use profiles::Profile;
 use runtime::{ServeOptions, Server};
@@ -48,37 +48,18 @@ fn main() -> anyhow::Result<()> {
     };
 
     // Every input has the same length, so raw and served compute identical padded batches.
-    let opts = TextOptions {
-        median_words: words,
-        sigma: 0.0,
-        ..TextOptions::default()
-    };
-    let corpus = texts(256, &opts);
-    let m = runtime::model::load(&model, &devices[..1], dtype)?;
-    let ids: Vec<Vec<u32>> = corpus
-        .iter()
-        .map(|t| m.tokenizer.encode(t).map_err(anyhow::Error::msg))
-        .collect::<Result<_, _>>()?;
-    let tokens = ids[0].len();
-    let backend = m.replicas[0].1.clone();
+    let corpus = runtime::bench::fixed_texts(256, words as usize);
+    let raw_points =
+        runtime::bench::raw(&model, &devices[0], dtype, &sizes, seconds, words as usize)?;
+    let tokens = raw_points[0].tokens_per_input;
     eprintln!("model {model} on {devices:?}, {tokens} tokens per input, {seconds}s per point");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
-    for &b in &sizes {
-        // Raw: back-to-back forwards.
-        let batch: Vec<&[u32]> = (0..b).map(|i| ids[i % ids.len()].as_slice()).collect();
-        backend.embed(&batch).map_err(anyhow::Error::msg)?;
-        let t0 = Instant::now();
-        let mut n = 0usize;
-        while t0.elapsed().as_secs_f64() < seconds || n < 3 {
-            backend.embed(&batch).map_err(anyhow::Error::msg)?;
-            n += 1;
-        }
-        let raw = (n * b) as f64 / t0.elapsed().as_secs_f64();
-
+    for (&b, point) in sizes.iter().zip(&raw_points) {
+        let raw = point.inputs_per_s;
         // Served: same batch size through HTTP.
         let p = Profile {
             model: model.clone(),

@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod api;
 pub mod batcher;
+pub mod bench;
 pub mod metrics;
 pub mod model;
 pub mod workers;

@@ -40,6 +40,28 @@ enum Cmd {
         #[arg(long, env = "BATCHTUNE_MODEL_PATH")]
         model: Option<String>,
     },
+    /// Raw forward throughput of the model (no HTTP): back-to-back batches at each batch size.
+    /// Prints one JSON object per batch size; the ceiling served throughput is compared with.
+    Bench {
+        /// Model spec (synthetic:minilm, or a Hugging Face BERT folder).
+        #[arg(long, default_value = profiles::DEFAULT_MODEL)]
+        model: String,
+        /// Device: cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Batch sizes, comma-separated.
+        #[arg(long, default_value = "1,2,4,8,16,32,64", value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// Seconds per batch size.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Words per input (all inputs the same length).
+        #[arg(long, default_value_t = 24)]
+        words: usize,
+    },
     /// Load and validate profiles: exit 0 when all are valid, 1 with every reason otherwise.
     Validate {
         /// Profile files.
@@ -58,6 +80,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Validate { files } => validate(&files),
+        Cmd::Bench {
+            model,
+            device,
+            dtype,
+            sizes,
+            seconds,
+            words,
+        } => {
+            let mut p = Profile::default();
+            if let Err(e) = p.set_knob("dtype", &dtype) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            match runtime::bench::raw(&model, &device, p.dtype, &sizes, seconds, words) {
+                Ok(points) => {
+                    for pt in points {
+                        println!("{}", serde_json::to_string(&pt).expect("points serialize"));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Serve {
             profile,
             addr,

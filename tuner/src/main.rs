@@ -84,6 +84,9 @@ struct SearchArgs {
     /// Most probes per trial.
     #[arg(long, env = "TUNER_MAX_PROBES", default_value_t = 7)]
     max_probes: usize,
+    /// Highest rate a probe offers (requests/s); the search reports this when everything passes.
+    #[arg(long, env = "TUNER_MAX_RATE", default_value_t = 100_000.0)]
+    max_rate: f64,
     /// rate_limit in the output = this fraction of the sustainable rate (overload is shed as 429).
     #[arg(long, env = "TUNER_RATE_LIMIT_FRACTION", default_value_t = 0.9)]
     rate_limit_fraction: f64,
@@ -168,6 +171,7 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
         duration: dur("probe", &a.probe)?,
         warmup: dur("probe-warmup", &a.probe_warmup)?,
         max_probes: a.max_probes.max(1),
+        max_rate: a.max_rate,
         ..ProbeSettings::default()
     };
     let mut headers = Vec::new();

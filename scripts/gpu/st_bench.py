@@ -1,0 +1,37 @@
+"""sentence-transformers `encode` throughput at fixed batch sizes (the Python baseline).
+
+Usage: python3 st_bench.py --model DIR --dtype fp32|fp16 --sizes 1,8,32 --seconds 2 --words 24
+Prints one JSON object per batch size, like `runtime bench`.
+"""
+import argparse, json, time
+import torch
+from sentence_transformers import SentenceTransformer
+from texts import fixed_texts
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", required=True)
+ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+ap.add_argument("--sizes", default="1,8,32,64,128,256")
+ap.add_argument("--seconds", type=float, default=2.0)
+ap.add_argument("--words", type=int, default=24)
+a = ap.parse_args()
+
+m = SentenceTransformer(a.model, device="cuda")
+if a.dtype == "fp16":
+    m = m.half()
+texts = fixed_texts(256, a.words)
+tokens = len(m.tokenizer(texts[0])["input_ids"])
+for b in [int(x) for x in a.sizes.split(",")]:
+    batch = [texts[i % len(texts)] for i in range(b)]
+    for _ in range(2):
+        m.encode(batch, batch_size=b, convert_to_numpy=True, normalize_embeddings=True)
+    torch.cuda.synchronize()
+    times, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < a.seconds or len(times) < 3:
+        t = time.perf_counter()
+        m.encode(batch, batch_size=b, convert_to_numpy=True, normalize_embeddings=True)  # returns host arrays: synchronised
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    times.sort()
+    print(json.dumps({"batch_size": b, "tokens_per_input": tokens, "forwards": len(times), "inputs_per_s": len(times) * b / total,
+                      "tokens_per_s": len(times) * b * tokens / total, "median_forward_s": times[len(times) // 2], "dtype": a.dtype}), flush=True)

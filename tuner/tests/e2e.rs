@@ -1,0 +1,188 @@
+//! End to end: a short search against the real runtime binary writes a profile that
+//! `runtime validate` accepts and that meets its target when loadgen replays it.
+
+use loadgen::schedule::{Arrival, Rate};
+use loadgen::slo::Target;
+use loadgen::workload::{TextOptions, Workload};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use tuner::search::{search, SearchError, SearchOptions, ServerSpec};
+use tuner::space::Space;
+use tuner::strategy::Strategy;
+use tuner::trial::ProbeSettings;
+
+/// `cargo test --workspace` builds the runtime binary beside this test's folder.
+fn runtime_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("runtime");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo test --workspace` (or `cargo build -p runtime`) first",
+        bin.display()
+    );
+    bin
+}
+
+fn options(dir: &std::path::Path, budget: usize) -> SearchOptions {
+    let profile = dir.join("start.toml");
+    std::fs::write(&profile, "model = \"synthetic:tiny\"\n").unwrap();
+    let mut space = Space::default_space();
+    space
+        .knobs
+        .retain(|k, _| k == "max_batch_size" || k == "batch_wait_timeout");
+    SearchOptions {
+        targets: vec!["p95<500ms".into()],
+        space,
+        budget,
+        time: Duration::from_secs(120),
+        strategy: Strategy::NelderMead,
+        seed: 1,
+        probe: ProbeSettings {
+            duration: Duration::from_millis(1200),
+            warmup: Duration::from_millis(300),
+            // Far below the tiny model's capacity: the test checks the plumbing, not this
+            // machine's speed, so it does not flake on a busy CI host.
+            max_rate: 100.0,
+            max_probes: 4,
+            ..ProbeSettings::default()
+        },
+        workload_spec: "embeddings".into(),
+        workload: Workload::from_spec("embeddings", &TextOptions::default()).unwrap(),
+        server: ServerSpec::Spawn(vec![
+            runtime_bin().display().to_string(),
+            "serve".into(),
+            "--profile".into(),
+            profile.display().to_string(),
+        ]),
+        out: dir.join("tuned.toml"),
+        journal_dir: dir.join("searches"),
+        resume: None,
+        rate_limit_fraction: 0.9,
+        remeasure: 2,
+        quiet: true,
+        headers: vec![],
+    }
+}
+
+#[test]
+fn short_search_writes_a_valid_profile_that_meets_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = search(options(dir.path(), 2), Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(out.trials.len(), 2);
+    assert!(out.best_rps > 0.0);
+
+    let v = Command::new(runtime_bin())
+        .arg("validate")
+        .arg(&out.out)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    let text = std::fs::read_to_string(&out.out).unwrap();
+    assert!(
+        text.contains("[provenance]")
+            && text.contains("sustainable_rps")
+            && text.contains("git_revision"),
+        "{text}"
+    );
+    let p = profiles::Profile::load(&out.out).unwrap();
+    assert!((p.rate_limit - 0.9 * out.best_rps).abs() < 0.1);
+    let prov = p.provenance.as_ref().unwrap();
+    let rate = prov["sustainable_rps"].as_float().unwrap();
+
+    // Serve the tuned profile and replay the recorded rate. Its rate limit (0.9 × the rate)
+    // is lifted for the replay: it exists to shed overload, and would shed the replay itself.
+    let mut served_profile = p.clone();
+    served_profile.rate_limit = 0.0;
+    let served = dir.path().join("served.toml");
+    std::fs::write(&served, served_profile.to_toml_string()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cmd = vec![
+            runtime_bin().display().to_string(),
+            "serve".into(),
+            "--profile".into(),
+            served.display().to_string(),
+        ];
+        let mut t = tuner::control::Target::spawn(cmd).await.unwrap();
+        let mut cfg = loadgen::Config::new(
+            t.url.clone(),
+            loadgen::Mode::Open {
+                rate: Rate::Fixed(rate),
+                arrival: Arrival::Poisson,
+                max_in_flight: 10_000,
+            },
+            Workload::from_spec("embeddings", &TextOptions::default()).unwrap(),
+        );
+        cfg.duration = Duration::from_secs(3);
+        cfg.warmup = Duration::from_millis(500);
+        let r = loadgen::run(cfg).await.unwrap();
+        let target = Target::parse("p95<500ms").unwrap();
+        assert!(
+            target.holds(&r),
+            "replay at {rate}/s: p95 {}",
+            r.latency.p95
+        );
+        assert_eq!(r.errors.len(), 0, "{:?}", r.errors);
+        t.stop();
+    });
+}
+
+#[test]
+fn resume_after_an_interruption_repeats_no_finished_trial() {
+    let dir = tempfile::tempdir().unwrap();
+    // A budget of 1 stands in for a search killed after its first trial: the journal holds one
+    // finished trial.
+    let first = search(options(dir.path(), 1), Arc::new(AtomicBool::new(false))).unwrap();
+    let journal = dir
+        .path()
+        .join("searches")
+        .join(&first.search_id)
+        .join("journal.jsonl");
+    // Raise the budget in the header, as if the search had been killed at trial 1 of 3.
+    let text =
+        std::fs::read_to_string(&journal)
+            .unwrap()
+            .replacen("\"budget\":1", "\"budget\":3", 1);
+    std::fs::write(&journal, text).unwrap();
+    let mut o = options(dir.path(), 3);
+    o.resume = Some(first.search_id.clone());
+    let resumed = search(o, Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(resumed.trials.len(), 3);
+    assert_eq!(
+        resumed.trials[0], first.trials[0],
+        "the finished trial was not reused as is"
+    );
+    let keys: std::collections::HashSet<_> = resumed.trials.iter().map(|t| t.key.clone()).collect();
+    assert_eq!(keys.len(), 3, "a trial was measured twice");
+    let lines = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"type\":\"trial\""))
+        .count();
+    assert_eq!(lines, 3);
+
+    // A cancelled search says how to resume and leaves the journal as it was.
+    let text =
+        std::fs::read_to_string(&journal)
+            .unwrap()
+            .replacen("\"budget\":3", "\"budget\":5", 1);
+    std::fs::write(&journal, text).unwrap();
+    let mut o = options(dir.path(), 5);
+    o.resume = Some(first.search_id.clone());
+    match search(o, Arc::new(AtomicBool::new(true))) {
+        Err(e @ SearchError::Interrupted { trials: 3, .. }) => {
+            assert!(e.to_string().contains("--resume"))
+        }
+        other => panic!(
+            "expected Interrupted after 3 trials, got {:?}",
+            other.map(|o| o.trials.len())
+        ),
+    }
+}
