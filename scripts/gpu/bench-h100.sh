@@ -7,7 +7,9 @@
 # Usage (on the device): bash scripts/gpu/bench-h100.sh "$OUT"
 set -uo pipefail
 OUT="${1:?output folder}"
-B=.gpu/bin
+B=/tmp/bt-bin
+# Binaries travel gzip-compressed to fit the 64 MiB transfer limit.
+mkdir -p $B && for f in .gpu/bin/*.gz; do gunzip -c "$f" > $B/$(basename "$f" .gz); chmod +x $B/$(basename "$f" .gz); done
 M=.gpu/minilm
 SIZES=1,8,32,64,128,256,512
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -21,7 +23,7 @@ for dt in fp32 fp16; do
 done
 tail -n 3 "$OUT"/raw-real-f16.jsonl "$OUT"/st-fp16.jsonl
 
-wait_up() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.1; done; return 1; }
+wait_up() { for _ in $(seq 1 600); do python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=1)" "$1" 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 sweep() { # name url
   local name=$1 url=$2 best=0
   for rate in 500 1000 2000 4000 6000 8000 12000 16000 24000; do

@@ -82,8 +82,7 @@ def main():
     ap.add_argument("--fp16", action="store_true")
     a = ap.parse_args()
     model = SentenceTransformer(a.model, device="cuda")
-    if a.fp16:
-        model = model.half()
+    model = model.half() if a.fp16 else model.float()
     model.encode(["warm up"])
     app = web.Application()
     app["model"] = model

@@ -9,6 +9,7 @@
 
 pub mod control;
 pub mod journal;
+pub mod replay;
 pub mod search;
 pub mod space;
 pub mod strategy;
