@@ -29,7 +29,7 @@ enum Cmd {
     /// model on CPU and searches the default space. Each trial applies knobs by hot reload, then
     /// finds the sustainable rate by bracketing and bisection with open-loop loadgen probes.
     /// Every finished trial is journaled under --journal-dir; --resume continues a killed search.
-    Search(SearchArgs),
+    Search(Box<SearchArgs>),
     /// Search-efficiency benchmark: replay every strategy on a stored exhaustive grid (a finished
     /// `tuner search --strategy grid` whose budget covers the grid) and report the trials each
     /// needs to reach 95% of the grid's best, median over seeds.
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Search(a) => match run_search(a) {
+        Cmd::Search(a) => match run_search(*a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
