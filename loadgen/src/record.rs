@@ -162,8 +162,10 @@ pub struct Collector {
     pub histos: Histos,
     /// Per-window latency histograms (by completion time), for stability and `.hlog`.
     pub windows: Vec<(Histogram<u64>, u64, u64)>,
-    /// Successful responses in the measurement phase.
+    /// Successful responses to requests scheduled in the measurement phase.
     pub ok: u64,
+    /// Successful responses that completed inside the measurement phase (throughput).
+    pub ok_in_phase: u64,
     /// Errors by kind in the measurement phase.
     pub errors: BTreeMap<String, u64>,
     /// Requests scheduled in the measurement phase (sent or dropped).
@@ -185,6 +187,7 @@ impl Collector {
             histos: Histos::default(),
             windows: (0..n).map(|_| (new_hist(), 0, 0)).collect(),
             ok: 0,
+            ok_in_phase: 0,
             errors: BTreeMap::new(),
             scheduled: 0,
             warmup: 0,
@@ -206,6 +209,9 @@ impl Collector {
             .saturating_duration_since(self.measure_start)
             .as_secs_f64()
             / self.window.as_secs_f64()) as usize;
+        // Completions after the measured phase still count for latency (they were offered in
+        // it) but not for throughput, which is completions inside the phase ÷ its length.
+        let in_phase = s.done < self.measure_end;
         let w = w.min(self.windows.len() - 1);
         match &s.outcome {
             Outcome::Ok { ttft, gaps } => {
@@ -221,8 +227,11 @@ impl Collector {
                 for g in gaps {
                     self.histos.itl.saturating_record(us(*g));
                 }
-                self.windows[w].0.saturating_record(lat);
-                self.windows[w].1 += 1;
+                if in_phase {
+                    self.windows[w].0.saturating_record(lat);
+                    self.windows[w].1 += 1;
+                    self.ok_in_phase += 1;
+                }
             }
             other => {
                 let kind = other.error_kind().expect("not ok");
@@ -316,7 +325,7 @@ impl Observed for Progress<'_> {
         }
     }
     fn throughput(&self) -> f64 {
-        self.c.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.c.ok_in_phase as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 

@@ -48,7 +48,7 @@ pub struct Report {
     pub error_rate: f64,
     /// Scheduled ÷ duration.
     pub offered_rps: f64,
-    /// Successes ÷ duration.
+    /// Successful responses completed inside the measured phase ÷ its length.
     pub achieved_rps: f64,
     /// Latency from the intended send time (coordinated-omission corrected).
     pub latency: LatencyStats,
@@ -164,7 +164,7 @@ impl Report {
             },
             errors,
             offered_rps: col.scheduled as f64 / dur,
-            achieved_rps: col.ok as f64 / dur,
+            achieved_rps: col.ok_in_phase as f64 / dur,
             latency: LatencyStats::of(&col.histos.latency),
             service: LatencyStats::of(&col.histos.service),
             send_lag: lag,
