@@ -19,7 +19,7 @@ tmp=$(mktemp -d)
 body='{"input":"the model serves requests with dynamic batching"}'
 echo "$body" > "$tmp/body.json"
 rows=()
-for rate in 800 5000 10000 20000 30000 40000 50000 60000; do
+for rate in 800 5000 20000 40000 60000 80000 100000 130000 160000; do
   taskset -c 0 target/release/loadgen --url "$url" --rps $rate --duration ${secs}s --warmup 2s \
     --threads 1 --quiet --json "$tmp/lg-$rate.json" > /dev/null || true
   lg=$(python3 -c "import json;r=json.load(open('$tmp/lg-$rate.json'));print(f\"{r['achieved_rps']:.1f} {r['send_lag']['p99']*1e6:.0f} {r['valid']} {r['latency']['p99']*1e3:.2f}\")")
@@ -41,9 +41,10 @@ def best(key, ok):
     good = [x for x in recs if ok(x) and x[key] >= 0.99 * x["rate"]]
     return max((x["rate"] for x in good), default=0)
 lg_best = best("loadgen_achieved", lambda x: x["loadgen_valid"])
+lg_best_any = best("loadgen_achieved", lambda x: True)
 oha_best = best("oha_achieved", lambda x: x["oha_success"] >= 0.999)
 cpu = next((l.split(":")[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-summary = dict(seconds_per_point=int(secs), host=cpu, rows=recs, loadgen_max_sustained_rps=lg_best, oha_max_sustained_rps=oha_best,
+summary = dict(seconds_per_point=int(secs), host=cpu, rows=recs, loadgen_max_sustained_rps=lg_best, loadgen_max_achieved_rps_ignoring_self_check=lg_best_any, oha_max_sustained_rps=oha_best,
                ratio=(lg_best / oha_best) if oha_best else None,
                lag_p99_us_at_800=next(x["loadgen_lag_p99_us"] for x in recs if x["rate"] == 800),
                lag_p99_us_at_20000=next((x["loadgen_lag_p99_us"] for x in recs if x["rate"] == 20000), None))
@@ -54,7 +55,7 @@ with open(out + ".md", "w") as f:
     f.write("| asked rps | loadgen achieved | loadgen send-lag p99 | loadgen valid | loadgen p99 | oha achieved | oha success | oha p99 |\n|---:|---:|---:|:--:|---:|---:|---:|---:|\n")
     for x in recs:
         f.write(f"| {x['rate']} | {x['loadgen_achieved']:.0f} | {x['loadgen_lag_p99_us']:.0f} µs | {'yes' if x['loadgen_valid'] else 'no'} | {x['loadgen_p99_ms']:.2f} ms | {x['oha_achieved']:.0f} | {x['oha_success']*100:.2f}% | {x['oha_p99_ms']:.2f} ms |\n")
-    f.write(f"\nHighest sustained: loadgen {lg_best} rps, oha {oha_best} rps, ratio {summary['ratio'] if summary['ratio'] is None else round(summary['ratio'], 2)} (goal ≥ 1.5).\n")
+    f.write(f"\nHighest sustained: loadgen {lg_best} rps with a valid self-check ({lg_best_any} rps on achieved rate alone), oha {oha_best} rps, ratio {summary['ratio'] if summary['ratio'] is None else round(summary['ratio'], 2)} (goal ≥ 1.5).\n")
     f.write(f"Send-lag p99: {summary['lag_p99_us_at_800']:.0f} µs at 800 rps, {summary['lag_p99_us_at_20000']} µs at 20,000 rps (goal < 200 µs).\n")
 print(open(out + ".md").read())
 PY
