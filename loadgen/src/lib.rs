@@ -5,6 +5,7 @@
 //! Library entry point: [`run`] with a [`Config`]; the tuner calls it in-process, with an
 //! early-stop hook and a cancel flag.
 
+pub mod http1;
 pub mod record;
 pub mod report;
 pub mod schedule;
@@ -12,11 +13,7 @@ pub mod slo;
 pub mod workload;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::Uri;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use indicatif::{ProgressBar, ProgressStyle};
 use record::{Collector, Outcome, Progress, Sample};
 pub use report::Report;
@@ -159,20 +156,16 @@ fn target_uri(cfg: &Config) -> Result<Uri, LoadgenError> {
         .map_err(|e| bad(&e.to_string()))
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
 struct Sender {
-    client: HttpClient,
-    uri: Uri,
-    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    client: http1::Client,
     timeout: Duration,
     stream: bool,
     conns: Option<Arc<Semaphore>>,
 }
 
 impl Sender {
-    /// Sends one request; returns (sent, done, outcome).
-    async fn send(&self, body: Bytes) -> (Instant, Instant, Outcome) {
+    /// Sends one pre-built request; returns (sent, done, outcome).
+    async fn send(&self, req: Bytes) -> (Instant, Instant, Outcome) {
         let _permit = match &self.conns {
             Some(s) => Some(
                 s.clone()
@@ -183,48 +176,19 @@ impl Sender {
             None => None,
         };
         let sent = Instant::now();
-        let mut req = hyper::Request::post(self.uri.clone())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .expect("static request parts are valid");
-        for (k, v) in &self.headers {
-            req.headers_mut().insert(k.clone(), v.clone());
-        }
-        let fut = async {
-            let resp = match self.client.request(req).await {
-                Ok(r) => r,
-                Err(e) if e.is_connect() => return Outcome::Connect,
-                Err(_) => return Outcome::Io,
+        let outcome =
+            match tokio::time::timeout(self.timeout, self.client.exchange(&req, sent, self.stream))
+                .await
+            {
+                Err(_) => Outcome::Timeout,
+                Ok(Err(http1::ExchangeError::Connect)) => Outcome::Connect,
+                Ok(Err(http1::ExchangeError::Io)) => Outcome::Io,
+                Ok(Ok(x)) if (200..300).contains(&x.status) => Outcome::Ok {
+                    ttft: x.first_body,
+                    gaps: x.gaps,
+                },
+                Ok(Ok(x)) => Outcome::Status(x.status),
             };
-            let status = resp.status().as_u16();
-            let mut body = resp.into_body();
-            let mut ttft = None;
-            let mut gaps = Vec::new();
-            let mut last = None;
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(f) if f.is_data() && self.stream => {
-                        let now = Instant::now();
-                        match last {
-                            None => ttft = Some(now - sent),
-                            Some(l) => gaps.push(now - l),
-                        }
-                        last = Some(now);
-                    }
-                    Ok(_) => {}
-                    Err(_) => return Outcome::Io,
-                }
-            }
-            if (200..300).contains(&status) {
-                Outcome::Ok { ttft, gaps }
-            } else {
-                Outcome::Status(status)
-            }
-        };
-        let outcome = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(o) => o,
-            Err(_) => Outcome::Timeout,
-        };
         (sent, Instant::now(), outcome)
     }
 }
@@ -255,24 +219,40 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     if cfg.duration.is_zero() {
         return Err(LoadgenError::Config("--duration must be > 0".into()));
     }
-    let mut headers = Vec::new();
     for (k, v) in &cfg.headers {
-        let name = hyper::header::HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| LoadgenError::Config(format!("header name `{k}` is not valid")))?;
-        let value = hyper::header::HeaderValue::from_str(v)
-            .map_err(|_| LoadgenError::Config(format!("header `{k}` has an invalid value")))?;
-        headers.push((name, value));
+        if k.is_empty() || k.contains([':', '\r', '\n', ' ']) {
+            return Err(LoadgenError::Config(format!(
+                "header name `{k}` is not valid"
+            )));
+        }
+        if v.contains(['\r', '\n']) {
+            return Err(LoadgenError::Config(format!(
+                "header `{k}` has an invalid value"
+            )));
+        }
     }
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(usize::MAX)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(connector);
+    let authority = uri.authority().expect("checked in target_uri").to_string();
+    let addr = tokio::net::lookup_host(&authority)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| LoadgenError::Url {
+            url: cfg.url.clone(),
+            reason: format!("cannot resolve {authority}"),
+        })?;
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    // Every request's bytes are built now, so nothing is formatted on the send path.
+    let requests: Vec<Bytes> = cfg
+        .workload
+        .bodies
+        .iter()
+        .map(|b| http1::request_bytes(&path, &authority, &cfg.headers, b))
+        .collect();
     let sender = Arc::new(Sender {
-        client,
-        uri: uri.clone(),
-        headers,
+        client: http1::Client::new(addr),
         timeout: cfg.timeout,
         stream: cfg.workload.stream,
         conns: cfg.connections.map(|n| Arc::new(Semaphore::new(n.max(1)))),
@@ -284,7 +264,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     let measure_end = measure_start + cfg.duration;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::unbounded_channel::<Sample>();
-    let bodies = Arc::new(cfg.workload.bodies.clone());
+    let bodies = Arc::new(requests);
 
     match &cfg.mode {
         Mode::Open {

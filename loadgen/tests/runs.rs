@@ -308,3 +308,75 @@ async fn json_report_validates_against_the_committed_schema_and_round_trips() {
     assert_eq!(h.len(), r.ok);
     assert!(back.hgrm().contains("#[Max"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_responses_record_time_to_first_token_and_gaps() {
+    use axum::body::Body;
+    // Five chunks 30 ms apart after a 50 ms "prefill": TTFT ≈ 50 ms, gaps ≈ 30 ms.
+    let addr = serve(Router::new().route(
+        "/v1/completions",
+        post(|| async {
+            let s = futures_stream();
+            axum::response::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(s))
+                .unwrap()
+        }),
+    ))
+    .await;
+    let w = Workload::from_spec("completions", &TextOptions::default()).unwrap();
+    assert!(w.stream);
+    let mut cfg = Config::new(
+        format!("http://{addr}"),
+        Mode::Open {
+            rate: Rate::Fixed(20.0),
+            arrival: Arrival::Constant,
+            max_in_flight: 1000,
+        },
+        w,
+    );
+    cfg.duration = Duration::from_secs(2);
+    cfg.warmup = Duration::from_millis(200);
+    let r = loadgen::run(cfg).await.unwrap();
+    assert_eq!(r.errors.len(), 0, "{:?}", r.errors);
+    let ttft = r.ttft.expect("streaming stats");
+    let itl = r.inter_token.expect("streaming stats");
+    assert!(ttft.p50 > 0.045 && ttft.p50 < 0.09, "ttft p50 {}", ttft.p50);
+    assert!(itl.p50 > 0.025 && itl.p50 < 0.06, "gap p50 {}", itl.p50);
+    assert_eq!(itl.count, 4 * r.ok, "4 gaps per 5-token stream");
+}
+
+fn futures_stream() -> impl futures_core::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 0..5 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            if tx
+                .send(Ok(bytes::Bytes::from(format!(
+                    "data: {{\"token\": {i}}}\n\n"
+                ))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    ReceiverStream(rx)
+}
+
+struct ReceiverStream(tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}

@@ -94,7 +94,8 @@ fn main() -> anyhow::Result<()> {
                 w,
             );
             // Long enough for ≥ 25 batches, so whole-batch completions do not quantise the rate.
-            cfg.duration = Duration::from_secs_f64(seconds.max(2.0).max(25.0 * point.median_forward_s));
+            cfg.duration =
+                Duration::from_secs_f64(seconds.max(2.0).max(25.0 * point.median_forward_s));
             cfg.warmup = Duration::from_secs(1);
             let r = loadgen::run(cfg).await?;
             server.shutdown();

@@ -1,0 +1,252 @@
+//! A lean HTTP/1.1 client for the send path: each request's bytes (head and body) are built once
+//! before the run, connections are plain `TcpStream`s kept in a stack of idle ones, and a response
+//! is parsed only as far as timing needs (status, length or chunks). A general client spends most
+//! of its per-request CPU on things a load generator does not need (header maps, pool keys,
+//! per-request futures), and that CPU is the ceiling of an open loop on one core.
+//!
+//! Opens a new connection whenever none is idle, so the open loop is never capped by a pool.
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What went wrong with one exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeError {
+    /// The TCP connect failed.
+    Connect,
+    /// The connection broke or the response was malformed.
+    Io,
+}
+
+/// A response, as far as timing needs it.
+#[derive(Debug, Clone, Default)]
+pub struct Exchange {
+    /// Status code.
+    pub status: u16,
+    /// Time from the send to the first body bytes (streaming workloads).
+    pub first_body: Option<Duration>,
+    /// Gaps between later body reads (streaming workloads).
+    pub gaps: Vec<Duration>,
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// Builds the full request bytes for one body.
+pub fn request_bytes(path: &str, host: &str, headers: &[(String, String)], body: &[u8]) -> Bytes {
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(k);
+        head.push_str(": ");
+        head.push_str(v);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// Connections to one server.
+pub struct Client {
+    addr: SocketAddr,
+    idle: Mutex<Vec<Conn>>,
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+fn find(h: &[u8], needle: &[u8]) -> Option<usize> {
+    h.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Client {
+    /// A client for `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Client {
+            addr,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sends pre-built request bytes and reads the whole response. `record_stream` records body
+    /// arrival times (time to first token, inter-token gaps). A reused connection that turns out
+    /// to be closed before any response byte arrives is retried once on a fresh one.
+    pub async fn exchange(
+        &self,
+        req: &Bytes,
+        sent: Instant,
+        record_stream: bool,
+    ) -> Result<Exchange, ExchangeError> {
+        let pooled = self.idle.lock().expect("idle stack").pop();
+        if let Some(conn) = pooled {
+            match self.on(conn, req, sent, record_stream).await {
+                Ok(x) => return Ok(x),
+                Err((false, _)) => {} // nothing was received: the server had closed it; retry
+                Err((true, e)) => return Err(e),
+            }
+        }
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|_| ExchangeError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        self.on(
+            Conn {
+                stream,
+                buf: Vec::with_capacity(4096),
+            },
+            req,
+            sent,
+            record_stream,
+        )
+        .await
+        .map_err(|(_, e)| e)
+    }
+
+    /// Runs one exchange on `c`; on error says whether any response bytes had arrived.
+    async fn on(
+        &self,
+        mut c: Conn,
+        req: &Bytes,
+        sent: Instant,
+        record: bool,
+    ) -> Result<Exchange, (bool, ExchangeError)> {
+        c.buf.clear();
+        if c.stream.write_all(req).await.is_err() {
+            return Err((false, ExchangeError::Io));
+        }
+        // Head.
+        let head_end = loop {
+            if let Some(i) = find(&c.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = read_more(&mut c)
+                .await
+                .map_err(|_| (!c.buf.is_empty(), ExchangeError::Io))?;
+            if n == 0 {
+                return Err((!c.buf.is_empty(), ExchangeError::Io));
+            }
+        };
+        let head =
+            std::str::from_utf8(&c.buf[..head_end]).map_err(|_| (true, ExchangeError::Io))?;
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or((true, ExchangeError::Io))?;
+        let mut framing = Framing::UntilClose;
+        let mut keep_alive = head.starts_with("HTTP/1.1");
+        for line in head.split("\r\n").skip(1) {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("content-length") {
+                framing = Framing::Length(v.parse().map_err(|_| (true, ExchangeError::Io))?);
+            } else if k.eq_ignore_ascii_case("transfer-encoding")
+                && v.eq_ignore_ascii_case("chunked")
+            {
+                framing = Framing::Chunked;
+            } else if k.eq_ignore_ascii_case("connection") {
+                keep_alive = !v.eq_ignore_ascii_case("close");
+            }
+        }
+        let mut x = Exchange {
+            status,
+            ..Exchange::default()
+        };
+        let mut last: Option<Instant> = None;
+        let mut mark = |x: &mut Exchange| {
+            if record {
+                let now = Instant::now();
+                match last {
+                    None => x.first_body = Some(now - sent),
+                    Some(l) => x.gaps.push(now - l),
+                }
+                last = Some(now);
+            }
+        };
+        let mut pos = head_end;
+        match framing {
+            Framing::Length(len) => {
+                if c.buf.len() > pos {
+                    mark(&mut x);
+                }
+                while c.buf.len() < pos + len {
+                    if read_more(&mut c)
+                        .await
+                        .map_err(|_| (true, ExchangeError::Io))?
+                        == 0
+                    {
+                        return Err((true, ExchangeError::Io));
+                    }
+                    mark(&mut x);
+                }
+            }
+            Framing::Chunked => loop {
+                // Chunk size line.
+                let line_end = loop {
+                    if let Some(i) = find(&c.buf[pos..], b"\r\n") {
+                        break pos + i;
+                    }
+                    if read_more(&mut c)
+                        .await
+                        .map_err(|_| (true, ExchangeError::Io))?
+                        == 0
+                    {
+                        return Err((true, ExchangeError::Io));
+                    }
+                };
+                let size_text = std::str::from_utf8(&c.buf[pos..line_end])
+                    .map_err(|_| (true, ExchangeError::Io))?;
+                let size =
+                    usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| (true, ExchangeError::Io))?;
+                pos = line_end + 2;
+                // Data plus its CRLF (the last chunk: just the final CRLF, no trailers expected).
+                while c.buf.len() < pos + size + 2 {
+                    if read_more(&mut c)
+                        .await
+                        .map_err(|_| (true, ExchangeError::Io))?
+                        == 0
+                    {
+                        return Err((true, ExchangeError::Io));
+                    }
+                }
+                if size == 0 {
+                    break;
+                }
+                mark(&mut x);
+                pos += size + 2;
+            },
+            Framing::UntilClose => {
+                keep_alive = false;
+                while read_more(&mut c)
+                    .await
+                    .map_err(|_| (true, ExchangeError::Io))?
+                    > 0
+                {
+                    mark(&mut x);
+                }
+            }
+        }
+        if keep_alive {
+            self.idle.lock().expect("idle stack").push(c);
+        }
+        Ok(x)
+    }
+}
+
+async fn read_more(c: &mut Conn) -> std::io::Result<usize> {
+    // read_buf fills spare capacity without zeroing it first.
+    c.buf.reserve(16 * 1024);
+    c.stream.read_buf(&mut c.buf).await
+}
