@@ -344,13 +344,22 @@ mod tests {
         assert!((norm - 1.0).abs() < 1e-4);
         assert_ne!(batched[0], batched[1]);
         // Mixed lengths are split into sub-batches on CPU; the order must survive.
-        let texts = ["one", "two words here", "a much longer input that will be padded a lot more than the others", "four"];
+        let texts = [
+            "one",
+            "two words here",
+            "a much longer input that will be padded a lot more than the others",
+            "four",
+        ];
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
         let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
         let together = backend.embed(&refs).unwrap();
         for (i, r) in refs.iter().enumerate() {
             let alone = backend.embed(&[r]).unwrap();
-            let d = alone[0].iter().zip(&together[i]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            let d = alone[0]
+                .iter()
+                .zip(&together[i])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
             assert!(d < 1e-5, "input {i} moved by {d}");
         }
     }
