@@ -23,7 +23,22 @@ pub struct Grid {
 impl Grid {
     /// Builds the lookup from a grid search's journal; errors if points are missing.
     pub fn from_journal(header: Header, trials: &[Trial]) -> Result<Grid, String> {
-        let n = levels_for(header.budget, header.space.dims());
+        // Levels of the stored grid: the distinct values its trials took on the first axis
+        // (a grid strategy visits every level of every axis), never more than the budget allows.
+        let first = header
+            .space
+            .knobs
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        let distinct: HashSet<String> = trials
+            .iter()
+            .filter_map(|t| t.knobs.get(&first).map(|v| v.to_string()))
+            .collect();
+        let n = distinct
+            .len()
+            .clamp(2, levels_for(header.budget, header.space.dims()));
         let levels = header.space.grid_levels(n);
         let table: HashMap<String, f64> = trials
             .iter()

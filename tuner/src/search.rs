@@ -625,7 +625,7 @@ fn tuned_profile(
     put(
         "search_bracket_rps",
         T::Array(vec![
-            T::Float(round4(rate)),
+            T::Float(round4(best.result.sustainable_rps)),
             best.result
                 .failed_rps
                 .map(|f| T::Float(round4(f)))

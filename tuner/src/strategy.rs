@@ -67,7 +67,13 @@ pub fn run(
 
 /// Grid levels per axis so that the grid has about `budget` points (at least 2 per axis).
 pub fn levels_for(budget: usize, dims: usize) -> usize {
-    ((budget as f64).powf(1.0 / dims as f64).floor() as usize).max(2)
+    // Integer search rather than powf().floor(): 64^(1/3) is 3.9999… in floating point.
+    let fits = |l: usize| l.checked_pow(dims as u32).is_some_and(|n| n <= budget);
+    let mut l = 2;
+    while fits(l + 1) {
+        l += 1;
+    }
+    l
 }
 
 /// Every point of the grid with `levels` values per axis (choices: each choice).
@@ -344,6 +350,8 @@ mod tests {
         let s = space3();
         assert_eq!(grid_points(&s, 3).len(), 27);
         assert_eq!(levels_for(30, 3), 3);
+        assert_eq!(levels_for(64, 3), 4);
+        assert_eq!(levels_for(1, 5), 2);
         assert_eq!(Strategy::parse("auto").unwrap(), Strategy::NelderMead);
         assert!(Strategy::parse("bayes").is_err());
     }
