@@ -555,7 +555,6 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The rate that held up when the winner was re-measured.
 struct Confirmation {
     /// Rate written to the profile.
@@ -566,6 +565,7 @@ struct Confirmation {
     tried: Vec<(f64, usize)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn tuned_profile(
     opts: &SearchOptions,
     conf: &Confirmation,
