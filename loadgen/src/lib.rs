@@ -4,6 +4,7 @@
 //!
 //! Library entry point: [`run`] with a [`Config`]; the tuner calls it in-process, with an
 //! early-stop hook and a cancel flag.
+#![warn(missing_docs)]
 
 pub mod http1;
 pub mod record;

@@ -6,6 +6,7 @@
 //!
 //! Durations are strings with a unit (`"250us"`, `"50ms"`, `"4s"`): a bare number would be ambiguous
 //! between the seeds' seconds (`BATCH_WAIT_TIMEOUT=0.05`) and milliseconds (`BATCH_WAIT_TIME_MS=50`).
+#![warn(missing_docs)]
 
 mod duration;
 

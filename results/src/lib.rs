@@ -4,3 +4,4 @@
 //! `loadgen/report.schema.json`, histograms embedded as HdrHistogram V2 base64) and tuner journals
 //! under `results/searches/`; the Parquet store (polars), bootstrap statistics and plotters charts
 //! land here next. The crate exists now so the workspace layout matches the design.
+#![warn(missing_docs)]

@@ -4,6 +4,7 @@
 //! [`admission`] applies the rate limit and queue capacity, [`batcher`] forms batches from the live
 //! profile, [`workers`] run them on one model replica per device ([`model`]), and the reply carries
 //! `X-Queue-Time` / `X-Inference-Time` headers.
+#![warn(missing_docs)]
 
 pub mod admission;
 pub mod api;

@@ -6,6 +6,7 @@
 //! configuration: bracket and bisect), [`strategy`] (Nelder–Mead via argmin, grid, random, hill
 //! climbing), [`search`] (the live loop, re-measurement, profile writer), [`journal`] (resume),
 //! [`control`] (spawning and reconfiguring the server over HTTP).
+#![warn(missing_docs)]
 
 pub mod control;
 pub mod journal;
