@@ -1,7 +1,7 @@
 //! Talking to the server under test over HTTP: start `runtime serve` as a child (or target a URL),
 //! apply knobs by hot reload (`PUT /config`) or by restart for restart-only knobs, wait until idle.
 
-use crate::space::{Knobs, Value};
+use crate::space::Knobs;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -255,14 +255,4 @@ fn key_list(k: &Knobs) -> String {
 
 fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
-}
-
-/// Knob values as the JSON `PUT /config` takes (for tests and logs).
-pub fn knobs_json(k: &Knobs) -> serde_json::Value {
-    serde_json::Value::Object(k.iter().map(|(n, v)| (n.clone(), v.to_json())).collect())
-}
-
-/// The value as a plain string for env overrides.
-pub fn env_value(v: &Value) -> String {
-    v.to_string()
 }
