@@ -122,7 +122,8 @@ impl Config {
         }
     }
 
-    fn window(&self) -> Duration {
+    /// The measurement window in effect: `window`, or duration / 5 clamped to [1s, 10s].
+    pub fn effective_window(&self) -> Duration {
         self.window.unwrap_or_else(|| {
             Duration::from_secs_f64((self.duration.as_secs_f64() / 5.0).clamp(1.0, 10.0))
                 .min(self.duration)
@@ -259,7 +260,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
         conns: cfg.connections.map(|n| Arc::new(Semaphore::new(n.max(1)))),
     });
 
-    let window = cfg.window();
+    let window = cfg.effective_window();
     let start = Instant::now() + Duration::from_millis(20);
     let measure_start = start + cfg.warmup;
     let measure_end = measure_start + cfg.duration;

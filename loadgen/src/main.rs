@@ -193,10 +193,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         cancel: Some(cancel.clone()),
         ..Config::new(cli.url.clone(), mode, workload)
     };
-    let window = cfg.window.unwrap_or_else(|| {
-        Duration::from_secs_f64((cfg.duration.as_secs_f64() / 5.0).clamp(1.0, 10.0))
-            .min(cfg.duration)
-    });
+    let window = cfg.effective_window();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(t) = cli.threads {
         rt.worker_threads(t.max(1));

@@ -359,7 +359,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
                 search_id: new_search_id(),
                 targets: opts.targets.clone(),
                 space: opts.space.clone(),
-                strategy: format!("{:?}", opts.strategy),
+                strategy: opts.strategy.name().to_string(),
                 budget: opts.budget,
                 seed: opts.seed,
                 probe: opts.probe.clone(),
@@ -379,14 +379,11 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         .map(|t| Target::parse(t).map_err(|e| SearchError::Config(format!("target: {e}"))))
         .collect::<Result<_, _>>()?;
     let effective = effective_targets(&targets);
+    // On resume the journal decides; a strategy it names that we cannot read is an error, not a
+    // silent switch to another strategy.
     let strategy_kind = if opts.resume.is_some() {
-        Strategy::parse(
-            &header
-                .strategy
-                .to_lowercase()
-                .replace("neldermead", "nelder-mead"),
-        )
-        .unwrap_or(opts.strategy)
+        Strategy::parse(&header.strategy)
+            .map_err(|e| SearchError::Config(format!("journal: {e}")))?
     } else {
         opts.strategy
     };

@@ -34,10 +34,20 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    /// Parses a `--strategy` value.
+    /// The name journals record and `parse` reads back.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::NelderMead => "nelder-mead",
+            Strategy::Grid => "grid",
+            Strategy::Random => "random",
+            Strategy::Hill => "hill",
+        }
+    }
+
+    /// Parses a `--strategy` value (case-insensitive; `NelderMead` as early journals wrote it).
     pub fn parse(s: &str) -> Result<Strategy, String> {
-        match s {
-            "auto" | "nelder-mead" | "nm" => Ok(Strategy::NelderMead),
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "nelder-mead" | "neldermead" | "nm" => Ok(Strategy::NelderMead),
             "grid" => Ok(Strategy::Grid),
             "random" => Ok(Strategy::Random),
             "hill" | "quick" => Ok(Strategy::Hill),

@@ -271,9 +271,9 @@ pub fn next_rate(probes: &[Probe], start: f64, s: &ProbeSettings) -> Option<f64>
     if probes.len() >= s.max_probes {
         return None;
     }
-    let Some(first) = probes.first() else {
+    if probes.is_empty() {
         return Some(start.clamp(s.min_rate, s.max_rate));
-    };
+    }
     let lo = probes
         .iter()
         .filter(|p| p.pass)
@@ -286,10 +286,7 @@ pub fn next_rate(probes: &[Probe], start: f64, s: &ProbeSettings) -> Option<f64>
         .fold(None, |a: Option<f64>, r| Some(a.map_or(r, |a| a.min(r))));
     match (lo, hi) {
         (Some(lo), None) => (lo * 2.0 <= s.max_rate).then_some(lo * 2.0),
-        (None, Some(hi)) => {
-            let _ = first;
-            (hi / 2.0 >= s.min_rate).then_some(hi / 2.0)
-        }
+        (None, Some(hi)) => (hi / 2.0 >= s.min_rate).then_some(hi / 2.0),
         (Some(lo), Some(hi)) if hi > lo * (1.0 + s.tolerance) => Some((lo * hi).sqrt()),
         _ => None,
     }
