@@ -49,8 +49,7 @@ fn main() -> anyhow::Result<()> {
 
     // Every input has the same length, so raw and served compute identical padded batches.
     let corpus = runtime::bench::fixed_texts(256, words as usize);
-    let raw_points =
-        runtime::bench::raw(&model, &devices[0], dtype, &sizes, seconds, words as usize)?;
+    let raw_points = runtime::bench::raw(&model, &devices[0], dtype, &sizes, seconds, &corpus)?;
     let tokens = raw_points[0].tokens_per_input;
     eprintln!("model {model} on {devices:?}, {tokens} tokens per input, {seconds}s per point");
 

@@ -11,8 +11,8 @@ use std::time::Instant;
 pub struct RawPoint {
     /// Inputs per forward.
     pub batch_size: usize,
-    /// Tokens per input (all inputs have the same length).
-    pub tokens_per_input: usize,
+    /// Mean tokens per input over the timed forwards (fixed texts: every input has this length).
+    pub tokens_per_input: f64,
     /// Forwards timed.
     pub forwards: usize,
     /// Inputs per second.
@@ -39,18 +39,39 @@ pub fn fixed_texts(n: usize, words: usize) -> Vec<String> {
         .collect()
 }
 
+/// The inputs of a raw benchmark.
+pub enum Texts {
+    /// `fixed_texts(256, words)`: every input the same length.
+    Fixed(usize),
+    /// loadgen's default embeddings workload (log-normal lengths, median 24 words), so raw and
+    /// served throughput are measured on the same length mix.
+    Loadgen,
+}
+
+impl Texts {
+    /// The texts themselves.
+    pub fn generate(&self) -> Vec<String> {
+        match self {
+            Texts::Fixed(words) => fixed_texts(256, *words),
+            Texts::Loadgen => {
+                loadgen::workload::texts(1024, &loadgen::workload::TextOptions::default())
+            }
+        }
+    }
+}
+
 /// Times back-to-back forwards at each batch size for about `seconds` (at least 3 forwards, after
-/// 2 warm-up forwards that absorb kernel compilation and allocation).
+/// 2 warm-up forwards that absorb kernel compilation and allocation). Successive forwards take
+/// successive windows of the texts, so mixed lengths vary from batch to batch as served ones do.
 pub fn raw(
     spec: &str,
     device: &str,
     dtype: Dtype,
     sizes: &[usize],
     seconds: f64,
-    words: usize,
+    texts: &[String],
 ) -> Result<Vec<RawPoint>, ModelError> {
     let m = model::load(spec, &[device.to_string()], dtype)?;
-    let texts = fixed_texts(256, words);
     let ids: Vec<Vec<u32>> = texts
         .iter()
         .map(|t| m.tokenizer.encode(t))
@@ -61,18 +82,28 @@ pub fn raw(
         })?;
     let backend = &m.replicas[0].1;
     let mut out = Vec::new();
+    let mut next = 0usize;
+    let mut take = |b: usize| -> Vec<&[u32]> {
+        let batch = (0..b)
+            .map(|i| ids[(next + i) % ids.len()].as_slice())
+            .collect();
+        next = (next + b) % ids.len();
+        batch
+    };
     for &b in sizes {
-        let batch: Vec<&[u32]> = (0..b).map(|i| ids[i % ids.len()].as_slice()).collect();
         let err = |reason: String| ModelError::Load {
             model: spec.into(),
             reason,
         };
         for _ in 0..2 {
-            backend.embed(&batch).map_err(err)?;
+            backend.embed(&take(b)).map_err(err)?;
         }
         let mut times = Vec::new();
+        let mut tokens = 0usize;
         let t0 = Instant::now();
         while t0.elapsed().as_secs_f64() < seconds || times.len() < 3 {
+            let batch = take(b);
+            tokens += batch.iter().map(|s| s.len()).sum::<usize>();
             let t = Instant::now();
             // embed returns host vectors, so each call includes the device synchronisation.
             backend.embed(&batch).map_err(err)?;
@@ -80,13 +111,12 @@ pub fn raw(
         }
         let total = t0.elapsed().as_secs_f64();
         times.sort_by(f64::total_cmp);
-        let tokens = ids[0].len();
         out.push(RawPoint {
             batch_size: b,
-            tokens_per_input: tokens,
+            tokens_per_input: tokens as f64 / (times.len() * b) as f64,
             forwards: times.len(),
             inputs_per_s: (times.len() * b) as f64 / total,
-            tokens_per_s: (times.len() * b * tokens) as f64 / total,
+            tokens_per_s: tokens as f64 / total,
             median_forward_s: times[times.len() / 2],
         });
     }

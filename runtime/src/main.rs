@@ -58,9 +58,16 @@ enum Cmd {
         /// Seconds per batch size.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
-        /// Words per input (all inputs the same length).
+        /// Words per input with `--texts fixed` (all inputs the same length).
         #[arg(long, default_value_t = 24)]
         words: usize,
+        /// Inputs: `fixed` (every input `--words` long) or `loadgen` (loadgen's default
+        /// embeddings workload: log-normal lengths, median 24 words, as served benchmarks send).
+        #[arg(long, default_value = "fixed", value_parser = ["fixed", "loadgen"])]
+        texts: String,
+        /// Also write the texts used, one per line (so another stack can embed the same inputs).
+        #[arg(long)]
+        dump_texts: Option<PathBuf>,
     },
     /// Load and validate profiles: exit 0 when all are valid, 1 with every reason otherwise.
     Validate {
@@ -87,13 +94,27 @@ fn main() -> ExitCode {
             sizes,
             seconds,
             words,
+            texts,
+            dump_texts,
         } => {
+            let texts = if texts == "loadgen" {
+                runtime::bench::Texts::Loadgen
+            } else {
+                runtime::bench::Texts::Fixed(words)
+            }
+            .generate();
+            if let Some(path) = dump_texts {
+                if let Err(e) = std::fs::write(&path, texts.join("\n") + "\n") {
+                    eprintln!("error: --dump-texts {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             let mut p = Profile::default();
             if let Err(e) = p.set_knob("dtype", &dtype) {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
-            match runtime::bench::raw(&model, &device, p.dtype, &sizes, seconds, words) {
+            match runtime::bench::raw(&model, &device, p.dtype, &sizes, seconds, &texts) {
                 Ok(points) => {
                     for pt in points {
                         println!("{}", serde_json::to_string(&pt).expect("points serialize"));

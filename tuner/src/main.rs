@@ -167,7 +167,7 @@ fn find_runtime() -> anyhow::Result<PathBuf> {
 
 fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     let dur = |flag: &str, v: &str| {
-        loadgen::slo::parse_latency(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+        profiles::parse_duration(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
     };
     for t in &a.targets {
         Target::parse(t).map_err(|e| anyhow::anyhow!("--target: {e}"))?;

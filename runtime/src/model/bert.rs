@@ -61,8 +61,40 @@ impl BertConfig {
     }
 }
 
-/// Largest padded ÷ real token ratio a CPU sub-batch may have.
-const PAD_WASTE: f64 = 1.25;
+/// Fixed cost of one forward, in padded-token equivalents, until [`Bert::calibrate`] measures it.
+/// A CPU-like guess: splitting is cheap, padding is not.
+const DEFAULT_OVERHEAD_TOKENS: f64 = 32.0;
+
+/// Splits inputs sorted by length into consecutive groups, one forward each, minimising the
+/// modelled cost Σ (overhead + rows × longest) in padded tokens: a forward costs a fixed amount
+/// (kernel launches, dispatch; large on a GPU, small on a CPU) plus work proportional to the padded
+/// tokens it computes. Returns each group's end index (exclusive). Exact dynamic programme,
+/// O(n²) in the batch size, microseconds next to a forward.
+pub fn split_by_padding_cost(sorted_lens: &[usize], overhead_tokens: f64) -> Vec<usize> {
+    let n = sorted_lens.len();
+    let mut best = vec![0.0f64; n + 1];
+    let mut from = vec![0usize; n + 1];
+    for j in 1..=n {
+        let longest = sorted_lens[j - 1].max(1) as f64;
+        let (mut b, mut f) = (f64::INFINITY, 0);
+        for (i, &before) in best[..j].iter().enumerate() {
+            let c = before + overhead_tokens + (j - i) as f64 * longest;
+            if c < b {
+                (b, f) = (c, i);
+            }
+        }
+        best[j] = b;
+        from[j] = f;
+    }
+    let mut ends = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        ends.push(j);
+        j = from[j];
+    }
+    ends.reverse();
+    ends
+}
 
 struct Layer {
     q: Linear,
@@ -87,6 +119,8 @@ pub struct Bert {
     config: BertConfig,
     device: Device,
     dtype: DType,
+    /// Fixed cost of one forward in padded tokens (see [`split_by_padding_cost`]).
+    overhead_tokens: f64,
 }
 
 impl Bert {
@@ -144,6 +178,7 @@ impl Bert {
             config: config.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            overhead_tokens: DEFAULT_OVERHEAD_TOKENS,
         })
     }
 
@@ -152,32 +187,23 @@ impl Bert {
         &self.config
     }
 
-    /// Embeds a batch of token-id sequences (each already has its special tokens), one unit-norm
-    /// vector per input, in input order.
-    ///
-    /// On CPU the cost is proportional to the padded size (inputs × longest), so a batch whose
-    /// lengths vary is run as length-sorted sub-batches, each padding at most 25% over its real
-    /// tokens: with log-normal text lengths a 32-input batch otherwise computes ~2.5× the tokens
-    /// it needs. GPUs keep the one large batch, where width is nearly free.
+    /// One unit-norm embedding per input, in order. Inputs are sorted by length and split into
+    /// the groups [`split_by_padding_cost`] picks for this replica's measured costs, so a few long
+    /// inputs do not make every short one pay for their padding.
     pub fn embed(&self, batch: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        if !self.device.is_cpu() || batch.len() <= 1 {
+        if batch.len() <= 1 {
             return self.embed_padded(batch);
         }
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by_key(|&i| batch[i].len());
+        let lens: Vec<usize> = order.iter().map(|&i| batch[i].len()).collect();
+        let ends = split_by_padding_cost(&lens, self.overhead_tokens);
+        if ends.len() == 1 {
+            return self.embed_padded(batch);
+        }
         let mut out = vec![Vec::new(); batch.len()];
         let mut start = 0;
-        while start < order.len() {
-            let mut real = batch[order[start]].len();
-            let mut end = start + 1;
-            while end < order.len() {
-                let l = batch[order[end]].len();
-                if ((end - start + 1) * l) as f64 > PAD_WASTE * (real + l) as f64 {
-                    break;
-                }
-                real += l;
-                end += 1;
-            }
+        for end in ends {
             let sub: Vec<&[u32]> = order[start..end].iter().map(|&i| batch[i]).collect();
             for (v, &i) in self.embed_padded(&sub)?.into_iter().zip(&order[start..end]) {
                 out[i] = v;
@@ -185,6 +211,52 @@ impl Bert {
             start = end;
         }
         Ok(out)
+    }
+
+    /// Fixed cost of one forward, in padded tokens, as measured by [`Bert::calibrate`].
+    pub fn overhead_tokens(&self) -> f64 {
+        self.overhead_tokens
+    }
+
+    /// Warms the replica up (kernel compilation, library handles, allocator pools: none of it
+    /// should land on the first requests) and fits forward time ≈ a + b × padded tokens from
+    /// timed forwards of growing size, keeping a / b as the split cost. Takes a few hundred
+    /// milliseconds at most on a CPU and a few tens on a GPU.
+    pub fn calibrate(&mut self) -> candle_core::Result<()> {
+        let vocab = self.config.vocab_size as u32;
+        let seqs: Vec<Vec<u32>> = (0..512u32)
+            .map(|r| {
+                (0..32u32)
+                    .map(|t| (1000 + r * 7 + t * 13) % vocab)
+                    .collect()
+            })
+            .collect();
+        let time = |n: usize, len: usize| -> candle_core::Result<f64> {
+            let batch: Vec<&[u32]> = seqs[..n].iter().map(|s| &s[..len]).collect();
+            self.embed_padded(&batch)?;
+            let mut t = Vec::with_capacity(3);
+            for _ in 0..3 {
+                let s = std::time::Instant::now();
+                self.embed_padded(&batch)?;
+                t.push(s.elapsed().as_secs_f64());
+            }
+            t.sort_by(f64::total_cmp);
+            Ok(t[1])
+        };
+        let t1 = time(1, 16)?;
+        let mut n = 2;
+        let mut tn = time(n, 32)?;
+        while tn < 4.0 * t1 && n < 512 {
+            n *= 2;
+            tn = time(n, 32)?;
+        }
+        let per_token = (tn - t1) / (n * 32 - 16) as f64;
+        self.overhead_tokens = if per_token > 0.0 {
+            ((t1 - 16.0 * per_token).max(0.0) / per_token).min(1e6)
+        } else {
+            1e6
+        };
+        Ok(())
     }
 
     /// One forward over the batch padded to its longest input. The mask keeps padding out of
@@ -262,5 +334,62 @@ impl Bert {
         let a = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + x)?)?;
         let h = l.inter.forward(&a)?.gelu_erf()?;
         l.out_norm.forward(&(l.out.forward(&h)? + a)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_by_padding_cost;
+
+    /// Total modelled cost of a split, to compare against hand-computed optima.
+    fn cost(lens: &[usize], ends: &[usize], overhead: f64) -> f64 {
+        let mut start = 0;
+        let mut c = 0.0;
+        for &e in ends {
+            c += overhead + ((e - start) * lens[e - 1]) as f64;
+            start = e;
+        }
+        c
+    }
+
+    #[test]
+    fn a_long_outlier_gets_its_own_forward() {
+        // One group: 50 + 5 × 200 = 1050; split off the outlier: 50 + 4 × 5 + 50 + 200 = 320.
+        let lens = [5, 5, 5, 5, 200];
+        let ends = split_by_padding_cost(&lens, 50.0);
+        assert_eq!(ends, vec![4, 5]);
+        assert_eq!(cost(&lens, &ends, 50.0), 320.0);
+    }
+
+    #[test]
+    fn a_costly_forward_keeps_the_batch_whole() {
+        let lens = [5, 5, 5, 5, 200];
+        assert_eq!(split_by_padding_cost(&lens, 5000.0), vec![5]);
+    }
+
+    #[test]
+    fn the_split_is_optimal_against_brute_force() {
+        let lens = [3, 4, 9, 10, 11, 30, 31, 64, 70, 128];
+        for overhead in [0.0, 8.0, 40.0, 300.0] {
+            let ends = split_by_padding_cost(&lens, overhead);
+            assert_eq!(*ends.last().unwrap(), lens.len());
+            // Every split is a subset of the 9 cut points: try all 512.
+            let best = (0u32..512)
+                .map(|mask| {
+                    let mut e: Vec<usize> = (1..lens.len())
+                        .filter(|i| mask & (1 << (i - 1)) != 0)
+                        .collect();
+                    e.push(lens.len());
+                    cost(&lens, &e, overhead)
+                })
+                .fold(f64::INFINITY, f64::min);
+            assert_eq!(cost(&lens, &ends, overhead), best, "overhead {overhead}");
+        }
+    }
+
+    #[test]
+    fn empty_and_single_inputs() {
+        assert!(split_by_padding_cost(&[], 10.0).is_empty());
+        assert_eq!(split_by_padding_cost(&[7], 10.0), vec![1]);
     }
 }

@@ -276,7 +276,14 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
             }
             _ => unreachable!("synthetic sources always carry weights"),
         };
-        let bert = Bert::load(vb, &config).map_err(|e| lerr(e.to_string()))?;
+        let mut bert = Bert::load(vb, &config).map_err(|e| lerr(e.to_string()))?;
+        bert.calibrate()
+            .map_err(|e| lerr(format!("warm-up forward on {name}: {e}")))?;
+        tracing::info!(
+            device = %name,
+            overhead_tokens = bert.overhead_tokens().round(),
+            "replica warmed up; batches split by length where padding costs more than a forward"
+        );
         let kind = if dev.is_cuda() { "cuda" } else { "cpu" };
         let label = if kind == "cuda" {
             name.clone()

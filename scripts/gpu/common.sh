@@ -1,0 +1,16 @@
+# Shared set-up for the scripts run on the lent GPU machine (sourced, not run).
+# Binaries are built on the CPU machine and travel gzip-compressed in .gpu/bin (64 MiB carry
+# limit); the model travels as f16 safetensors in .gpu/minilm and is linked to the path that
+# scripts/fetch-minilm.sh uses, so profiles written there name the same path as on a user's host.
+B=/tmp/bt-bin
+mkdir -p $B && for f in .gpu/bin/*.gz; do
+  n=$(basename "$f" .gz); [ -x "$B/$n" ] || { gunzip -c "$f" > "$B/$n"; chmod +x "$B/$n"; }
+done
+mkdir -p models && [ -e models/all-MiniLM-L6-v2 ] || ln -s ../.gpu/minilm models/all-MiniLM-L6-v2
+M=models/all-MiniLM-L6-v2
+wait_up() { for _ in $(seq 1 600); do python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=1)" "$1" 2>/dev/null && return 0; sleep 0.2; done; return 1; }
+# A profile for this GPU from any profile: model, device and dtype replaced, rate limit off.
+gpu_profile() { # src dst
+  sed -n '/^\[provenance\]/q;p' "$1" | grep -v -E '^(model|devices|dtype|rate_limit) *=' > "$2"
+  printf 'model = "%s"\ndevices = ["cuda:0"]\ndtype = "f16"\nrate_limit = 0.0\n' "$M" >> "$2"
+}
