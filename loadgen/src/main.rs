@@ -94,6 +94,16 @@ struct Cli {
     /// Write the JSON report here.
     #[arg(long, env = "LOADGEN_JSON")]
     json: Option<PathBuf>,
+    /// Append the run as a record to this Parquet run store (created if missing; see the
+    /// `results` crate): knobs, host, revision, rates, percentiles and the full histogram.
+    #[arg(long, env = "LOADGEN_PARQUET")]
+    parquet: Option<PathBuf>,
+    /// Label of the run in the store (legend name in plots), e.g. the profile's name.
+    #[arg(long, env = "LOADGEN_LABEL", default_value = "loadgen")]
+    label: String,
+    /// Group of the run in the store (a comparison's or experiment's name).
+    #[arg(long, env = "LOADGEN_GROUP", default_value = "adhoc")]
+    group: String,
     /// Write the corrected latency distribution (.hgrm, milliseconds) here.
     #[arg(long, env = "LOADGEN_HGRM")]
     hgrm: Option<PathBuf>,
@@ -214,6 +224,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .map_err(|e| anyhow::anyhow!("--json {}: {e}", p.display()))?;
     }
+    if let Some(p) = &cli.parquet {
+        append_record(p, &cli, &report)?;
+    }
     if let Some(p) = &cli.hgrm {
         std::fs::write(p, report.hgrm())
             .map_err(|e| anyhow::anyhow!("--hgrm {}: {e}", p.display()))?;
@@ -235,4 +248,65 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_FAIL_ON));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Appends the run to a Parquet store. The server's knobs come from its `GET /config` when it is
+/// a batchtune runtime (other servers: none recorded).
+fn append_record(
+    path: &std::path::Path,
+    cli: &Cli,
+    report: &loadgen::Report,
+) -> anyhow::Result<()> {
+    let knobs: std::collections::BTreeMap<String, serde_json::Value> =
+        fetch_config(&cli.url).unwrap_or_default();
+    let text = |k: &str| {
+        knobs
+            .get(k)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let cx = results::record::Context {
+        group: cli.group.clone(),
+        label: cli.label.clone(),
+        host_cpu: results::host::host_cpu(),
+        host_gpu: results::host::host_gpu(),
+        git_revision: results::host::git_revision(),
+        model: text("model"),
+        devices: text("devices"),
+        targets: cli.fail_on.join(";"),
+        knobs: knobs.clone(),
+    };
+    let id = format!("{}@{:.0}", cli.label, report.started_unix_s * 1000.0);
+    results::store::append(path, &[report.to_record(id, &cx)])
+        .map_err(|e| anyhow::anyhow!("--parquet {}: {e}", path.display()))
+}
+
+/// `GET <url>/config` with a plain blocking socket (the run is over; no client pool needed).
+fn fetch_config(url: &str) -> Option<std::collections::BTreeMap<String, serde_json::Value>> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let host = rest.split('/').next()?;
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET /config HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200")
+        || head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+    {
+        return None;
+    }
+    serde_json::from_str(body).ok()
 }

@@ -3,19 +3,12 @@
 //! histograms for stability and `.hlog`; errors by kind, never mixed into latency.
 
 use crate::slo::Observed;
-use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// Highest trackable value: one hour in microseconds.
-pub const MAX_US: u64 = 3_600_000_000;
-
-/// A fresh latency histogram in microseconds.
-pub fn new_hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds")
-}
+pub use results::hist::{decode_hist, encode_hist, new_hist, MAX_US};
 
 fn us(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, MAX_US)
@@ -341,27 +334,6 @@ pub fn is_stable(windows: &[Window], pct: f64) -> bool {
     };
     within([last[0].rps, last[1].rps, last[2].rps])
         && within([last[0].p95, last[1].p95, last[2].p95])
-}
-
-/// Base64 of the V2-deflate serialized histogram (the HdrHistogram interchange format).
-pub fn encode_hist(h: &Histogram<u64>) -> String {
-    use base64::Engine;
-    let mut buf = Vec::new();
-    V2DeflateSerializer::new()
-        .serialize(h, &mut buf)
-        .expect("serializing to memory");
-    base64::engine::general_purpose::STANDARD.encode(buf)
-}
-
-/// Inverse of [`encode_hist`].
-pub fn decode_hist(s: &str) -> Result<Histogram<u64>, String> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .map_err(|e| e.to_string())?;
-    hdrhistogram::serialization::Deserializer::new()
-        .deserialize(&mut std::io::Cursor::new(bytes))
-        .map_err(|e| format!("{e:?}"))
 }
 
 /// The classic `.hgrm` percentile distribution (values in milliseconds).

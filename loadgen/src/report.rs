@@ -328,3 +328,51 @@ impl Observed for Report {
         self.achieved_rps
     }
 }
+
+impl Report {
+    /// This run as a row of the run store, with what the report cannot know (where it ran, the
+    /// server's knobs) from `cx`.
+    pub fn to_record(
+        &self,
+        run_id: impl Into<String>,
+        cx: &results::record::Context,
+    ) -> results::record::RunRecord {
+        results::record::RunRecord {
+            run_id: run_id.into(),
+            group: cx.group.clone(),
+            label: cx.label.clone(),
+            started_unix_s: self.started_unix_s,
+            host_cpu: cx.host_cpu.clone(),
+            host_gpu: cx.host_gpu.clone(),
+            git_revision: cx.git_revision.clone(),
+            model: cx.model.clone(),
+            devices: cx.devices.clone(),
+            knobs_json: serde_json::to_string(&cx.knobs).expect("knobs serialize"),
+            workload: self.workload.clone(),
+            targets: cx.targets.clone(),
+            mode: self.mode.clone(),
+            // The nominal rate groups repeated runs; the schedule's actual rate stays derivable.
+            offered_rps: self
+                .rate
+                .as_deref()
+                .and_then(|r| r.strip_suffix("/s")?.parse::<f64>().ok())
+                .unwrap_or(self.offered_rps),
+            concurrency: self.concurrency.unwrap_or(0) as u32,
+            duration_s: self.duration_s,
+            scheduled: self.scheduled,
+            ok: self.ok,
+            errors: self.errors.values().sum(),
+            error_rate: self.error_rate,
+            achieved_rps: self.achieved_rps,
+            mean_s: self.latency.mean,
+            p50_s: self.latency.p50,
+            p90_s: self.latency.p90,
+            p95_s: self.latency.p95,
+            p99_s: self.latency.p99,
+            p999_s: self.latency.p999,
+            max_s: self.latency.max,
+            valid: self.valid,
+            latency_histogram: self.latency_histogram.clone(),
+        }
+    }
+}

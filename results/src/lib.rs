@@ -1,7 +1,16 @@
-//! batchtune results: the run store, statistics and plots (issue 5, not built yet).
+//! batchtune results: every run becomes a record, every comparison a picture.
 //!
-//! Today runs are kept as loadgen JSON reports (`loadgen --json`, schema in
-//! `loadgen/report.schema.json`, histograms embedded as HdrHistogram V2 base64) and tuner journals
-//! under `results/searches/`; the Parquet store (polars), bootstrap statistics and plotters charts
-//! land here next. The crate exists now so the workspace layout matches the design.
+//! - [`record`]: [`record::RunRecord`], one flat row per loadgen run (what ran, where, what
+//!   happened, and the merged-able HDR histogram);
+//! - [`store`]: append and read records as Parquet (polars), with query helpers;
+//! - [`stats`]: bootstrap confidence intervals across repeated runs and A/B ratios;
+//! - [`plot`]: latency–throughput curves, percentile spectra, search traces and heatmaps
+//!   (plotters, SVG and PNG).
 #![warn(missing_docs)]
+
+pub mod hist;
+pub mod host;
+pub mod plot;
+pub mod record;
+pub mod stats;
+pub mod store;

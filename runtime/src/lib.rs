@@ -57,6 +57,10 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Test-only planted slowdown: every forward is stretched so throughput drops by this
+    /// fraction (0.1 → 10% slower). Exists to calibrate the CI performance gate's detection
+    /// rate; 0 (the default) leaves the runtime untouched.
+    pub test_slowdown: f64,
 }
 
 impl ServeOptions {
@@ -67,6 +71,7 @@ impl ServeOptions {
             addr,
             api_key: None,
             max_body_bytes: 8 << 20,
+            test_slowdown: 0.0,
         }
     }
 }
@@ -120,6 +125,7 @@ impl Server {
             source,
         })?;
         let metrics = Arc::new(Metrics::new());
+        let slowdown = opts.test_slowdown;
         let space = Arc::new(QueueSpace::default());
         let (profile_tx, profile_rx) = watch::channel(Arc::new(opts.profile.clone()));
         let state = Arc::new(AppState {
@@ -146,7 +152,8 @@ impl Server {
                 match tokio::task::spawn_blocking(loader).await {
                     Ok(Ok(m)) => {
                         let devices = m.replicas.iter().map(|(l, _)| l.clone()).collect();
-                        let workers = workers::Workers::new(m.replicas, metrics.clone());
+                        let replicas = model::slowed(m.replicas, slowdown);
+                        let workers = workers::Workers::new(replicas, metrics.clone());
                         let (b, h) = Batcher::spawn(profile_rx, workers, space, metrics);
                         let _ = state.engine.set(Engine {
                             tokenizer: m.tokenizer,

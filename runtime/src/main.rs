@@ -39,6 +39,10 @@ enum Cmd {
         /// Override the model (e.g. synthetic:minilm, or a Hugging Face BERT folder).
         #[arg(long, env = "BATCHTUNE_MODEL_PATH")]
         model: Option<String>,
+        /// Test only: make every forward slower so throughput drops by this fraction (0.1 = 10%).
+        /// Used to calibrate the CI performance gate; never set it in production.
+        #[arg(long, hide = true, default_value_t = 0.0)]
+        test_slowdown: f64,
     },
     /// Raw forward throughput of the model (no HTTP): back-to-back batches at each batch size.
     /// Prints one JSON object per batch size; the ceiling served throughput is compared with.
@@ -133,7 +137,8 @@ fn main() -> ExitCode {
             api_key,
             max_body_bytes,
             model,
-        } => match serve(profile, addr, api_key, max_body_bytes, model) {
+            test_slowdown,
+        } => match serve(profile, addr, api_key, max_body_bytes, model, test_slowdown) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -167,6 +172,7 @@ fn serve(
     api_key: Option<String>,
     max_body_bytes: usize,
     model: Option<String>,
+    test_slowdown: f64,
 ) -> anyhow::Result<()> {
     let mut p = match &profile {
         Some(path) => Profile::load(path)?,
@@ -179,6 +185,12 @@ fn serve(
         p.model = m;
     }
     p.validate()?;
+    if !(0.0..1.0).contains(&test_slowdown) {
+        anyhow::bail!("--test-slowdown must be in [0, 1), got {test_slowdown}");
+    }
+    if test_slowdown > 0.0 {
+        tracing::warn!("test-only planted slowdown: throughput reduced by {test_slowdown}");
+    }
     if p.cpu_threads > 0 {
         // candle's CPU kernels size their thread pool from this variable; set before any thread
         // exists, which is why it happens here and not in the library.
@@ -193,6 +205,7 @@ fn serve(
             addr,
             api_key,
             max_body_bytes,
+            test_slowdown,
         })
         .await
         .context("starting the server")?;

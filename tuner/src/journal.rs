@@ -100,6 +100,16 @@ impl Journal {
         Ok(j)
     }
 
+    /// Reads a journal without touching it: its header and finished trials (a torn last line,
+    /// from a process killed mid-write, is ignored).
+    pub fn read(dir: &Path, search_id: &str) -> Result<(Header, Vec<Trial>), JournalError> {
+        let path = dir.join(search_id).join("journal.jsonl");
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        let (header, trials, _) = parse(&text);
+        let header = header.ok_or_else(|| JournalError::NoHeader(path.display().to_string()))?;
+        Ok((header, trials))
+    }
+
     /// Reopens a journal for appending; returns its header and finished trials. A torn last line
     /// (the process was killed mid-write) is ignored.
     pub fn resume(
@@ -108,20 +118,7 @@ impl Journal {
     ) -> Result<(Journal, Header, Vec<Trial>), JournalError> {
         let path = dir.join(search_id).join("journal.jsonl");
         let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-        let mut header = None;
-        let mut trials = Vec::new();
-        let mut good_len = 0;
-        for line in text.split_inclusive('\n') {
-            if !line.ends_with('\n') {
-                break;
-            }
-            match serde_json::from_str::<Line>(line.trim()) {
-                Ok(Line::Header(h)) => header = Some(h),
-                Ok(Line::Trial(t)) => trials.push(t),
-                Err(_) => break,
-            }
-            good_len += line.len();
-        }
+        let (header, trials, good_len) = parse(&text);
         let header = header.ok_or_else(|| JournalError::NoHeader(path.display().to_string()))?;
         // Cut any torn tail so the next append starts on a clean line.
         let f = OpenOptions::new()
@@ -150,6 +147,25 @@ impl Journal {
         self.file.write_all(s.as_bytes()).map_err(io(&self.path))?;
         self.file.sync_data().map_err(io(&self.path))
     }
+}
+
+/// Header, finished trials and the length of the clean prefix of a journal's text.
+fn parse(text: &str) -> (Option<Header>, Vec<Trial>, usize) {
+    let mut header = None;
+    let mut trials = Vec::new();
+    let mut good_len = 0;
+    for line in text.split_inclusive('\n') {
+        if !line.ends_with('\n') {
+            break;
+        }
+        match serde_json::from_str::<Line>(line.trim()) {
+            Ok(Line::Header(h)) => header = Some(h),
+            Ok(Line::Trial(t)) => trials.push(t),
+            Err(_) => break,
+        }
+        good_len += line.len();
+    }
+    (header, trials, good_len)
 }
 
 #[cfg(test)]

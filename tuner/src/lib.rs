@@ -8,9 +8,13 @@
 //! [`control`] (spawning and reconfiguring the server over HTTP).
 #![warn(missing_docs)]
 
+pub mod compare;
 pub mod control;
+pub mod gate;
+pub mod gate_calibration;
 pub mod journal;
 pub mod replay;
+pub mod report;
 pub mod search;
 pub mod space;
 pub mod strategy;

@@ -34,6 +34,113 @@ enum Cmd {
     /// `tuner search --strategy grid` whose budget covers the grid) and report the trials each
     /// needs to reach 95% of the grid's best, median over seeds.
     Replay(ReplayArgs),
+    /// Sweep several profiles over one grid of offered rates (open-loop Poisson loadgen runs
+    /// against a fresh runtime per profile), record every run in results/<name>/runs.parquet, and
+    /// draw latency–throughput curves, the percentile spectrum and a Markdown table.
+    Compare(CompareArgs),
+    /// Draw a search from its journal: sustainable rate per trial with the best so far, and a
+    /// heatmap over batch size × wait timeout.
+    Report(ReportArgs),
+    /// Performance-regression gate: serve one fixed profile with the baseline and the candidate
+    /// runtime, measure them interleaved (A B, B A, ...) and decide pass / regression /
+    /// inconclusive from confidence intervals on the ratios. Exit 0 pass, 1 regression,
+    /// 3 inconclusive, 2 error. See ci/README.md.
+    Gate(GateArgs),
+}
+
+#[derive(clap::Args)]
+struct GateArgs {
+    /// Gate configuration (benchmark, pairs, tolerances).
+    #[arg(long, env = "TUNER_GATE_CONFIG", default_value = "ci/gate.toml")]
+    config: PathBuf,
+    /// Baseline runtime: a git revision (built in --work-dir) or a binary's path.
+    #[arg(long, env = "TUNER_GATE_BASELINE", default_value = "HEAD~1")]
+    baseline: String,
+    /// Candidate runtime: a git revision or a binary's path. Default: the runtime next to this
+    /// binary (the current build).
+    #[arg(long, env = "TUNER_GATE_CANDIDATE")]
+    candidate: Option<String>,
+    /// Extra `runtime serve` argument for the baseline (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    baseline_arg: Vec<String>,
+    /// Extra `runtime serve` argument for the candidate (repeatable), e.g. the test-only
+    /// `--test-slowdown=0.1` used for calibration.
+    #[arg(long, allow_hyphen_values = true)]
+    candidate_arg: Vec<String>,
+    /// Use the configuration's quick_pairs (CI) instead of pairs.
+    #[arg(long)]
+    quick: bool,
+    /// Override the number of pairs.
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// Where revisions are checked out and built (their dependencies build once).
+    #[arg(long, default_value = "target/gate")]
+    work_dir: PathBuf,
+    /// Folder for summary.md and gate.json.
+    #[arg(long, default_value = "target/gate/last")]
+    out: PathBuf,
+    /// Calibrate instead of gating: measure N A/A pairs (candidate against itself) and N pairs
+    /// against the candidate with --slowdown planted, then replay quick gates drawn from them.
+    #[arg(long)]
+    calibrate: Option<usize>,
+    /// Planted slowdown for --calibrate (fraction of throughput).
+    #[arg(long, default_value_t = 0.10)]
+    slowdown: f64,
+    /// Calibration report stem (writes STEM.json and STEM.md).
+    #[arg(long, default_value = "results/gate-calibration")]
+    calibration_out: String,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// Profile files, comma-separated (legend order).
+    #[arg(long, value_delimiter = ',', required = true)]
+    profiles: Vec<PathBuf>,
+    /// Offered rates: FROM:TO:STEP (inclusive) or a comma list, requests/s.
+    #[arg(long, default_value = "10:200:10")]
+    rates: String,
+    /// Name of the comparison: output goes to <results-dir>/<name>/.
+    #[arg(long, default_value = "compare")]
+    name: String,
+    /// Folder holding comparisons.
+    #[arg(long, default_value = "results")]
+    results_dir: PathBuf,
+    /// Measured time per run.
+    #[arg(long, default_value = "5s")]
+    duration: String,
+    /// Warm-up per run.
+    #[arg(long, default_value = "1s")]
+    warmup: String,
+    /// Runs per rate (2 or more give confidence intervals in the table).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Targets that define the table's sustainable rate, e.g. 'p95<4s' (repeatable).
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Sweep every rate even after a profile saturated twice in a row.
+    #[arg(long)]
+    full: bool,
+    /// Only redraw plots and table from the stored runs (no measuring).
+    #[arg(long)]
+    redraw: bool,
+    /// Workload: embeddings, or a FILE.jsonl of request bodies.
+    #[arg(long, default_value = "embeddings")]
+    workload: String,
+    /// No per-run lines.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// The search's id (a folder under --journal-dir).
+    search_id: String,
+    /// Folder of search journals.
+    #[arg(long, default_value = "results/searches")]
+    journal_dir: PathBuf,
+    /// Output folder (default: the search's own folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -139,6 +246,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Compare(a) => print_files(run_compare(a)),
+        Cmd::Report(a) => {
+            let out = a
+                .out
+                .clone()
+                .unwrap_or_else(|| a.journal_dir.join(&a.search_id));
+            print_files(tuner::report::report(&a.journal_dir, &a.search_id, &out))
+        }
+        Cmd::Gate(a) => match run_gate(a) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Search(a) => match run_search(*a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -163,6 +285,173 @@ fn find_runtime() -> anyhow::Result<PathBuf> {
          set BATCHTUNE_RUNTIME, or pass --spawn/--url",
         me.display()
     )
+}
+
+fn run_compare(a: CompareArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let dur = |flag: &str, v: &str| {
+        profiles::parse_duration(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    let targets = a
+        .targets
+        .iter()
+        .map(|t| Target::parse(t).map_err(|e| anyhow::anyhow!("--target: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let out_dir = a.results_dir.join(&a.name);
+    if a.redraw {
+        let runs = results::store::read(&out_dir.join("runs.parquet"))?;
+        if runs.is_empty() {
+            anyhow::bail!("{}: no stored runs to redraw", out_dir.display());
+        }
+        let order: Vec<String> = a
+            .profiles
+            .iter()
+            .map(|p| tuner::compare::label_of(p))
+            .collect();
+        return tuner::compare::draw(&runs, &order, &out_dir, &targets);
+    }
+    for p in &a.profiles {
+        profiles::Profile::load(p)
+            .map_err(|e| anyhow::anyhow!("--profiles {}: {e}", p.display()))?;
+    }
+    let workload = Workload::from_spec(&a.workload, &TextOptions::default())
+        .map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+    let opts = tuner::compare::CompareOptions {
+        profiles: a.profiles.clone(),
+        rates: tuner::compare::parse_rates(&a.rates).map_err(anyhow::Error::msg)?,
+        out_dir,
+        runtime: find_runtime()?,
+        duration: dur("duration", &a.duration)?,
+        warmup: dur("warmup", &a.warmup)?,
+        repeat: a.repeat.max(1),
+        targets,
+        stop_when_saturated: !a.full,
+        workload,
+        verbose: !a.quiet,
+    };
+    tuner::compare::compare(&opts, ctrl_c_flag())
+}
+
+/// Prints the files a command wrote, one per line (for scripts), or the error.
+fn print_files(r: anyhow::Result<Vec<PathBuf>>) -> ExitCode {
+    match r {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn gate_side(
+    spec: &str,
+    args: &[String],
+    work: &std::path::Path,
+) -> anyhow::Result<tuner::gate::Side> {
+    let path = PathBuf::from(spec);
+    let binary = if path.is_file() {
+        path
+    } else {
+        tuner::gate::build_revision(std::path::Path::new("."), spec, work)?
+    };
+    Ok(tuner::gate::Side {
+        name: spec.to_string(),
+        binary,
+        args: args.to_vec(),
+    })
+}
+
+fn run_gate(a: GateArgs) -> anyhow::Result<u8> {
+    use tuner::gate;
+    let c = gate::GateConfig::load(&a.config)?;
+    let started = std::time::Instant::now();
+    let candidate = match &a.candidate {
+        Some(spec) => gate_side(spec, &a.candidate_arg, &a.work_dir)?,
+        None => gate::Side {
+            name: "current build".into(),
+            binary: find_runtime()?,
+            args: a.candidate_arg.clone(),
+        },
+    };
+    let cancel = ctrl_c_flag();
+    if let Some(n) = a.calibrate {
+        return tuner::gate_calibration::calibrate(
+            &c,
+            &candidate,
+            n,
+            a.slowdown,
+            &a.calibration_out,
+            cancel,
+        )
+        .map(|_| 0);
+    }
+    let baseline = gate_side(&a.baseline, &a.baseline_arg, &a.work_dir)?;
+    let n = a
+        .pairs
+        .unwrap_or(if a.quick { c.quick_pairs } else { c.pairs })
+        .max(2);
+    eprintln!(
+        "gate: baseline {} vs candidate {}, {n} interleaved pairs",
+        baseline.binary.display(),
+        candidate.binary.display()
+    );
+    let pairs = gate::measure(&c, &baseline, &candidate, n, cancel, &mut |i, p| {
+        eprintln!(
+            "  pair {:>2}: baseline {:>7.1} req/s p95 {:>9}  candidate {:>7.1} req/s p95 {:>9}",
+            i + 1,
+            p.a.throughput,
+            loadgen::slo::format_secs(p.a.p95),
+            p.b.throughput,
+            loadgen::slo::format_secs(p.b.p95)
+        )
+    })?;
+    if pairs.len() < 2 {
+        anyhow::bail!("interrupted before two pairs were measured");
+    }
+    let d = gate::decide(&pairs, &c, 1);
+    let md = gate::summary(
+        &d,
+        &c,
+        &baseline,
+        &candidate,
+        &pairs,
+        started.elapsed().as_secs_f64(),
+    );
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("summary.md"), &md)?;
+    std::fs::write(
+        a.out.join("gate.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "decision": d, "pairs": pairs, "baseline": baseline, "candidate": candidate,
+            "seconds": started.elapsed().as_secs_f64(),
+        }))?,
+    )?;
+    print!("{md}");
+    Ok(d.verdict.exit_code())
+}
+
+/// A flag set by the first Ctrl-C, so a long measurement stops cleanly with what it has.
+fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c = cancel.clone();
+    let _ = std::thread::Builder::new()
+        .name("ctrl-c".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("signal runtime");
+            rt.block_on(async {
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            eprintln!("\ninterrupted: stopping the current run; what finished is kept (journal or run store)");
+            c.store(true, Ordering::Relaxed);
+        });
+    cancel
 }
 
 fn run_search(a: SearchArgs) -> anyhow::Result<()> {
@@ -207,26 +496,8 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     if let Some(k) = &a.api_key {
         headers.push(("authorization".to_string(), format!("Bearer {k}")));
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let c = cancel.clone();
-        // First Ctrl-C: finish the current probe quickly and leave the journal consistent.
-        let _ = std::thread::Builder::new()
-            .name("ctrl-c".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("signal runtime");
-                rt.block_on(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                });
-                eprintln!(
-                    "\ninterrupted: stopping the current trial; finished trials are in the journal"
-                );
-                c.store(true, Ordering::Relaxed);
-            });
-    }
+    // First Ctrl-C: finish the current probe quickly and leave the journal consistent.
+    let cancel = ctrl_c_flag();
     let out = search(
         SearchOptions {
             targets: a.targets.clone(),
@@ -322,6 +593,19 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
         );
     }
     std::fs::write(format!("{}.md", a.out), &md)?;
+    let traces: Vec<(String, Vec<f64>)> = eff
+        .iter()
+        .map(|e| (e.strategy.clone(), e.trace_seed0.clone()))
+        .collect();
+    results::plot::search_trace(
+        &PathBuf::from(format!("{}-trace", a.out)),
+        &format!(
+            "Replay on grid {}: sustainable rate per trial until 95% of the best (seed 0)",
+            a.search_id
+        ),
+        &traces,
+    )
+    .map_err(anyhow::Error::msg)?;
     print!("{md}");
     Ok(())
 }

@@ -93,6 +93,8 @@ struct Offline<'a> {
     goal: f64,
     seen: HashSet<String>,
     reached: Option<usize>,
+    /// Rate of each distinct configuration, in the order first measured.
+    trace: Vec<f64>,
 }
 
 impl Evaluator for Offline<'_> {
@@ -102,8 +104,11 @@ impl Evaluator for Offline<'_> {
         }
         let k = key(&self.grid.snap(knobs));
         let rate = self.grid.table.get(&k).copied().unwrap_or(0.0);
-        if self.seen.insert(k) && rate >= self.goal {
-            self.reached = Some(self.seen.len());
+        if self.seen.insert(k) {
+            self.trace.push(rate);
+            if rate >= self.goal {
+                self.reached = Some(self.seen.len());
+            }
         }
         Some(rate)
     }
@@ -120,6 +125,8 @@ pub struct Efficiency {
     pub median_trials: f64,
     /// Median as a share of the grid size.
     pub median_fraction_of_grid: f64,
+    /// Seed 0's sustainable rate per distinct trial until the goal (for the trace plot).
+    pub trace_seed0: Vec<f64>,
 }
 
 /// Runs every strategy `seeds` times against the grid from the starting knobs `start`.
@@ -134,6 +141,7 @@ pub fn efficiency(grid: &Grid, start: &Knobs, fraction: f64, seeds: u64) -> Vec<
     ]
     .into_iter()
     .map(|s| {
+        let mut trace_seed0 = Vec::new();
         let trials: Vec<Option<usize>> = (0..seeds)
             .map(|seed| {
                 let mut ev = Offline {
@@ -141,6 +149,7 @@ pub fn efficiency(grid: &Grid, start: &Knobs, fraction: f64, seeds: u64) -> Vec<
                     goal,
                     seen: HashSet::new(),
                     reached: None,
+                    trace: Vec::new(),
                 };
                 // Nelder–Mead and hill climbing start from a random point for seeds > 0, so
                 // the median is over starting points, not one lucky start.
@@ -150,6 +159,9 @@ pub fn efficiency(grid: &Grid, start: &Knobs, fraction: f64, seeds: u64) -> Vec<
                     random_start(grid, seed)
                 };
                 strategy::run(s, &grid.header.space, &from, size, seed, &mut ev);
+                if seed == 0 {
+                    trace_seed0 = std::mem::take(&mut ev.trace);
+                }
                 ev.reached
             })
             .collect();
@@ -168,6 +180,7 @@ pub fn efficiency(grid: &Grid, start: &Knobs, fraction: f64, seeds: u64) -> Vec<
             trials,
             median_trials: median,
             median_fraction_of_grid: median / size as f64,
+            trace_seed0,
         }
     })
     .collect()

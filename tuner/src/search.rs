@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use results::host::{git_revision, host_cpu, host_gpu};
+
 /// Where the server comes from.
 #[derive(Debug, Clone)]
 pub enum ServerSpec {
@@ -288,56 +290,6 @@ pub fn utc_now() -> (String, String) {
     )
 }
 
-fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new(cmd).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
-/// `git rev-parse HEAD` (+`-dirty`), or `unknown` outside a checkout.
-pub fn git_revision() -> String {
-    match command_output("git", &["rev-parse", "--short=12", "HEAD"]) {
-        Some(rev) => {
-            let dirty =
-                command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_some();
-            if dirty {
-                format!("{rev}-dirty")
-            } else {
-                rev
-            }
-        }
-        None => "unknown".into(),
-    }
-}
-
-/// CPU model and core count of this host.
-pub fn host_cpu() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!(
-        "{cpu} ({} cores)",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    )
-}
-
-/// GPU names from nvidia-smi, or `none`.
-pub fn host_gpu() -> String {
-    command_output("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader"])
-        .map(|s| s.lines().collect::<Vec<_>>().join(", "))
-        .unwrap_or_else(|| "none".into())
-}
-
 /// Runs a search to the end (or to an interruption, leaving the journal consistent).
 pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutcome, SearchError> {
     let started = Instant::now();
@@ -345,6 +297,11 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         .enable_all()
         .build()
         .map_err(|e| SearchError::Config(e.to_string()))?;
+    // The server first: a search that cannot reach it leaves no empty journal behind.
+    let mut server = match &opts.server {
+        ServerSpec::Spawn(cmd) => rt.block_on(Server::spawn(cmd.clone()))?,
+        ServerSpec::Url(u) => rt.block_on(Server::url(u))?,
+    };
     let (mut journal, header, done) = match &opts.resume {
         Some(id) => {
             let (j, h, t) = Journal::resume(&opts.journal_dir, id)?;
@@ -386,10 +343,6 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
             .map_err(|e| SearchError::Config(format!("journal: {e}")))?
     } else {
         opts.strategy
-    };
-    let mut server = match &opts.server {
-        ServerSpec::Spawn(cmd) => rt.block_on(Server::spawn(cmd.clone()))?,
-        ServerSpec::Url(u) => rt.block_on(Server::url(u))?,
     };
     // Probes must measure capacity, not a rate limit left on by a previous profile.
     if server.is_batchtune {

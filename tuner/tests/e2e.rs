@@ -186,3 +186,55 @@ fn resume_after_an_interruption_repeats_no_finished_trial() {
         ),
     }
 }
+
+/// `tuner compare` end to end: two profiles of the tiny model, two low rates each, against the
+/// real runtime; the store holds one record per run with the server's knobs, and the plots and
+/// table name both profiles.
+#[test]
+fn compare_records_runs_and_draws_both_profiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("small.toml");
+    let b = dir.path().join("large.toml");
+    std::fs::write(&a, "model = \"synthetic:tiny\"\nmax_batch_size = 2\n").unwrap();
+    std::fs::write(&b, "model = \"synthetic:tiny\"\nmax_batch_size = 16\n").unwrap();
+    let out = dir.path().join("results/cmp");
+    let opts = tuner::compare::CompareOptions {
+        profiles: vec![a, b],
+        rates: vec![10.0, 20.0],
+        out_dir: out.clone(),
+        runtime: runtime_bin(),
+        duration: Duration::from_millis(1500),
+        warmup: Duration::from_millis(300),
+        repeat: 2,
+        targets: vec![Target::parse("p95<2s").unwrap()],
+        stop_when_saturated: true,
+        workload: Workload::from_spec("embeddings", &TextOptions::default()).unwrap(),
+        verbose: false,
+    };
+    let files = tuner::compare::compare(&opts, Arc::new(AtomicBool::new(false))).unwrap();
+    let runs = results::store::read(&out.join("runs.parquet")).unwrap();
+    assert_eq!(runs.len(), 2 * 2 * 2, "profiles × rates × repeats");
+    let small: Vec<_> = runs.iter().filter(|r| r.label == "small").collect();
+    assert_eq!(small.len(), 4);
+    assert!(small
+        .iter()
+        .all(|r| r.knobs_json.contains("\"max_batch_size\":2") && r.ok > 0));
+    assert!(runs.iter().all(|r| r.histogram().unwrap().len() >= r.ok));
+    for name in [
+        "latency-throughput.svg",
+        "latency-throughput.png",
+        "table.md",
+    ] {
+        assert!(
+            files.iter().any(|f| f.ends_with(name)),
+            "{name} not written: {files:?}"
+        );
+    }
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(
+        table.contains("| small |") && table.contains("| large |"),
+        "{table}"
+    );
+    let svg = std::fs::read_to_string(out.join("latency-throughput.svg")).unwrap();
+    assert!(svg.contains("small p95") && svg.contains("large p99"));
+}

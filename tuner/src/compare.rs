@@ -1,0 +1,429 @@
+//! `tuner compare`: sweep several profiles over one grid of offered rates against the runtime,
+//! record every run in a Parquet store, and draw the curves and a Markdown table.
+//!
+//! Each profile gets its own freshly started runtime (profiles may differ in restart-only knobs),
+//! each rate an open-loop Poisson loadgen run. Every run is appended to the store as soon as it
+//! ends, so an interrupted comparison keeps what it measured.
+
+use crate::control::Target as Server;
+use loadgen::schedule::{Arrival, Rate};
+use loadgen::slo::Target;
+use loadgen::workload::Workload;
+use loadgen::{Config, Mode};
+use results::host::{git_revision, host_cpu, host_gpu};
+use results::record::{Context, RunRecord};
+use results::stats::{self, Bootstrap};
+use results::{plot, store};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What to compare and how.
+pub struct CompareOptions {
+    /// Profile files, in legend order.
+    pub profiles: Vec<PathBuf>,
+    /// Offered rates, ascending.
+    pub rates: Vec<f64>,
+    /// Output folder (`results/<name>`): `runs.parquet`, plots, `table.md`.
+    pub out_dir: PathBuf,
+    /// The `runtime` binary.
+    pub runtime: PathBuf,
+    /// Measured time per run.
+    pub duration: Duration,
+    /// Warm-up per run.
+    pub warmup: Duration,
+    /// Runs per rate (≥ 2 gives confidence intervals).
+    pub repeat: usize,
+    /// Targets that define "sustainable" in the table (error_rate < 1% always applies).
+    pub targets: Vec<Target>,
+    /// Stop a profile's sweep after two consecutive saturated rates (achieved < 80% of offered or
+    /// errors > 20%): the rest of the curve is a wall and costs time to draw.
+    pub stop_when_saturated: bool,
+    /// Request bodies.
+    pub workload: Workload,
+    /// Print one line per run.
+    pub verbose: bool,
+}
+
+/// Parses `FROM:TO:STEP` (inclusive) or a comma list into ascending rates.
+pub fn parse_rates(spec: &str) -> Result<Vec<f64>, String> {
+    let bad = |why: &str| {
+        format!("--rates `{spec}`: {why}; write FROM:TO:STEP (e.g. 10:200:10) or a list (10,20,50)")
+    };
+    let mut out: Vec<f64> = if spec.contains(':') {
+        let p: Vec<f64> = spec
+            .split(':')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad("not numbers"))?;
+        let [from, to, step] = p[..] else {
+            return Err(bad("needs three parts"));
+        };
+        if !(from > 0.0 && to >= from && step > 0.0) {
+            return Err(bad("needs 0 < FROM ≤ TO and STEP > 0"));
+        }
+        let n = ((to - from) / step + 1e-9).floor() as usize + 1;
+        if n > 1000 {
+            return Err(bad("more than 1000 rates"));
+        }
+        (0..n).map(|i| from + step * i as f64).collect()
+    } else {
+        spec.split(',')
+            .map(|x| x.trim().parse::<f64>().map_err(|_| bad("not a number")))
+            .collect::<Result<_, _>>()?
+    };
+    if out.is_empty() || out.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(bad("rates must be > 0"));
+    }
+    out.sort_by(f64::total_cmp);
+    out.dedup();
+    Ok(out)
+}
+
+/// Label of a profile in legends and the store: its file stem.
+pub fn label_of(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// Sweeps every profile and writes the store, plots and table. Returns the files written.
+pub fn compare(o: &CompareOptions, cancel: Arc<AtomicBool>) -> anyhow::Result<Vec<PathBuf>> {
+    let store_path = o.out_dir.join("runs.parquet");
+    let group = o
+        .out_dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "compare".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (cpu, gpu, rev) = (host_cpu(), host_gpu(), git_revision());
+    let targets_text = o
+        .targets
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(";");
+    for profile in &o.profiles {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        let label = label_of(profile);
+        let mut server = rt.block_on(Server::spawn(vec![
+            o.runtime.display().to_string(),
+            "serve".into(),
+            "--profile".into(),
+            profile.display().to_string(),
+        ]))?;
+        let config: BTreeMap<String, serde_json::Value> =
+            serde_json::from_value(rt.block_on(server.get("/config"))?).unwrap_or_default();
+        let text = |k: &str| match config.get(k) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        let cx = Context {
+            group: group.clone(),
+            label: label.clone(),
+            host_cpu: cpu.clone(),
+            host_gpu: gpu.clone(),
+            git_revision: rev.clone(),
+            model: text("model"),
+            devices: text("devices"),
+            knobs: config.clone(),
+            targets: targets_text.clone(),
+        };
+        let mut saturated_in_a_row = 0;
+        'rates: for &rate in &o.rates {
+            let mut saturated = 0;
+            for rep in 0..o.repeat.max(1) {
+                if cancel.load(Ordering::Relaxed) {
+                    break 'rates;
+                }
+                let mut cfg = Config::new(
+                    &server.url,
+                    Mode::Open {
+                        rate: Rate::Fixed(rate),
+                        arrival: Arrival::Poisson,
+                        max_in_flight: 20_000,
+                    },
+                    o.workload.clone(),
+                );
+                cfg.duration = o.duration;
+                cfg.warmup = o.warmup;
+                cfg.seed = 1 + rep as u64;
+                cfg.timeout = Duration::from_secs(60);
+                cfg.cancel = Some(cancel.clone());
+                let report = rt.block_on(loadgen::run(cfg))?;
+                let rec = report.to_record(format!("{label}@{rate}#{rep}"), &cx);
+                store::append(&store_path, std::slice::from_ref(&rec))?;
+                if o.verbose {
+                    eprintln!(
+                        "{label:>18} rate {rate:>8.1}  achieved {:>8.1}  p50 {:>9}  p95 {:>9}  p99 {:>9}  errors {:.1}%",
+                        rec.achieved_rps,
+                        loadgen::slo::format_secs(rec.p50_s),
+                        loadgen::slo::format_secs(rec.p95_s),
+                        loadgen::slo::format_secs(rec.p99_s),
+                        rec.error_rate * 100.0
+                    );
+                }
+                if rec.achieved_rps < 0.8 * rate || rec.error_rate > 0.2 {
+                    saturated += 1;
+                }
+            }
+            saturated_in_a_row = if saturated * 2 > o.repeat.max(1) {
+                saturated_in_a_row + 1
+            } else {
+                0
+            };
+            if o.stop_when_saturated && saturated_in_a_row >= 2 {
+                if o.verbose {
+                    eprintln!("{label:>18} saturated at two rates in a row: stopping its sweep");
+                }
+                break;
+            }
+        }
+        server.stop();
+    }
+    let runs: Vec<RunRecord> = store::read(&store_path)?
+        .into_iter()
+        .filter(|r| r.group == group)
+        .collect();
+    let order: Vec<String> = o.profiles.iter().map(|p| label_of(p)).collect();
+    draw(&runs, &order, &o.out_dir, &o.targets)
+}
+
+/// Repeated runs at one rate, seen as one observation: percentiles from the merged histogram.
+struct Merged {
+    hist: hdrhistogram::Histogram<u64>,
+    achieved: f64,
+    errors: f64,
+}
+
+impl loadgen::slo::Observed for Merged {
+    fn latency_quantile(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1e6
+    }
+    fn latency_mean(&self) -> f64 {
+        self.hist.mean() / 1e6
+    }
+    fn latency_max(&self) -> f64 {
+        self.hist.max() as f64 / 1e6
+    }
+    fn error_rate(&self) -> f64 {
+        self.errors
+    }
+    fn throughput(&self) -> f64 {
+        self.achieved
+    }
+}
+
+/// A rate passes when errors stay under 1%, at least 95% of what was actually scheduled completes
+/// (a Poisson schedule offers ±15% around the nominal rate over a few seconds at 10 req/s, so the
+/// nominal rate is the wrong yardstick), and every target holds on the merged histogram.
+fn passes(runs: &[&RunRecord], targets: &[Target]) -> bool {
+    let hists: Vec<_> = runs.iter().filter_map(|r| r.histogram().ok()).collect();
+    if hists.is_empty() {
+        return false;
+    }
+    let m = Merged {
+        hist: stats::merge(&hists.iter().collect::<Vec<_>>()),
+        achieved: runs.iter().map(|r| r.achieved_rps).sum::<f64>() / runs.len() as f64,
+        errors: runs.iter().map(|r| r.error_rate).fold(0.0, f64::max),
+    };
+    let scheduled = runs
+        .iter()
+        .map(|r| r.scheduled as f64 / r.duration_s.max(1e-9))
+        .sum::<f64>()
+        / runs.len() as f64;
+    m.errors < 0.01 && m.achieved >= 0.95 * scheduled && targets.iter().all(|t| t.holds(&m))
+}
+
+/// Draws the latency–throughput chart, the percentile spectrum and the table from stored runs.
+pub fn draw(
+    runs: &[RunRecord],
+    order: &[String],
+    out_dir: &Path,
+    targets: &[Target],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut labels: Vec<String> = order
+        .iter()
+        .filter(|l| runs.iter().any(|r| &r.label == *l))
+        .cloned()
+        .collect();
+    for l in store::labels(runs) {
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let boot = Bootstrap::default();
+    let mut curves = Vec::new();
+    let mut table = String::new();
+    let target_text = if targets.is_empty() {
+        "errors < 1% and ≥ 95% of the scheduled requests completed".to_string()
+    } else {
+        format!(
+            "{} (and errors < 1%, ≥ 95% of the scheduled requests completed)",
+            targets
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    table.push_str(&format!(
+        "Sustainable = highest offered rate where {target_text}. Intervals: 95% bootstrap over \
+         repeated runs (zero width with one run per rate); percentiles from merged histograms.\n\n\
+         | profile | knobs | sustainable (req/s) | achieved there (req/s) | p50 | p95 | p99 | runs |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n"
+    ));
+    let mut best_hist: Vec<(String, hdrhistogram::Histogram<u64>, f64)> = Vec::new();
+    for label in &labels {
+        let mine = store::by_label(runs, label);
+        let by_rate = store::by_rate(&mine);
+        let mut pts = Vec::new();
+        let mut best: Option<(f64, Vec<&RunRecord>)> = None;
+        for (rate, rs) in &by_rate {
+            let hists: Vec<_> = rs.iter().filter_map(|r| r.histogram().ok()).collect();
+            let refs: Vec<_> = hists.iter().collect();
+            if refs.is_empty() {
+                continue;
+            }
+            let m = stats::merge(&refs);
+            let q = |p: f64| m.value_at_quantile(p) as f64 / 1e6;
+            pts.push((*rate, q(0.5), q(0.95), q(0.99)));
+            if passes(rs, targets) {
+                best = Some((*rate, rs.clone()));
+            }
+        }
+        curves.push(plot::Curve {
+            label: label.clone(),
+            points: pts,
+        });
+        let knobs = mine
+            .first()
+            .map(|r| short_knobs(&r.knobs_json))
+            .unwrap_or_default();
+        match best {
+            Some((rate, rs)) => {
+                let hists: Vec<_> = rs.iter().filter_map(|r| r.histogram().ok()).collect();
+                let refs: Vec<_> = hists.iter().collect();
+                let ach =
+                    stats::mean_ci(&rs.iter().map(|r| r.achieved_rps).collect::<Vec<_>>(), boot);
+                let fmt = |c: stats::Ci| {
+                    if c.n > 1 {
+                        format!(
+                            "{} [{}, {}]",
+                            loadgen::slo::format_secs(c.estimate),
+                            loadgen::slo::format_secs(c.lo),
+                            loadgen::slo::format_secs(c.hi)
+                        )
+                    } else {
+                        loadgen::slo::format_secs(c.estimate)
+                    }
+                };
+                let ach_text = if ach.n > 1 {
+                    format!("{:.1} [{:.1}, {:.1}]", ach.estimate, ach.lo, ach.hi)
+                } else {
+                    format!("{:.1}", ach.estimate)
+                };
+                table.push_str(&format!(
+                    "| {label} | {knobs} | {rate:.1} | {ach_text} | {} | {} | {} | {} |\n",
+                    fmt(stats::quantile_ci(&refs, 0.5, boot)),
+                    fmt(stats::quantile_ci(&refs, 0.95, boot)),
+                    fmt(stats::quantile_ci(&refs, 0.99, boot)),
+                    mine.len()
+                ));
+                best_hist.push((label.clone(), stats::merge(&refs), rate));
+            }
+            None => table.push_str(&format!(
+                "| {label} | {knobs} | none of the rates | – | – | – | – | {} |\n",
+                mine.len()
+            )),
+        }
+    }
+    let mut files = Vec::new();
+    files.extend(
+        plot::latency_throughput(
+            &out_dir.join("latency-throughput"),
+            "Latency against offered rate (p50 thin, p95 medium, p99 thick)",
+            &curves,
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    if !best_hist.is_empty() {
+        let series: Vec<(String, &hdrhistogram::Histogram<u64>)> = best_hist
+            .iter()
+            .map(|(l, h, r)| (format!("{l} @ {r:.0} req/s"), h))
+            .collect();
+        files.extend(
+            plot::percentile_spectrum(
+                &out_dir.join("percentile-spectrum"),
+                "Latency percentiles at each profile's sustainable rate",
+                &series,
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
+    }
+    let md = out_dir.join("table.md");
+    std::fs::write(&md, table)?;
+    files.push(md);
+    Ok(files)
+}
+
+/// The batching knobs of a stored knob object, compactly, for the table.
+fn short_knobs(json: &str) -> String {
+    let v: BTreeMap<String, serde_json::Value> = serde_json::from_str(json).unwrap_or_default();
+    [
+        ("max_batch_size", "batch"),
+        ("batch_wait_timeout", "wait"),
+        ("max_concurrent_batches", "conc"),
+        ("max_queue_size", "queue"),
+    ]
+    .iter()
+    .filter_map(|(k, short)| {
+        v.get(*k).map(|x| {
+            format!(
+                "{short} {}",
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            )
+        })
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_specs_parse_or_point_at_the_problem() {
+        assert_eq!(
+            parse_rates("10:50:10").unwrap(),
+            vec![10.0, 20.0, 30.0, 40.0, 50.0]
+        );
+        assert_eq!(parse_rates("5, 1,5").unwrap(), vec![1.0, 5.0]);
+        assert_eq!(parse_rates("0.5:1:0.25").unwrap(), vec![0.5, 0.75, 1.0]);
+        for bad in ["10:5:1", "10:20", "a,b", "0,5", "1:2000:1", "10:20:0"] {
+            let e = parse_rates(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn knobs_are_shortened_for_the_table() {
+        let s = short_knobs(r#"{"max_batch_size":8,"batch_wait_timeout":"5ms","model":"x"}"#);
+        assert_eq!(s, "batch 8, wait 5ms");
+    }
+}
