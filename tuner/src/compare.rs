@@ -82,6 +82,77 @@ pub fn parse_rates(spec: &str) -> Result<Vec<f64>, String> {
     Ok(out)
 }
 
+/// Files matching `pattern`: a path whose file name may hold one `*` (no other wildcards), in
+/// name order.
+fn matching(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let p = Path::new(pattern);
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| anyhow::anyhow!("--import `{pattern}`: no file name"))?;
+    let Some((pre, post)) = name.split_once('*') else {
+        return Ok(vec![p.to_path_buf()]);
+    };
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("--import `{pattern}`: {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.len() >= pre.len() + post.len() && n.starts_with(pre) && n.ends_with(post)
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Imports loadgen JSON reports measured elsewhere (e.g. on a lent GPU machine) into the store of
+/// `out_dir`, one `LABEL=PATTERN` per profile (`*` allowed in the file name). The host facts are
+/// unknown here, so they read `imported`.
+pub fn import(specs: &[String], out_dir: &Path) -> anyhow::Result<usize> {
+    let group = out_dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "compare".into());
+    let mut records = Vec::new();
+    for spec in specs {
+        let (label, pattern) = spec.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!(
+                "--import `{spec}`: write LABEL=PATH (a `*` may stand in the file name)"
+            )
+        })?;
+        let files = matching(pattern)?;
+        if files.is_empty() {
+            anyhow::bail!("--import `{spec}`: no file matches");
+        }
+        for f in files {
+            let text =
+                std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            let report: loadgen::Report = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not a loadgen JSON report: {e}", f.display()))?;
+            let cx = Context {
+                group: group.clone(),
+                label: label.to_string(),
+                host_cpu: "imported".into(),
+                host_gpu: "imported".into(),
+                git_revision: "imported".into(),
+                ..Context::default()
+            };
+            let id = format!(
+                "{label}@{}",
+                f.file_name().unwrap_or_default().to_string_lossy()
+            );
+            records.push(report.to_record(id, &cx));
+        }
+    }
+    store::append(&out_dir.join("runs.parquet"), &records)?;
+    Ok(records.len())
+}
+
 /// Label of a profile in legends and the store: its file stem.
 pub fn label_of(p: &Path) -> String {
     p.file_stem()
@@ -419,6 +490,33 @@ mod tests {
             let e = parse_rates(bad).unwrap_err();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn import_patterns_match_one_star_in_the_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "cmp-a-10.json",
+            "cmp-a-20.json",
+            "cmp-ab-10.json",
+            "other.json",
+        ] {
+            std::fs::write(dir.path().join(n), "{}").unwrap();
+        }
+        let pat = format!("{}/cmp-a-*.json", dir.path().display());
+        let names: Vec<String> = matching(&pat)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["cmp-a-10.json", "cmp-a-20.json"]);
+        let e = import(
+            &[format!("x={}/other.json", dir.path().display())],
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a loadgen JSON report"), "{e}");
+        assert!(import(&["no-equals".into()], dir.path()).is_err());
     }
 
     #[test]

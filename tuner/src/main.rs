@@ -94,8 +94,12 @@ struct GateArgs {
 #[derive(clap::Args)]
 struct CompareArgs {
     /// Profile files, comma-separated (legend order).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "import")]
     profiles: Vec<PathBuf>,
+    /// Instead of measuring, import loadgen JSON reports measured elsewhere: LABEL=PATH, where
+    /// the file name may hold one `*` (repeatable; legend order). Then draws as usual.
+    #[arg(long)]
+    import: Vec<String>,
     /// Offered rates: FROM:TO:STEP (inclusive) or a comma list, requests/s.
     #[arg(long, default_value = "10:200:10")]
     rates: String,
@@ -297,6 +301,20 @@ fn run_compare(a: CompareArgs) -> anyhow::Result<Vec<PathBuf>> {
         .map(|t| Target::parse(t).map_err(|e| anyhow::anyhow!("--target: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let out_dir = a.results_dir.join(&a.name);
+    if !a.import.is_empty() {
+        let n = tuner::compare::import(&a.import, &out_dir)?;
+        eprintln!(
+            "imported {n} runs into {}",
+            out_dir.join("runs.parquet").display()
+        );
+        let runs = results::store::read(&out_dir.join("runs.parquet"))?;
+        let order: Vec<String> = a
+            .import
+            .iter()
+            .filter_map(|s| s.split_once('=').map(|(l, _)| l.to_string()))
+            .collect();
+        return tuner::compare::draw(&runs, &order, &out_dir, &targets);
+    }
     if a.redraw {
         let runs = results::store::read(&out_dir.join("runs.parquet"))?;
         if runs.is_empty() {
