@@ -238,6 +238,8 @@ pub fn build_revision(repo: &Path, rev: &str, work: &Path) -> anyhow::Result<Pat
     .map_err(|e| anyhow::anyhow!("revision `{rev}`: {e}"))?;
     let short = &sha[..12.min(sha.len())];
     std::fs::create_dir_all(work)?;
+    // Absolute: cargo runs inside the worktree and would resolve a relative target dir there.
+    let work = &std::fs::canonicalize(work)?;
     let out = work.join(format!("runtime-{short}"));
     if out.is_file() {
         return Ok(out);
@@ -259,7 +261,9 @@ pub fn build_revision(repo: &Path, rev: &str, work: &Path) -> anyhow::Result<Pat
     if !status.success() {
         anyhow::bail!("building the runtime at {rev} failed");
     }
-    std::fs::copy(work.join("target/release/runtime"), &out)?;
+    let built = work.join("target/release/runtime");
+    std::fs::copy(&built, &out)
+        .map_err(|e| anyhow::anyhow!("copying {} to {}: {e}", built.display(), out.display()))?;
     let _ = Command::new("git")
         .current_dir(repo)
         .args(["worktree", "remove", "--force"])
