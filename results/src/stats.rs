@@ -22,6 +22,16 @@ pub struct Ci {
 }
 
 impl Ci {
+    /// Too few runs to resample: the interval is the estimate itself.
+    fn single(estimate: f64, n: usize) -> Ci {
+        Ci {
+            estimate,
+            lo: estimate,
+            hi: estimate,
+            n,
+        }
+    }
+
     /// Half the interval's width relative to the estimate (0 when the estimate is 0).
     pub fn relative_half_width(&self) -> f64 {
         if self.estimate == 0.0 {
@@ -81,12 +91,7 @@ fn quantile_sorted(v: &[f64], q: f64) -> f64 {
 /// Percentile bootstrap of `stat` over resamples (with replacement) of `n` items.
 fn bootstrap(n: usize, b: Bootstrap, estimate: f64, mut stat: impl FnMut(&[usize]) -> f64) -> Ci {
     if n < 2 {
-        return Ci {
-            estimate,
-            lo: estimate,
-            hi: estimate,
-            n,
-        };
+        return Ci::single(estimate, n);
     }
     let mut rng = StdRng::seed_from_u64(b.seed);
     let mut idx = vec![0usize; n];
@@ -142,12 +147,7 @@ pub fn ratio_ci(a: &[f64], b: &[f64], boot: Bootstrap) -> Ci {
     let estimate = mean(b) / mean(a);
     let n = a.len().min(b.len());
     if n < 2 {
-        return Ci {
-            estimate,
-            lo: estimate,
-            hi: estimate,
-            n,
-        };
+        return Ci::single(estimate, n);
     }
     let mut rng = StdRng::seed_from_u64(boot.seed);
     let mut draw = |v: &[f64]| {

@@ -272,6 +272,9 @@ pub fn compare(o: &CompareOptions, cancel: Arc<AtomicBool>) -> anyhow::Result<Ve
     draw(&runs, &order, &o.out_dir, &o.targets)
 }
 
+/// A decoded latency histogram (microseconds).
+type Hist = hdrhistogram::Histogram<u64>;
+
 /// Repeated runs at one rate, seen as one observation: percentiles from the merged histogram.
 struct Merged {
     hist: hdrhistogram::Histogram<u64>,
@@ -300,13 +303,9 @@ impl loadgen::slo::Observed for Merged {
 /// A rate passes when errors stay under 1%, at least 95% of what was actually scheduled completes
 /// (a Poisson schedule offers ±15% around the nominal rate over a few seconds at 10 req/s, so the
 /// nominal rate is the wrong yardstick), and every target holds on the merged histogram.
-fn passes(runs: &[&RunRecord], targets: &[Target]) -> bool {
-    let hists: Vec<_> = runs.iter().filter_map(|r| r.histogram().ok()).collect();
-    if hists.is_empty() {
-        return false;
-    }
+fn passes(runs: &[&RunRecord], merged: Hist, targets: &[Target]) -> bool {
     let m = Merged {
-        hist: stats::merge(&hists.iter().collect::<Vec<_>>()),
+        hist: merged,
         achieved: runs.iter().map(|r| r.achieved_rps).sum::<f64>() / runs.len() as f64,
         errors: runs.iter().map(|r| r.error_rate).fold(0.0, f64::max),
     };
@@ -361,7 +360,8 @@ pub fn draw(
         let mine = store::by_label(runs, label);
         let by_rate = store::by_rate(&mine);
         let mut pts = Vec::new();
-        let mut best: Option<(f64, Vec<&RunRecord>)> = None;
+        // Histograms are decoded once per rate and kept for the best rate's intervals.
+        let mut best: Option<(f64, &Vec<&RunRecord>, Vec<Hist>)> = None;
         for (rate, rs) in &by_rate {
             let hists: Vec<_> = rs.iter().filter_map(|r| r.histogram().ok()).collect();
             let refs: Vec<_> = hists.iter().collect();
@@ -371,8 +371,8 @@ pub fn draw(
             let m = stats::merge(&refs);
             let q = |p: f64| m.value_at_quantile(p) as f64 / 1e6;
             pts.push((*rate, q(0.5), q(0.95), q(0.99)));
-            if passes(rs, targets) {
-                best = Some((*rate, rs.clone()));
+            if passes(rs, m, targets) {
+                best = Some((*rate, rs, hists));
             }
         }
         curves.push(plot::Curve {
@@ -384,8 +384,7 @@ pub fn draw(
             .map(|r| short_knobs(&r.knobs_json))
             .unwrap_or_default();
         match best {
-            Some((rate, rs)) => {
-                let hists: Vec<_> = rs.iter().filter_map(|r| r.histogram().ok()).collect();
+            Some((rate, rs, hists)) => {
                 let refs: Vec<_> = hists.iter().collect();
                 let ach =
                     stats::mean_ci(&rs.iter().map(|r| r.achieved_rps).collect::<Vec<_>>(), boot);

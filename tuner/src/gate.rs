@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `ci/gate.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -408,11 +408,6 @@ pub fn summary(
     }
     s.push_str("\n</details>\n");
     s
-}
-
-/// Time helper for callers that report how long a gate took.
-pub fn elapsed_s(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64()
 }
 
 #[cfg(test)]
