@@ -146,6 +146,76 @@ impl Default for Histos {
     }
 }
 
+/// Least-squares line of latency against schedule time, kept as running sums so a run of any
+/// length costs five numbers. Its slope is the queue-growth test: a server that keeps up has
+/// latencies that do not depend on when a request was scheduled (slope ≈ 0); one offered λ while
+/// serving μ < λ adds (λ − μ)/μ seconds of wait per second of schedule. Unlike completion counts it
+/// needs no allowance for what is still in flight and no steady-state ramp of the in-flight count.
+#[derive(Debug, Clone, Default)]
+pub struct Drift {
+    n: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+    syy: f64,
+}
+
+/// Fitted latency trend of a run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct DriftFit {
+    /// Seconds of latency gained per second of schedule.
+    pub slope: f64,
+    /// Standard error of the slope.
+    pub stderr: f64,
+    /// Requests fitted.
+    pub n: u64,
+}
+
+/// Latency may grow by at most this many seconds per second of schedule before a run counts as
+/// overloaded: 5% over capacity, finer than the tuner's bisection steps (10%) can resolve.
+pub const MAX_DRIFT: f64 = 0.05;
+
+impl DriftFit {
+    /// The queue grew: the slope is over [`MAX_DRIFT`] and clearly positive (two standard errors),
+    /// so a few slow requests on a noisy server do not fail a rate it sustains.
+    pub fn queue_growing(&self) -> bool {
+        self.slope > MAX_DRIFT && self.slope > 2.0 * self.stderr
+    }
+}
+
+impl Drift {
+    /// Adds one request: `x` seconds into the phase it was scheduled, `y` seconds of latency.
+    pub fn add(&mut self, x: f64, y: f64) {
+        self.n += 1.0;
+        self.sx += x;
+        self.sy += y;
+        self.sxx += x * x;
+        self.sxy += x * y;
+        self.syy += y * y;
+    }
+
+    /// The fit, or `None` with fewer than 10 requests or no spread in schedule time.
+    pub fn fit(&self) -> Option<DriftFit> {
+        if self.n < 10.0 {
+            return None;
+        }
+        let sxx = self.sxx - self.sx * self.sx / self.n;
+        if sxx <= 1e-12 {
+            return None;
+        }
+        let sxy = self.sxy - self.sx * self.sy / self.n;
+        let syy = self.syy - self.sy * self.sy / self.n;
+        let slope = sxy / sxx;
+        let resid = (syy - slope * sxy).max(0.0) / (self.n - 2.0);
+        Some(DriftFit {
+            slope,
+            stderr: (resid / sxx).sqrt(),
+            n: self.n as u64,
+        })
+    }
+}
+
 /// Accumulates samples during a run.
 pub struct Collector {
     measure_start: Instant,
@@ -165,6 +235,8 @@ pub struct Collector {
     pub scheduled: u64,
     /// Requests scheduled during warm-up (excluded from every statistic).
     pub warmup: u64,
+    /// Latency against schedule time, successful requests of the phase.
+    pub drift: Drift,
 }
 
 impl Collector {
@@ -184,6 +256,7 @@ impl Collector {
             errors: BTreeMap::new(),
             scheduled: 0,
             warmup: 0,
+            drift: Drift::default(),
         }
     }
 
@@ -211,6 +284,12 @@ impl Collector {
                 self.ok += 1;
                 let lat = us(s.done.saturating_duration_since(s.intended));
                 self.histos.latency.saturating_record(lat);
+                if s.intended < self.measure_end {
+                    self.drift.add(
+                        (s.intended - self.measure_start).as_secs_f64(),
+                        lat as f64 / 1e6,
+                    );
+                }
                 self.histos
                     .service
                     .saturating_record(us(s.done.saturating_duration_since(s.sent)));
@@ -382,4 +461,67 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
         2 * h.distinct_values() / (h.buckets() as usize + 1)
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Drift, MAX_DRIFT};
+
+    /// Uniform noise in [-1, 1) from a fixed-seed xorshift, so the tests are repeatable.
+    fn noise(state: &mut u64) -> f64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+
+    fn fit(n: usize, span: f64, mut latency: impl FnMut(f64) -> f64) -> super::DriftFit {
+        let mut d = Drift::default();
+        for i in 0..n {
+            let x = span * i as f64 / n as f64;
+            d.add(x, latency(x));
+        }
+        d.fit().expect("enough requests")
+    }
+
+    #[test]
+    fn a_server_that_keeps_up_shows_no_drift() {
+        let mut s = 7;
+        let f = fit(340, 4.0, |_| 0.4 + 0.2 * noise(&mut s));
+        assert!(f.slope.abs() < MAX_DRIFT, "{f:?}");
+        assert!(!f.queue_growing());
+    }
+
+    #[test]
+    fn fifteen_percent_overload_is_a_growing_queue() {
+        // Offered 15% over capacity: every second of schedule adds 0.15 s of wait.
+        let mut s = 11;
+        let f = fit(390, 4.0, |x| 0.2 + 0.15 * x + 0.1 * noise(&mut s));
+        assert!((f.slope - 0.15).abs() < 0.03, "{f:?}");
+        assert!(f.queue_growing());
+    }
+
+    #[test]
+    fn long_noisy_latencies_do_not_fail_a_rate_by_chance() {
+        // 40 requests of 1–5 s (generation-like) with no trend: the slope estimate is loose, and
+        // the two-standard-error rule keeps false alarms rare.
+        let alarms = (1..=200u64)
+            .filter(|seed| {
+                let mut s = seed * 0x9e37_79b9 + 1;
+                fit(40, 4.0, |_| 3.0 + 2.0 * noise(&mut s)).queue_growing()
+            })
+            .count();
+        assert!(alarms <= 10, "{alarms} of 200");
+    }
+
+    #[test]
+    fn too_few_requests_or_no_spread_give_no_fit() {
+        let mut d = Drift::default();
+        for _ in 0..9 {
+            d.add(1.0, 0.1);
+        }
+        assert!(d.fit().is_none());
+        d.add(1.0, 0.2);
+        assert!(d.fit().is_none(), "all at one schedule time: no slope");
+    }
 }

@@ -62,6 +62,10 @@ pub struct Report {
     pub inter_token: Option<LatencyStats>,
     /// Measurement windows.
     pub windows: Vec<Window>,
+    /// Latency against schedule time (least squares over every successful request): a slope
+    /// near 0 means the server kept up; a clearly positive one, that its queue grew.
+    #[serde(default)]
+    pub latency_drift: Option<crate::record::DriftFit>,
     /// Last 3 windows agree within `stability_percent`.
     pub stable: bool,
     /// Tolerance used for `stable`.
@@ -171,6 +175,7 @@ impl Report {
             ttft: streamed.then(|| LatencyStats::of(&col.histos.ttft)),
             inter_token: streamed.then(|| LatencyStats::of(&col.histos.itl)),
             windows,
+            latency_drift: col.drift.fit(),
             stable,
             stability_percent: cfg.stability_percent,
             valid: invalid.is_empty(),
@@ -252,6 +257,20 @@ impl Report {
             self.windows.len(),
             self.stability_percent
         );
+        if let Some(d) = &self.latency_drift {
+            let _ = writeln!(
+                s,
+                "  latency drift: {:+.1} ms per s of schedule (± {:.1}, {} requests){}",
+                d.slope * 1e3,
+                d.stderr * 1e3,
+                d.n,
+                if d.queue_growing() {
+                    ": the queue grew, this rate is not sustainable"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(r) = &self.stopped_early {
             let _ = writeln!(s, "  stopped early: {r}");
         }
@@ -373,6 +392,8 @@ impl Report {
             max_s: self.latency.max,
             valid: self.valid,
             latency_histogram: self.latency_histogram.clone(),
+            drift_slope: self.latency_drift.map_or(f64::NAN, |d| d.slope),
+            drift_stderr: self.latency_drift.map_or(f64::NAN, |d| d.stderr),
         }
     }
 }

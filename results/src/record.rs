@@ -70,6 +70,11 @@ pub struct RunRecord {
     /// The full latency histogram (HdrHistogram V2, base64, microseconds): percentiles across
     /// runs are computed from merged histograms, never by averaging percentiles.
     pub latency_histogram: String,
+    /// Latency gained per second of schedule (least squares over the run's requests; see
+    /// `loadgen::record::Drift`): ≈ 0 when the server kept up. NaN when not measured.
+    pub drift_slope: f64,
+    /// Standard error of [`RunRecord::drift_slope`]; NaN when not measured.
+    pub drift_stderr: f64,
 }
 
 /// Where a run happened and under which configuration: the part a loadgen report does not know.

@@ -56,6 +56,7 @@ macro_rules! columns {
     };
     (@put text, $v:expr) => { $v.as_str() };
     (@put float, $v:expr) => { *$v };
+    (@put later_float, $v:expr) => { *$v };
     (@put count, $v:expr) => { *$v };
     (@put small, $v:expr) => { *$v };
     (@put flag, $v:expr) => { *$v };
@@ -66,6 +67,14 @@ macro_rules! columns {
     (@get float, $df:expr, $name:expr, $n:expr) => {
         column($df, $name)?.f64().map_err(|e| format!("{}: {e}", $name))?
             .into_iter().map(|v| v.unwrap_or(f64::NAN)).collect::<Vec<f64>>()
+    };
+    // A column added after the first stores were written: absent reads as unknown (NaN).
+    (@get later_float, $df:expr, $name:expr, $n:expr) => {
+        match $df.column($name) {
+            Ok(c) => c.f64().map_err(|e| format!("{}: {e}", $name))?
+                .into_iter().map(|v| v.unwrap_or(f64::NAN)).collect::<Vec<f64>>(),
+            Err(_) => vec![f64::NAN; $n],
+        }
     };
     (@get count, $df:expr, $name:expr, $n:expr) => {
         column($df, $name)?.u64().map_err(|e| format!("{}: {e}", $name))?
@@ -93,6 +102,7 @@ columns! {
     duration_s: float, scheduled: count, ok: count, errors: count, error_rate: float,
     achieved_rps: float, mean_s: float, p50_s: float, p90_s: float, p95_s: float, p99_s: float,
     p999_s: float, max_s: float, valid: flag, latency_histogram: text,
+    drift_slope: later_float, drift_stderr: later_float,
 }
 
 /// Reads every record of a store; a missing file is an empty store.
@@ -215,6 +225,8 @@ mod tests {
             p99_s: 0.03,
             p999_s: 0.04,
             max_s: 0.05,
+            drift_slope: 0.01,
+            drift_stderr: 0.002,
             valid: i != 3,
             latency_histogram: "HISTEwAAAAMAAAAAAAAAAwAAAAAAAAAB".into(),
         }
@@ -257,6 +269,21 @@ mod tests {
             e.contains("not a batchtune run store") && e.contains("run_id"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_store_from_before_the_drift_columns_reads_them_as_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.parquet");
+        let mut df = to_frame(&[record(1)])
+            .unwrap()
+            .drop_many(["drift_slope", "drift_stderr"]);
+        ParquetWriter::new(std::fs::File::create(&path).unwrap())
+            .finish(&mut df)
+            .unwrap();
+        let back = read(&path).unwrap();
+        assert!(back[0].drift_slope.is_nan() && back[0].drift_stderr.is_nan());
+        assert_eq!(back[0].p95_s, record(1).p95_s);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub queue_time: Histogram,
     /// Forward-pass time per batch, by device.
     pub inference_time: Family<DeviceLabel, Histogram>,
+    /// Model forwards run, by device: more than the batches when batches are split by length.
+    pub forwards: Family<DeviceLabel, Counter>,
     /// Arrival to response, per request.
     pub request_duration: Histogram,
     /// Queued inputs dropped because their deadline passed (answered 504, never computed).
@@ -85,6 +87,7 @@ impl Metrics {
         let queue_time = time_hist();
         let inference_time =
             Family::<DeviceLabel, Histogram>::new_with_constructor(time_hist as fn() -> Histogram);
+        let forwards = Family::<DeviceLabel, Counter>::default();
         let request_duration = time_hist();
         let expired = Counter::default();
         let cancelled = Counter::default();
@@ -124,6 +127,11 @@ impl Metrics {
             inference_time.clone(),
         );
         r.register(
+            "batchtune_forwards",
+            "Model forwards run (a batch split by length runs several)",
+            forwards.clone(),
+        );
+        r.register(
             "batchtune_request_duration_seconds",
             "Arrival to response, per request",
             request_duration.clone(),
@@ -147,6 +155,7 @@ impl Metrics {
             batches,
             queue_time,
             inference_time,
+            forwards,
             request_duration,
             expired,
             cancelled,

@@ -1,12 +1,13 @@
-//! Device workers: OS threads that run the synchronous [`Backend`] on batches, one pool per
-//! model replica. Batches go to the least-loaded replica; a replica grows a thread whenever it has
-//! more batches in flight than threads, so `max_concurrent_batches` (a live knob) really is the
-//! number of forwards running at once.
+//! Device workers: OS threads that run the [`Backend`] on batches. Batches go to the least-loaded
+//! replica. A CPU replica grows a thread whenever it has more batches in flight than threads, so
+//! `max_concurrent_batches` (a live knob) really is the number of forwards running at once. A GPU
+//! replica ([`Backend::pipelined`]) has exactly one thread, which launches the next batch before
+//! waiting for the current one: there `max_concurrent_batches` is the pipeline depth.
 
 use crate::batcher::state::{Entry, Trigger};
 use crate::batcher::{Failure, Item, Msg};
 use crate::metrics::{BatchLabel, DeviceLabel, Metrics};
-use crate::model::Backend;
+use crate::model::{Backend, Pending};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +28,8 @@ struct Device {
     rx: crossbeam_channel::Receiver<Job>,
     threads: usize,
     in_flight: usize,
+    /// One pipelined thread instead of a pool.
+    pipelined: bool,
 }
 
 /// All replicas and their thread pools.
@@ -45,6 +48,7 @@ impl Workers {
                 let (tx, rx) = crossbeam_channel::unbounded();
                 Device {
                     label,
+                    pipelined: backend.pipelined(),
                     backend,
                     tx,
                     rx,
@@ -73,7 +77,7 @@ impl Workers {
             .min_by_key(|(_, d)| d.in_flight)
             .expect("at least one device");
         dev.in_flight += 1;
-        if dev.in_flight > dev.threads {
+        if dev.in_flight > dev.threads && !(dev.pipelined && dev.threads > 0) {
             dev.threads += 1;
             let rx = dev.rx.clone();
             let backend = dev.backend.clone();
@@ -109,85 +113,173 @@ fn worker_loop(
     let dev_label = DeviceLabel {
         device: label.clone(),
     };
-    while let Ok(job) = rx.recv() {
-        run_job(&label, &dev_label, backend.as_ref(), job, &metrics);
-        if done.send(Msg::Done(idx)).is_err() {
+    let ctx = Ctx {
+        label: &label,
+        dev_label: &dev_label,
+        backend: backend.as_ref(),
+        metrics: &metrics,
+    };
+    let pipelined = backend.pipelined();
+    // Every job taken is reported done exactly once, when its results are out.
+    let report = || done.send(Msg::Done(idx)).is_ok();
+    // The batch launched but not finished yet (pipelined replicas only).
+    let mut pending: Option<Started> = None;
+    loop {
+        // With a batch on the device, take the next one only if it is already waiting, and
+        // launch it before finishing the current one; otherwise finish first, then block.
+        let job = match &pending {
+            Some(_) => match rx.try_recv() {
+                Ok(job) => Some(job),
+                Err(crossbeam_channel::TryRecvError::Empty) => None,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    if let Some(p) = pending.take() {
+                        ctx.finish(p);
+                        report();
+                    }
+                    break;
+                }
+            },
+            None => match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            },
+        };
+        let ok = match job.map(|j| ctx.start(j)) {
+            Some(Some(s)) if pipelined => match pending.replace(s) {
+                Some(p) => {
+                    ctx.finish(p);
+                    report()
+                }
+                None => true,
+            },
+            Some(Some(s)) => {
+                ctx.finish(s);
+                report()
+            }
+            // Every client of the batch left: nothing to compute.
+            Some(None) => report(),
+            None => match pending.take() {
+                Some(p) => {
+                    ctx.finish(p);
+                    report()
+                }
+                None => true,
+            },
+        };
+        if !ok {
             break;
         }
     }
 }
 
-fn run_job(
-    label: &str,
-    dev_label: &DeviceLabel,
-    backend: &dyn Backend,
-    job: Job,
-    metrics: &Metrics,
-) {
-    let start = Instant::now();
-    // Clients that left while the batch waited for a thread are not computed.
-    let entries: Vec<Entry<Item>> = job
-        .entries
-        .into_iter()
-        .filter(|e| {
-            let gone = crate::batcher::state::Pending::is_cancelled(&e.payload);
-            if gone {
-                metrics.cancelled.inc();
-            }
-            !gone
-        })
-        .collect();
-    if entries.is_empty() {
-        return;
-    }
-    for e in &entries {
+/// What a worker needs to run batches on its replica.
+struct Ctx<'a> {
+    label: &'a str,
+    dev_label: &'a DeviceLabel,
+    backend: &'a dyn Backend,
+    metrics: &'a Metrics,
+}
+
+/// A batch launched on the replica.
+struct Started {
+    entries: Vec<Entry<Item>>,
+    start: Instant,
+    pending: Result<Box<dyn Pending>, String>,
+}
+
+impl Ctx<'_> {
+    /// Drops inputs whose clients left, records the batch, launches it. `None` when nothing is
+    /// left to compute.
+    fn start(&self, job: Job) -> Option<Started> {
+        let (metrics, dev_label) = (self.metrics, self.dev_label);
+        let start = Instant::now();
+        // Clients that left while the batch waited for a thread are not computed.
+        let entries: Vec<Entry<Item>> = job
+            .entries
+            .into_iter()
+            .filter(|e| {
+                let gone = crate::batcher::state::Pending::is_cancelled(&e.payload);
+                if gone {
+                    metrics.cancelled.inc();
+                }
+                !gone
+            })
+            .collect();
+        if entries.is_empty() {
+            return None;
+        }
+        for e in &entries {
+            metrics
+                .queue_time
+                .observe(start.duration_since(e.enqueued).as_secs_f64());
+        }
         metrics
-            .queue_time
-            .observe(start.duration_since(e.enqueued).as_secs_f64());
-    }
-    metrics
-        .batch_size
-        .get_or_create(dev_label)
-        .observe(entries.len() as f64);
-    metrics
-        .batches
-        .get_or_create(&BatchLabel {
-            device: label.to_string(),
-            trigger: job.trigger.as_str().into(),
+            .batch_size
+            .get_or_create(dev_label)
+            .observe(entries.len() as f64);
+        metrics
+            .batches
+            .get_or_create(&BatchLabel {
+                device: self.label.to_string(),
+                trigger: job.trigger.as_str().into(),
+            })
+            .inc();
+        let seqs: Vec<&[u32]> = entries.iter().map(|e| e.payload.ids.as_slice()).collect();
+        let pending = std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.launch(&seqs)))
+            .map_err(|p| self.panic_message(p));
+        Some(Started {
+            entries,
+            start,
+            pending,
         })
-        .inc();
-    let seqs: Vec<&[u32]> = entries.iter().map(|e| e.payload.ids.as_slice()).collect();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| backend.embed(&seqs)));
-    let took = start.elapsed();
-    metrics
-        .inference_time
-        .get_or_create(dev_label)
-        .observe(took.as_secs_f64());
-    let failure = match result {
-        Ok(Ok(vectors)) if vectors.len() == entries.len() => {
-            for (e, v) in entries.iter().zip(vectors) {
-                let queued = start.duration_since(e.enqueued);
-                e.payload.slot.complete(e.payload.index, v, queued, took);
+    }
+
+    /// Waits for a launched batch and answers its inputs.
+    fn finish(&self, s: Started) {
+        let (label, metrics) = (self.label, self.metrics);
+        let result = s.pending.and_then(|p| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| p.finish()))
+                .map_err(|p| self.panic_message(p))
+        });
+        // Launch to results: on a pipelined replica this includes waiting behind the batch
+        // launched before it.
+        let took = s.start.elapsed();
+        metrics
+            .inference_time
+            .get_or_create(self.dev_label)
+            .observe(took.as_secs_f64());
+        let failure = match result {
+            Ok(Ok((vectors, forwards))) if vectors.len() == s.entries.len() => {
+                metrics
+                    .forwards
+                    .get_or_create(self.dev_label)
+                    .inc_by(forwards as u64);
+                for (e, v) in s.entries.iter().zip(vectors) {
+                    let queued = s.start.duration_since(e.enqueued);
+                    e.payload.slot.complete(e.payload.index, v, queued, took);
+                }
+                return;
             }
-            return;
+            Ok(Ok((vectors, _))) => format!(
+                "batch on {label} failed: backend returned {} vectors for {} inputs",
+                vectors.len(),
+                s.entries.len()
+            ),
+            Ok(Err(msg)) => format!("batch on {label} failed: {msg}"),
+            Err(panic) => panic,
+        };
+        tracing::error!("{failure}");
+        for e in &s.entries {
+            e.payload.slot.fail(Failure::Batch(failure.clone()));
         }
-        Ok(Ok(vectors)) => format!(
-            "batch on {label} failed: backend returned {} vectors for {} inputs",
-            vectors.len(),
-            entries.len()
-        ),
-        Ok(Err(msg)) => format!("batch on {label} failed: {msg}"),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            format!("batch on {label} panicked: {msg}")
-        }
-    };
-    tracing::error!("{failure}");
-    for e in &entries {
-        e.payload.slot.fail(Failure::Batch(failure.clone()));
+    }
+
+    fn panic_message(&self, panic: Box<dyn std::any::Any + Send>) -> String {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        format!("batch on {} panicked: {msg}", self.label)
     }
 }

@@ -4,10 +4,13 @@ mod common;
 
 use common::*;
 use profiles::Profile;
-use runtime::model::{self, Backend, LoadedModel};
+use runtime::model::{self, Backend, LoadedModel, Pending};
 use runtime::{ServeOptions, Server};
 use serde_json::json;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 fn vec_of(r: &Resp, i: usize) -> Vec<f32> {
@@ -330,6 +333,123 @@ async fn two_cpu_replicas_share_the_batches() {
     stop(server).await;
 }
 
+/// A GPU-like replica on the CPU: asks for one pipelined thread, and its launch only records the
+/// batch, computing it at `finish` (as a GPU computes after the launch returns). Counts batches
+/// launched but not finished, and the threads that drove it.
+struct LaunchLater {
+    inner: Arc<dyn Backend>,
+    outstanding: Arc<AtomicUsize>,
+    most_outstanding: Arc<AtomicUsize>,
+    threads: Arc<Mutex<HashSet<std::thread::ThreadId>>>,
+}
+
+struct Later {
+    inner: Arc<dyn Backend>,
+    batch: Vec<Vec<u32>>,
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl Pending for Later {
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String> {
+        let refs: Vec<&[u32]> = self.batch.iter().map(|b| b.as_slice()).collect();
+        let out = self.inner.embed_counted(&refs);
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+}
+
+impl Backend for LaunchLater {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+        self.inner.embed(batch)
+    }
+
+    fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
+        self.threads
+            .lock()
+            .unwrap()
+            .insert(std::thread::current().id());
+        let now = self.outstanding.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_outstanding.fetch_max(now, Ordering::SeqCst);
+        Box::new(Later {
+            inner: self.inner.clone(),
+            batch: batch.iter().map(|b| b.to_vec()).collect(),
+            outstanding: self.outstanding.clone(),
+        })
+    }
+
+    fn pipelined(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipelined_replica_runs_on_one_thread_two_batches_deep() {
+    let mut m: LoadedModel =
+        model::load("synthetic:tiny", &["cpu".into()], profiles::Dtype::F32).unwrap();
+    let inner = m.replicas[0].1.clone();
+    let reference = inner.clone();
+    let tok = m.tokenizer.clone();
+    let (outstanding, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let threads = Arc::new(Mutex::new(HashSet::new()));
+    m.replicas[0].1 = Arc::new(LaunchLater {
+        inner,
+        outstanding: outstanding.clone(),
+        most_outstanding: most.clone(),
+        threads: threads.clone(),
+    });
+    let p = tiny(Profile {
+        max_batch_size: 4,
+        max_concurrent_batches: 4,
+        ..Profile::default()
+    });
+    let (server, c) = start_with(p, m).await;
+    let a = server.addr;
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        let text = format!("input number {i} {}", "word ".repeat(i % 7));
+        tasks.push(tokio::spawn(async move {
+            (text.clone(), embed(&c, a, json!({ "input": text })).await)
+        }));
+    }
+    for t in tasks {
+        let (text, r) = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text);
+        // Each answer is its own input's vector, whatever batch carried it.
+        let ids = tok.encode(&text).unwrap();
+        let want = &reference.embed(&[&ids]).unwrap()[0];
+        let got = vec_of(&r, 0);
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{text}: differs by {diff}");
+    }
+    assert_eq!(
+        threads.lock().unwrap().len(),
+        1,
+        "one thread drives the replica"
+    );
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "the next batch is launched before the current one is finished, and no deeper"
+    );
+    assert_eq!(outstanding.load(Ordering::SeqCst), 0);
+    stop(server).await;
+}
+
+/// Serves `m` (a model with replicas swapped for test doubles) under `p`, ready for requests.
+async fn start_with(p: Profile, m: LoadedModel) -> (Server, HttpClient) {
+    let server = Server::start_with_model(ServeOptions::new(p, "127.0.0.1:0".parse().unwrap()), m)
+        .await
+        .unwrap();
+    let c = client();
+    wait_ready(&c, server.addr).await;
+    (server, c)
+}
+
 /// Panics on any batch that contains the word "boom"; otherwise the real tiny model.
 struct Faulty {
     inner: Arc<dyn Backend>,
@@ -356,11 +476,7 @@ async fn a_panicking_batch_fails_only_its_own_requests() {
         max_batch_size: 1,
         ..Profile::default()
     });
-    let server = Server::start_with_model(ServeOptions::new(p, "127.0.0.1:0".parse().unwrap()), m)
-        .await
-        .unwrap();
-    let c = client();
-    wait_ready(&c, server.addr).await;
+    let (server, c) = start_with(p, m).await;
     let a = server.addr;
     let mut tasks = Vec::new();
     for word in ["fine", "boom", "also fine", "still fine"] {

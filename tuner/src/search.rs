@@ -178,8 +178,9 @@ impl Live<'_> {
                 b.set_message(format!("probing {rate:.1}/s"));
             }
             self.seed += 1;
+            let settle = probes.last().map(|p: &crate::trial::Probe| p.p99);
             let (probe, _) = rt
-                .block_on(search.probe(rate, self.seed))
+                .block_on(search.probe(rate, self.seed, settle))
                 .map_err(|e| SearchError::Config(e.to_string()))?;
             rt.block_on(server.wait_idle(Duration::from_secs(60)));
             if self.cancel.load(Ordering::Relaxed) {
@@ -436,6 +437,14 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
     // upwards. Re-measure it; if most runs fail, step down by the bisection tolerance and try
     // again. The profile carries the confirmed rate, and every run is in the provenance.
     let mut rate = best.result.sustainable_rps;
+    // The winner's own probes say how long its latencies are: warm up at least that long.
+    let settle = best
+        .result
+        .probes
+        .iter()
+        .filter(|p| p.pass)
+        .map(|p| p.p99)
+        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
     let mut again = Vec::new();
     let mut confirmed = false;
     let mut tried = Vec::new();
@@ -443,7 +452,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         again.clear();
         for i in 0..opts.remeasure.max(1) {
             let (p, _) = rt
-                .block_on(rs.probe(rate, 9_000 + step * 100 + i as u64))
+                .block_on(rs.probe(rate, 9_000 + step * 100 + i as u64, settle))
                 .map_err(|e| SearchError::Config(e.to_string()))?;
             rt.block_on(server.wait_idle(Duration::from_secs(60)));
             again.push(p);

@@ -44,11 +44,67 @@ pub enum ModelError {
 pub trait Backend: Send + Sync {
     /// One unit-norm embedding per input, in order.
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String>;
+
+    /// [`Backend::embed`] plus how many forwards the batch took (1 unless the backend splits it).
+    fn embed_counted(&self, batch: &[&[u32]]) -> Result<(Vec<Vec<f32>>, usize), String> {
+        self.embed(batch).map(|v| (v, 1))
+    }
+
+    /// Starts a batch; [`Pending::finish`] (on the same thread) gives its vectors. A backend
+    /// that computes asynchronously returns as soon as the work is queued; the default computes
+    /// here.
+    fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
+        Box::new(Ready(self.embed_counted(batch)))
+    }
+
+    /// One thread should drive this replica, launching the next batch before finishing the
+    /// current one. True for GPUs: threads sharing one CUDA stream contend (measured on an H100:
+    /// a 4-input forward took 2.7 ms from one thread, 28 ms from each of four), while queueing
+    /// batch k+1 behind batch k keeps the device busy during the host work between them.
+    fn pipelined(&self) -> bool {
+        false
+    }
+}
+
+/// A batch started by [`Backend::launch`].
+pub trait Pending {
+    /// Waits for the batch: one vector per input, in order, and the forwards it took.
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String>;
+}
+
+/// A batch computed when it was launched.
+struct Ready(Result<(Vec<Vec<f32>>, usize), String>);
+
+impl Pending for Ready {
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String> {
+        self.0
+    }
+}
+
+impl Pending for bert::Launched {
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String> {
+        bert::Launched::finish(*self).map_err(|e| e.to_string())
+    }
 }
 
 impl Backend for Bert {
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
         Bert::embed(self, batch).map_err(|e| e.to_string())
+    }
+
+    fn embed_counted(&self, batch: &[&[u32]]) -> Result<(Vec<Vec<f32>>, usize), String> {
+        Bert::embed_counted(self, batch).map_err(|e| e.to_string())
+    }
+
+    fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
+        match Bert::launch(self, batch) {
+            Ok(l) => Box::new(l),
+            Err(e) => Box::new(Ready(Err(e.to_string()))),
+        }
+    }
+
+    fn pipelined(&self) -> bool {
+        self.on_gpu()
     }
 }
 
@@ -63,10 +119,18 @@ struct Slowed {
 
 impl Backend for Slowed {
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+        self.embed_counted(batch).map(|(v, _)| v)
+    }
+
+    fn embed_counted(&self, batch: &[&[u32]]) -> Result<(Vec<Vec<f32>>, usize), String> {
         let t = std::time::Instant::now();
-        let out = self.inner.embed(batch);
+        let out = self.inner.embed_counted(batch);
         std::thread::sleep(t.elapsed().mul_f64(self.extra));
         out
+    }
+
+    fn pipelined(&self) -> bool {
+        self.inner.pipelined()
     }
 }
 
@@ -311,8 +375,18 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
             _ => unreachable!("synthetic sources always carry weights"),
         };
         let mut bert = Bert::load(vb, &config).map_err(|e| lerr(e.to_string()))?;
-        bert.calibrate()
-            .map_err(|e| lerr(format!("warm-up forward on {name}: {e}")))?;
+        // Diagnostics for the GPU investigation (results/gpu-h100.md): skip the warm-up, or
+        // override the split cost it measures. Unset in normal use.
+        if std::env::var_os("BATCHTUNE_SKIP_WARMUP").is_none() {
+            bert.calibrate()
+                .map_err(|e| lerr(format!("warm-up forward on {name}: {e}")))?;
+        }
+        if let Some(t) = std::env::var("BATCHTUNE_SPLIT_OVERHEAD_TOKENS")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            bert.set_overhead_tokens(t);
+        }
         tracing::info!(
             device = %name,
             overhead_tokens = bert.overhead_tokens().round(),
