@@ -1,10 +1,17 @@
 # Shared set-up for the scripts run on the lent GPU machine (sourced, not run).
-# Binaries are built on the CPU machine and travel gzip-compressed in .gpu/bin (64 MiB carry
-# limit); the model travels as f16 safetensors in .gpu/minilm and is linked to the path that
+# Binaries are built on the CPU machine and travel gzip- or xz-compressed in .gpu/bin (64 MiB carry
+# limit; xz is unpacked with Python's lzma, the device has no xz); the model travels as f16 safetensors in .gpu/minilm and is linked to the path that
 # scripts/fetch-minilm.sh uses, so profiles written there name the same path as on a user's host.
 B=/tmp/bt-bin
-mkdir -p $B && for f in .gpu/bin/*.gz; do
-  n=$(basename "$f" .gz); [ -x "$B/$n" ] || { gunzip -c "$f" > "$B/$n"; chmod +x "$B/$n"; }
+mkdir -p $B && for f in .gpu/bin/*.gz .gpu/bin/*.xz; do
+  [ -e "$f" ] || continue
+  n=$(basename "${f%.*}")
+  [ -x "$B/$n" ] && continue
+  case "$f" in
+    *.gz) gunzip -c "$f" > "$B/$n" ;;
+    *.xz) python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "$B/$n" ;;
+  esac
+  chmod +x "$B/$n"
 done
 mkdir -p models && [ -e models/all-MiniLM-L6-v2 ] || ln -s ../.gpu/minilm models/all-MiniLM-L6-v2
 M=models/all-MiniLM-L6-v2

@@ -146,11 +146,10 @@ impl Live<'_> {
     }
 
     fn measure(&mut self, knobs: &Knobs) -> Result<RateResult, SearchError> {
-        let hint = self
+        let best = self
             .best()
             .map(|t| t.result.sustainable_rps)
-            .filter(|r| *r > 0.0)
-            .unwrap_or(16.0);
+            .filter(|r| *r > 0.0);
         let bar = (!self.quiet && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new_spinner();
             b.set_style(
@@ -172,13 +171,34 @@ impl Live<'_> {
             cancel: self.cancel.clone(),
             headers: self.headers.clone(),
         };
+        // The first trial starts from half a short closed-loop saturation run: bracketing up
+        // from a fixed guess costs a probe per doubling (16 → 10,000 req/s on a GPU is most of
+        // a trial's probes), the order of magnitude costs one 2 s run.
+        let hint = match best {
+            Some(b) => b,
+            None => {
+                if let Some(b) = &bar {
+                    b.set_message("estimating the order of magnitude (closed loop, 2 s)");
+                }
+                let est = rt.block_on(search.saturation(64));
+                rt.block_on(server.wait_idle(Duration::from_secs(60)));
+                est.map(|x| 0.5 * x)
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .unwrap_or(16.0)
+            }
+        };
         let mut probes = Vec::new();
         while let Some(rate) = next_rate(&probes, hint, &self.settings) {
             if let Some(b) = &bar {
                 b.set_message(format!("probing {rate:.1}/s"));
             }
             self.seed += 1;
-            let settle = probes.last().map(|p: &crate::trial::Probe| p.p99);
+            // Warm up at least as long as the least-loaded probe's p99 so far: about the
+            // server's own latency, not an overloaded probe's backlog.
+            let settle = probes
+                .iter()
+                .map(|p: &crate::trial::Probe| p.p99)
+                .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.min(v))));
             let (probe, _) = rt
                 .block_on(search.probe(rate, self.seed, settle))
                 .map_err(|e| SearchError::Config(e.to_string()))?;
@@ -442,9 +462,8 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         .result
         .probes
         .iter()
-        .filter(|p| p.pass)
         .map(|p| p.p99)
-        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.min(v))));
     let mut again = Vec::new();
     let mut confirmed = false;
     let mut tried = Vec::new();
