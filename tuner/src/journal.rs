@@ -30,6 +30,10 @@ pub struct Header {
     pub workload: String,
     /// Unix time the search began.
     pub started_unix_s: f64,
+    /// `[k, n]`: this search measures the grid points whose index is k mod n (a grid split over
+    /// several machines' cores; `tuner replay` merges the shards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<[usize; 2]>,
 }
 
 /// One finished trial.
@@ -175,6 +179,7 @@ mod tests {
 
     fn header(id: &str) -> Header {
         Header {
+            shard: None,
             search_id: id.into(),
             targets: vec!["p95<4s".into()],
             space: Space::default_space(),

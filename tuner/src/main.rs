@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tuner::search::{search, SearchError, SearchOptions, ServerSpec};
+use tuner::search::{search, SearchError, SearchOptions, SearchOutcome, ServerSpec};
 use tuner::space::Space;
 use tuner::strategy::Strategy;
 use tuner::trial::ProbeSettings;
@@ -149,7 +149,8 @@ struct ReportArgs {
 
 #[derive(clap::Args)]
 struct ReplayArgs {
-    /// The grid search's id.
+    /// The grid search's id; several ids, comma-separated, for a grid measured in shards
+    /// (`tuner search --shard K/N`).
     search_id: String,
     /// Folder of search journals.
     #[arg(long, default_value = "results/searches")]
@@ -238,6 +239,11 @@ struct SearchArgs {
     /// No progress output.
     #[arg(long, short, env = "TUNER_QUIET")]
     quiet: bool,
+    /// K/N: measure only the grid points whose index is K mod N (with --strategy grid), so one
+    /// grid can be split over several machines or core sets; `tuner replay ID1,ID2,…` merges the
+    /// shards. A shard writes no profile.
+    #[arg(long, env = "TUNER_SHARD")]
+    shard: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -273,6 +279,20 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `K/N` with N ≥ 1 and K < N.
+fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
+    let bad = || anyhow::anyhow!("--shard {s:?}: expected K/N with 0 ≤ K < N, e.g. 0/8");
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n): (usize, usize) = (
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if n == 0 || k >= n {
+        return Err(bad());
+    }
+    Ok((k, n))
 }
 
 fn find_runtime() -> anyhow::Result<PathBuf> {
@@ -490,6 +510,10 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     if !(a.rate_limit_fraction > 0.0 && a.rate_limit_fraction <= 1.0) {
         anyhow::bail!("--rate-limit-fraction must be in (0, 1]");
     }
+    let shard = a.shard.as_deref().map(parse_shard).transpose()?;
+    if shard.is_some() && strategy != Strategy::Grid {
+        anyhow::bail!("--shard splits a grid: it needs --strategy grid");
+    }
     let opts = TextOptions {
         inputs_per_request: a.inputs_per_request.max(1),
         ..TextOptions::default()
@@ -535,12 +559,28 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             remeasure: a.remeasure,
             quiet: a.quiet,
             headers,
+            shard,
         },
         cancel,
     );
     match out {
+        Ok(SearchOutcome {
+            profile: None,
+            search_id,
+            trials,
+            ..
+        }) => {
+            println!(
+                "search {search_id}: grid shard done, {} trials",
+                trials.len()
+            );
+            Ok(())
+        }
         Ok(o) => {
-            let prov = o.profile.provenance.clone().unwrap_or_default();
+            let Some(profile) = &o.profile else {
+                unreachable!("matched above")
+            };
+            let prov = profile.provenance.clone().unwrap_or_default();
             println!("search {}: {} trials", o.search_id, o.trials.len());
             println!(
                 "best: {}",
@@ -552,7 +592,7 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             );
             println!(
                 "sustainable rate {:.1} req/s; rate_limit set to {:.1} req/s",
-                o.best_rps, o.profile.rate_limit
+                o.best_rps, profile.rate_limit
             );
             if let (Some(p95), Some(passed), Some(runs)) = (
                 prov.get("p95_s"),
@@ -574,7 +614,17 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
 
 fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
     use tuner::replay::{efficiency, Grid};
-    let (_, header, trials) = tuner::journal::Journal::resume(&a.journal_dir, &a.search_id)?;
+    let mut parts = Vec::new();
+    for id in a
+        .search_id
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (_, header, trials) = tuner::journal::Journal::resume(&a.journal_dir, id)?;
+        parts.push((header, trials));
+    }
+    let (header, trials) = tuner::replay::merge_shards(parts).map_err(anyhow::Error::msg)?;
     let grid = Grid::from_journal(header, &trials).map_err(anyhow::Error::msg)?;
     let start = grid
         .header

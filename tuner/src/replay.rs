@@ -12,6 +12,37 @@ use crate::strategy::{self, grid_points, levels_for, Evaluator, Strategy};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
+/// Joins the journals of one grid measured in shards (`tuner search --shard K/N`) into one
+/// header and trial list. The shards must agree on everything that defines the grid (space,
+/// targets, budget, probe settings, workload); a point measured twice keeps its first result.
+pub fn merge_shards(parts: Vec<(Header, Vec<Trial>)>) -> Result<(Header, Vec<Trial>), String> {
+    let mut it = parts.into_iter();
+    let (mut header, mut trials) = it.next().ok_or("no journal given")?;
+    let mut seen: HashSet<String> = trials.iter().map(|t| t.key.clone()).collect();
+    for (h, t) in it {
+        let same = h.space == header.space
+            && h.targets == header.targets
+            && h.budget == header.budget
+            && h.probe == header.probe
+            && h.workload == header.workload;
+        if !same {
+            return Err(format!(
+                "search {} does not measure the same grid as {} (space, targets, budget, probe \
+                 settings and workload must agree)",
+                h.search_id, header.search_id
+            ));
+        }
+        header.search_id = format!("{}+{}", header.search_id, h.search_id);
+        for tr in t {
+            if seen.insert(tr.key.clone()) {
+                trials.push(tr);
+            }
+        }
+    }
+    header.shard = None;
+    Ok((header, trials))
+}
+
 /// A stored grid: every point's sustainable rate.
 pub struct Grid {
     /// The search header (space, budget → levels).
@@ -208,6 +239,7 @@ mod tests {
             .knobs
             .retain(|k, _| k == "max_batch_size" || k == "batch_wait_timeout");
         let header = Header {
+            shard: None,
             search_id: "g".into(),
             targets: vec![],
             space: space.clone(),
@@ -256,6 +288,51 @@ mod tests {
         }
         let hill = eff.iter().find(|e| e.strategy == "Hill").unwrap();
         assert!(hill.median_trials < 40.0, "{hill:?}");
-        assert!(Grid::from_journal(header, &trials[..10]).is_err());
+        assert!(Grid::from_journal(header.clone(), &trials[..10]).is_err());
+
+        // The same grid measured in three shards: disjoint, together complete, merged back into
+        // the same lookup; a shard of another grid is refused.
+        struct Record(Vec<String>);
+        impl Evaluator for Record {
+            fn eval(&mut self, k: &Knobs) -> Option<f64> {
+                self.0.push(key(k));
+                Some(1.0)
+            }
+        }
+        let mut parts = Vec::new();
+        let mut all = HashSet::new();
+        for k in 0..3 {
+            let mut rec = Record(Vec::new());
+            strategy::run_shard(
+                Strategy::Grid,
+                &space,
+                &start,
+                64,
+                7,
+                Some((k, 3)),
+                &mut rec,
+            );
+            for p in &rec.0 {
+                assert!(all.insert(p.clone()), "{p} measured by two shards");
+            }
+            let mine: Vec<Trial> = trials
+                .iter()
+                .filter(|t| rec.0.contains(&t.key))
+                .cloned()
+                .collect();
+            let h = Header {
+                search_id: format!("s{k}"),
+                shard: Some([k, 3]),
+                ..header.clone()
+            };
+            parts.push((h, mine));
+        }
+        assert_eq!(all.len(), 64);
+        let (h, merged) = merge_shards(parts.clone()).unwrap();
+        assert_eq!(h.search_id, "s0+s1+s2");
+        let back = Grid::from_journal(h, &merged).unwrap();
+        assert_eq!((back.size(), back.best()), (64, 100.0));
+        parts[2].0.targets = vec!["p95<1s".into()];
+        assert!(merge_shards(parts).unwrap_err().contains("s2"));
     }
 }

@@ -67,6 +67,8 @@ pub struct SearchOptions {
     pub quiet: bool,
     /// Extra request headers.
     pub headers: Vec<(String, String)>,
+    /// Measure only the grid points whose index is k mod n (grid strategy; see [`Header::shard`]).
+    pub shard: Option<(usize, usize)>,
 }
 
 /// Errors that end a search.
@@ -104,8 +106,8 @@ pub enum SearchError {
 pub struct SearchOutcome {
     /// Search id.
     pub search_id: String,
-    /// The tuned profile as written.
-    pub profile: Profile,
+    /// The tuned profile as written (None for a grid shard, which writes none).
+    pub profile: Option<Profile>,
     /// Where it was written.
     pub out: PathBuf,
     /// Every trial.
@@ -342,6 +344,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
                 seed: opts.seed,
                 probe: opts.probe.clone(),
                 workload: opts.workload_spec.clone(),
+                shard: opts.shard.map(|(k, n)| [k, n]),
                 started_unix_s: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
@@ -408,12 +411,13 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         seed: header.seed * 1000 + done.len() as u64 * 17,
         error: None,
     };
-    strategy::run(
+    strategy::run_shard(
         strategy_kind,
         &header.space,
         &start_knobs,
         header.budget,
         header.seed,
+        header.shard.map(|[k, n]| (k, n)),
         &mut live,
     );
     if let Some(e) = live.error.take() {
@@ -437,6 +441,23 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         });
     };
     drop(live);
+    if let Some([k, n]) = header.shard {
+        // A shard is part of a grid benchmark: its best is not a winner worth a profile.
+        eprintln!(
+            "search {}: shard {k}/{n} of the grid done ({} trials); merge the shards with \
+             `tuner replay ID1,ID2,…` (no profile written)",
+            header.search_id,
+            trials.len()
+        );
+        return Ok(SearchOutcome {
+            search_id: header.search_id.clone(),
+            profile: None,
+            out: opts.journal_dir.join(&header.search_id),
+            best: best.knobs.clone(),
+            best_rps: best.result.sustainable_rps,
+            trials,
+        });
+    }
 
     // Re-measure the winner at its sustainable rate to see whether it holds up.
     eprintln!(
@@ -525,7 +546,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
     let _ = std::fs::write(copy, &text);
     Ok(SearchOutcome {
         search_id: header.search_id,
-        profile,
+        profile: Some(profile),
         out: opts.out.clone(),
         trials,
         best_rps: confirmation.rate,

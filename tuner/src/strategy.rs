@@ -67,8 +67,22 @@ pub fn run(
     seed: u64,
     ev: &mut dyn Evaluator,
 ) {
+    run_shard(strategy, space, start, budget, seed, None, ev)
+}
+
+/// [`run`], measuring only the grid points whose index is `k` mod `n` when `shard` is
+/// `Some((k, n))` (grid strategy only; the others ignore it).
+pub fn run_shard(
+    strategy: Strategy,
+    space: &Space,
+    start: &Knobs,
+    budget: usize,
+    seed: u64,
+    shard: Option<(usize, usize)>,
+    ev: &mut dyn Evaluator,
+) {
     match strategy {
-        Strategy::Grid => grid(space, budget, seed, ev),
+        Strategy::Grid => grid(space, budget, seed, shard, ev),
         Strategy::Random => random(space, seed, budget, ev),
         Strategy::Hill => hill(space, start, seed, budget, ev),
         Strategy::NelderMead => nelder_mead(space, start, seed, budget, ev),
@@ -99,8 +113,20 @@ pub fn grid_points(space: &Space, levels: usize) -> Vec<Vec<f64>> {
     pts
 }
 
-fn grid(space: &Space, budget: usize, seed: u64, ev: &mut dyn Evaluator) {
-    let mut pts = grid_points(space, levels_for(budget, space.dims()));
+fn grid(
+    space: &Space,
+    budget: usize,
+    seed: u64,
+    shard: Option<(usize, usize)>,
+    ev: &mut dyn Evaluator,
+) {
+    let (k, n) = shard.unwrap_or((0, 1));
+    let mut pts: Vec<Vec<f64>> = grid_points(space, levels_for(budget, space.dims()))
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % n == k)
+        .map(|(_, p)| p)
+        .collect();
     pts.shuffle(&mut StdRng::seed_from_u64(seed));
     for p in pts {
         if ev.eval(&space.decode(&p)).is_none() {

@@ -65,6 +65,7 @@ fn options(dir: &std::path::Path, budget: usize) -> SearchOptions {
         remeasure: 2,
         quiet: true,
         headers: vec![],
+        shard: None,
     }
 }
 
