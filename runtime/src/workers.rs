@@ -28,8 +28,6 @@ struct Device {
     rx: crossbeam_channel::Receiver<Job>,
     threads: usize,
     in_flight: usize,
-    /// One pipelined thread instead of a pool.
-    pipelined: bool,
 }
 
 /// All replicas and their thread pools.
@@ -48,7 +46,6 @@ impl Workers {
                 let (tx, rx) = crossbeam_channel::unbounded();
                 Device {
                     label,
-                    pipelined: backend.pipelined(),
                     backend,
                     tx,
                     rx,
@@ -77,7 +74,8 @@ impl Workers {
             .min_by_key(|(_, d)| d.in_flight)
             .expect("at least one device");
         dev.in_flight += 1;
-        if dev.in_flight > dev.threads && !(dev.pipelined && dev.threads > 0) {
+        // A pipelined replica (GPU) never gets a second thread.
+        if dev.in_flight > dev.threads && !(dev.threads > 0 && dev.backend.pipelined()) {
             dev.threads += 1;
             let rx = dev.rx.clone();
             let backend = dev.backend.clone();
@@ -126,47 +124,28 @@ fn worker_loop(
     let mut pending: Option<Started> = None;
     loop {
         // With a batch on the device, take the next one only if it is already waiting, and
-        // launch it before finishing the current one; otherwise finish first, then block.
-        let job = match &pending {
-            Some(_) => match rx.try_recv() {
-                Ok(job) => Some(job),
-                Err(crossbeam_channel::TryRecvError::Empty) => None,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    if let Some(p) = pending.take() {
-                        ctx.finish(p);
-                        report();
-                    }
-                    break;
-                }
-            },
+        // launch it before finishing the current one; otherwise finish first, then block. (A
+        // closed channel reads as "nothing waiting": the pending batch is finished first, then
+        // the blocking receive ends the loop.)
+        let job = match pending {
+            Some(_) => rx.try_recv().ok(),
             None => match rx.recv() {
                 Ok(job) => Some(job),
                 Err(_) => break,
             },
         };
-        let ok = match job.map(|j| ctx.start(j)) {
-            Some(Some(s)) if pipelined => match pending.replace(s) {
-                Some(p) => {
-                    ctx.finish(p);
-                    report()
-                }
-                None => true,
-            },
-            Some(Some(s)) => {
-                ctx.finish(s);
-                report()
-            }
-            // Every client of the batch left: nothing to compute.
-            Some(None) => report(),
-            None => match pending.take() {
-                Some(p) => {
-                    ctx.finish(p);
-                    report()
-                }
-                None => true,
-            },
+        let (finish, taken) = match job.map(|j| ctx.start(j)) {
+            Some(Some(s)) if pipelined => (pending.replace(s), false),
+            Some(Some(s)) => (Some(s), false),
+            // Every client of the batch left: nothing to compute, done at once.
+            Some(None) => (None, true),
+            None => (pending.take(), false),
         };
-        if !ok {
+        let done_now = finish.is_some() || taken;
+        if let Some(p) = finish {
+            ctx.finish(p);
+        }
+        if done_now && !report() {
             break;
         }
     }

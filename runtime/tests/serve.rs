@@ -352,7 +352,7 @@ struct Later {
 impl Pending for Later {
     fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String> {
         let refs: Vec<&[u32]> = self.batch.iter().map(|b| b.as_slice()).collect();
-        let out = self.inner.embed_counted(&refs);
+        let out = self.inner.launch(&refs).finish();
         self.outstanding.fetch_sub(1, Ordering::SeqCst);
         out
     }

@@ -576,23 +576,26 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Ok(o) => {
-            let Some(profile) = &o.profile else {
-                unreachable!("matched above")
-            };
+        Ok(SearchOutcome {
+            profile: Some(profile),
+            search_id,
+            trials,
+            best,
+            best_rps,
+            out,
+        }) => {
             let prov = profile.provenance.clone().unwrap_or_default();
-            println!("search {}: {} trials", o.search_id, o.trials.len());
+            println!("search {search_id}: {} trials", trials.len());
             println!(
                 "best: {}",
-                o.best
-                    .iter()
+                best.iter()
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
             println!(
                 "sustainable rate {:.1} req/s; rate_limit set to {:.1} req/s",
-                o.best_rps, profile.rate_limit
+                best_rps, profile.rate_limit
             );
             if let (Some(p95), Some(passed), Some(runs)) = (
                 prov.get("p95_s"),
@@ -601,7 +604,7 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             ) {
                 println!("re-measured: {passed}/{runs} runs met the targets; median p95 {p95}s");
             }
-            println!("wrote {}", o.out.display());
+            println!("wrote {}", out.display());
             Ok(())
         }
         Err(e @ SearchError::Interrupted { .. }) => {

@@ -200,7 +200,7 @@ impl Live<'_> {
             let settle = probes
                 .iter()
                 .map(|p: &crate::trial::Probe| p.p99)
-                .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.min(v))));
+                .min_by(f64::total_cmp);
             let (probe, _) = rt
                 .block_on(search.probe(rate, self.seed, settle))
                 .map_err(|e| SearchError::Config(e.to_string()))?;
@@ -484,7 +484,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         .probes
         .iter()
         .map(|p| p.p99)
-        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.min(v))));
+        .min_by(f64::total_cmp);
     let mut again = Vec::new();
     let mut confirmed = false;
     let mut tried = Vec::new();

@@ -108,9 +108,6 @@ impl Launched {
     /// Waits for the forwards and reads the vectors back in input order, with the forward count.
     pub fn finish(self) -> candle_core::Result<(Vec<Vec<f32>>, usize)> {
         let forwards = self.parts.len();
-        if self.n == 0 {
-            return Ok((Vec::new(), forwards));
-        }
         let mut out = vec![Vec::new(); self.n];
         for (t, rows) in self.parts {
             for (v, i) in t.to_vec2::<f32>()?.into_iter().zip(rows) {
@@ -216,13 +213,7 @@ impl Bert {
     /// the groups [`split_by_padding_cost`] picks for this replica's measured costs, so a few long
     /// inputs do not make every short one pay for their padding.
     pub fn embed(&self, batch: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        self.embed_counted(batch).map(|(v, _)| v)
-    }
-
-    /// [`Bert::embed`] plus the number of forwards it ran (the metrics count them: a split that
-    /// fires where it should not shows up as forwards per batch well above 1).
-    pub fn embed_counted(&self, batch: &[&[u32]]) -> candle_core::Result<(Vec<Vec<f32>>, usize)> {
-        self.launch(batch)?.finish()
+        self.launch(batch)?.finish().map(|(v, _)| v)
     }
 
     /// Queues every forward of a batch and returns without reading the results back. On a GPU
@@ -230,28 +221,10 @@ impl Bert {
     /// batch while this one computes ([`Launched::finish`] waits); on a CPU the work is done here.
     pub fn launch(&self, batch: &[&[u32]]) -> candle_core::Result<Launched> {
         let n = batch.len();
-        if n == 0 {
-            return Ok(Launched {
-                parts: Vec::new(),
-                n,
-            });
-        }
-        if n == 1 {
-            return Ok(Launched {
-                parts: vec![(self.forward_padded(batch)?, vec![0])],
-                n,
-            });
-        }
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| batch[i].len());
         let lens: Vec<usize> = order.iter().map(|&i| batch[i].len()).collect();
         let ends = split_by_padding_cost(&lens, self.overhead_tokens);
-        if ends.len() == 1 {
-            return Ok(Launched {
-                parts: vec![(self.forward_padded(batch)?, (0..n).collect())],
-                n,
-            });
-        }
         let mut parts = Vec::with_capacity(ends.len());
         let mut start = 0;
         for end in ends {

@@ -45,16 +45,11 @@ pub trait Backend: Send + Sync {
     /// One unit-norm embedding per input, in order.
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String>;
 
-    /// [`Backend::embed`] plus how many forwards the batch took (1 unless the backend splits it).
-    fn embed_counted(&self, batch: &[&[u32]]) -> Result<(Vec<Vec<f32>>, usize), String> {
-        self.embed(batch).map(|v| (v, 1))
-    }
-
-    /// Starts a batch; [`Pending::finish`] (on the same thread) gives its vectors. A backend
-    /// that computes asynchronously returns as soon as the work is queued; the default computes
-    /// here.
+    /// Starts a batch; [`Pending::finish`] (on the same thread) gives its vectors and the
+    /// forwards it took. A backend that computes asynchronously returns as soon as the work is
+    /// queued; the default computes here, in one forward.
     fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
-        Box::new(Ready(self.embed_counted(batch)))
+        Box::new(Ready(self.embed(batch).map(|v| (v, 1))))
     }
 
     /// One thread should drive this replica, launching the next batch before finishing the
@@ -92,10 +87,6 @@ impl Backend for Bert {
         Bert::embed(self, batch).map_err(|e| e.to_string())
     }
 
-    fn embed_counted(&self, batch: &[&[u32]]) -> Result<(Vec<Vec<f32>>, usize), String> {
-        Bert::embed_counted(self, batch).map_err(|e| e.to_string())
-    }
-
     fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
         match Bert::launch(self, batch) {
             Ok(l) => Box::new(l),
@@ -119,14 +110,16 @@ struct Slowed {
 
 impl Backend for Slowed {
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
-        self.embed_counted(batch).map(|(v, _)| v)
+        self.launch(batch).finish().map(|(v, _)| v)
     }
 
-    fn embed_counted(&self, batch: &[&[u32]]) -> Result<(Vec<Vec<f32>>, usize), String> {
+    /// Computes at launch (a slowed replica is a CPU test double): the sleep must follow the
+    /// real work, and the pipelined worker's overlap would hide it.
+    fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
         let t = std::time::Instant::now();
-        let out = self.inner.embed_counted(batch);
+        let out = self.inner.launch(batch).finish();
         std::thread::sleep(t.elapsed().mul_f64(self.extra));
-        out
+        Box::new(Ready(out))
     }
 
     fn pipelined(&self) -> bool {
