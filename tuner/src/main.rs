@@ -512,6 +512,9 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     if !(a.rate_limit_fraction > 0.0 && a.rate_limit_fraction <= 1.0) {
         anyhow::bail!("--rate-limit-fraction must be in (0, 1]");
     }
+    if a.budget == 0 {
+        anyhow::bail!("--budget 0: a search needs at least 1 trial");
+    }
     let shard = a.shard.as_deref().map(parse_shard).transpose()?;
     if shard.is_some() && strategy != Strategy::Grid {
         anyhow::bail!("--shard splits a grid: it needs --strategy grid");
@@ -546,7 +549,7 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
         SearchOptions {
             targets: a.targets.clone(),
             space,
-            budget: a.budget.max(1),
+            budget: a.budget,
             time: dur("time", &a.time)?,
             strategy,
             seed: a.seed,
