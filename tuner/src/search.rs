@@ -140,11 +140,7 @@ struct Live<'a> {
 
 impl Live<'_> {
     fn best(&self) -> Option<&Trial> {
-        self.order.iter().max_by(|a, b| {
-            a.result
-                .sustainable_rps
-                .total_cmp(&b.result.sustainable_rps)
-        })
+        winner(&self.order)
     }
 
     fn measure(&mut self, knobs: &Knobs) -> Result<RateResult, SearchError> {
@@ -671,5 +667,81 @@ fn round4(x: f64) -> f64 {
         (x * 1e4).round() / 1e4
     } else {
         0.0
+    }
+}
+
+/// Trials whose sustainable rates are within this fraction of the highest count as tied: probe
+/// rates sit on a lattice about 9% apart (the 10% rate tolerance), so distinct lattice points
+/// never fall inside it, while one lattice point reached along two paths (last-bit differences)
+/// always does.
+const TIE: f64 = 0.01;
+
+/// The search's winner: the highest sustainable rate; among trials tied at it (common, since
+/// rates sit on a lattice), the one whose passing probe at that rate had the lowest p95, which
+/// leaves the most room under the target for the confirmation and for production.
+pub fn winner(trials: &[Trial]) -> Option<&Trial> {
+    let top = trials
+        .iter()
+        .map(|t| t.result.sustainable_rps)
+        .fold(f64::NEG_INFINITY, f64::max);
+    trials
+        .iter()
+        .filter(|t| t.result.sustainable_rps >= top * (1.0 - TIE))
+        .min_by(|a, b| p95_at_sustainable(a).total_cmp(&p95_at_sustainable(b)))
+}
+
+/// p95 of the trial's passing probe at its sustainable rate (infinite when none passed).
+fn p95_at_sustainable(t: &Trial) -> f64 {
+    t.result
+        .probes
+        .iter()
+        .filter(|p| p.pass && p.rate == t.result.sustainable_rps)
+        .map(|p| p.p95)
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trial::{result_of, Probe};
+
+    fn trial(index: usize, passes: &[(f64, f64)]) -> Trial {
+        let probes = passes
+            .iter()
+            .map(|&(rate, p95)| Probe {
+                rate,
+                pass: true,
+                reason: String::new(),
+                achieved_rps: rate,
+                p50: p95 / 2.0,
+                p95,
+                p99: p95 * 1.2,
+                error_rate: 0.0,
+            })
+            .collect();
+        Trial {
+            index,
+            key: format!("t{index}"),
+            knobs: Knobs::new(),
+            result: result_of(probes),
+            elapsed_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_winner_is_the_fastest_and_among_ties_the_one_with_most_latency_headroom() {
+        assert!(winner(&[]).is_none());
+        // A higher rate wins whatever its latency.
+        let t = [trial(0, &[(100.0, 0.1)]), trial(1, &[(110.0, 3.9)])];
+        assert_eq!(winner(&t).unwrap().index, 1);
+        // Tied at one lattice point (up to the last bits): the lower p95 at that rate wins,
+        // and a lower p95 at a lower probe rate of the same trial does not count.
+        let t = [
+            trial(0, &[(50.0, 0.01), (103.7472, 2.5)]),
+            trial(1, &[(103.74720000001, 0.9)]),
+            trial(2, &[(103.7472, 1.8)]),
+            trial(3, &[(95.0, 0.2)]),
+        ];
+        assert_eq!(winner(&t).unwrap().index, 1);
     }
 }
