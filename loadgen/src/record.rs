@@ -227,7 +227,8 @@ pub struct Collector {
     pub windows: Vec<(Histogram<u64>, u64, u64)>,
     /// Successful responses to requests scheduled in the measurement phase.
     pub ok: u64,
-    /// Successful responses that completed inside the measurement phase (throughput).
+    /// Successful responses that completed inside the measurement phase, warm-up requests
+    /// included (throughput).
     pub ok_in_phase: u64,
     /// Errors by kind in the measurement phase.
     pub errors: BTreeMap<String, u64>,
@@ -260,25 +261,39 @@ impl Collector {
         }
     }
 
+    /// The window a completion at `done` falls in (the last for anything later).
+    fn window_of(&self, done: Instant) -> usize {
+        let w = (done
+            .saturating_duration_since(self.measure_start)
+            .as_secs_f64()
+            / self.window.as_secs_f64()) as usize;
+        w.min(self.windows.len() - 1)
+    }
+
     /// Records one sample.
     pub fn record(&mut self, s: &Sample) {
+        let in_phase = s.done >= self.measure_start && s.done < self.measure_end;
         if s.intended < self.measure_start {
             self.warmup += 1;
+            // Throughput is completions inside the phase ÷ its length, whenever the request was
+            // scheduled. Leaving out the warm-up requests still in flight when the phase starts,
+            // while the phase's own requests still in flight at its end are left out too, would
+            // undercount by about latency ÷ duration (10% of a 4 s probe at 0.4 s latency) and
+            // make the first window look slow.
+            if in_phase && matches!(s.outcome, Outcome::Ok { .. }) {
+                let w = self.window_of(s.done);
+                self.windows[w].1 += 1;
+                self.ok_in_phase += 1;
+            }
             return;
         }
         self.scheduled += 1;
         self.histos
             .lag
             .saturating_record(us(s.started.saturating_duration_since(s.intended)));
-        let w = (s
-            .done
-            .saturating_duration_since(self.measure_start)
-            .as_secs_f64()
-            / self.window.as_secs_f64()) as usize;
         // Completions after the measured phase still count for latency (they were offered in
         // it) but not for throughput, which is completions inside the phase ÷ its length.
-        let in_phase = s.done < self.measure_end;
-        let w = w.min(self.windows.len() - 1);
+        let w = self.window_of(s.done);
         match &s.outcome {
             Outcome::Ok { ttft, gaps } => {
                 self.ok += 1;
@@ -512,6 +527,48 @@ mod tests {
             })
             .count();
         assert!(alarms <= 10, "{alarms} of 200");
+    }
+
+    #[test]
+    fn throughput_counts_completions_inside_the_phase_whenever_they_were_scheduled() {
+        use super::{Collector, Outcome, Sample};
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let at = |ms: i64| {
+            if ms >= 0 {
+                t0 + Duration::from_millis(ms as u64)
+            } else {
+                t0 - Duration::from_millis((-ms) as u64)
+            }
+        };
+        let ok = || Outcome::Ok {
+            ttft: None,
+            gaps: vec![],
+        };
+        let sample = |intended: i64, done: i64, outcome: Outcome| Sample {
+            intended: at(intended),
+            started: at(intended),
+            sent: at(intended),
+            done: at(done),
+            outcome,
+        };
+        // Phase [0 s, 4 s) in 1 s windows.
+        let mut c = Collector::new(t0, at(4000), Duration::from_secs(1));
+        c.record(&sample(-500, 200, ok())); // warm-up, done in window 0: throughput
+        c.record(&sample(-900, -100, ok())); // warm-up, done before the phase: nothing
+        c.record(&sample(-300, 300, Outcome::Status(503))); // warm-up error: nothing
+        c.record(&sample(1000, 1500, ok())); // phase, done in window 1
+        c.record(&sample(3800, 4300, ok())); // phase, done after it: latency only
+        assert_eq!((c.warmup, c.scheduled, c.ok), (3, 2, 2));
+        assert_eq!(c.ok_in_phase, 2);
+        let per_window: Vec<u64> = c.windows.iter().map(|w| w.1).collect();
+        assert_eq!(per_window, vec![1, 1, 0, 0]);
+        assert!(c.errors.is_empty(), "warm-up errors are not the phase's");
+        assert_eq!(
+            c.histos.latency.len(),
+            2,
+            "latency only of the phase's requests"
+        );
     }
 
     #[test]
