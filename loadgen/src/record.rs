@@ -270,6 +270,13 @@ impl Collector {
         w.min(self.windows.len() - 1)
     }
 
+    /// One success completed inside the phase: phase and window throughput.
+    fn count_throughput(&mut self, done: Instant) {
+        let w = self.window_of(done);
+        self.windows[w].1 += 1;
+        self.ok_in_phase += 1;
+    }
+
     /// Records one sample.
     pub fn record(&mut self, s: &Sample) {
         let in_phase = s.done >= self.measure_start && s.done < self.measure_end;
@@ -281,9 +288,7 @@ impl Collector {
             // undercount by about latency ÷ duration (10% of a 4 s probe at 0.4 s latency) and
             // make the first window look slow.
             if in_phase && matches!(s.outcome, Outcome::Ok { .. }) {
-                let w = self.window_of(s.done);
-                self.windows[w].1 += 1;
-                self.ok_in_phase += 1;
+                self.count_throughput(s.done);
             }
             return;
         }
@@ -316,8 +321,7 @@ impl Collector {
                 }
                 if in_phase {
                     self.windows[w].0.saturating_record(lat);
-                    self.windows[w].1 += 1;
-                    self.ok_in_phase += 1;
+                    self.count_throughput(s.done);
                 }
             }
             other => {

@@ -142,15 +142,13 @@ impl Grid {
         for g in &rest {
             let other: Vec<f64> = keys.iter().map(|k| g.table[k]).collect();
             agreement.rank_correlation.push(spearman(&first, &other));
-            let mut ratios: Vec<f64> = first
+            let ratios: Vec<f64> = first
                 .iter()
                 .zip(&other)
                 .filter(|(a, _)| **a > 0.0)
                 .map(|(a, b)| b / a)
                 .collect();
-            ratios.sort_by(f64::total_cmp);
-            let mid = ratios.get(ratios.len() / 2).copied();
-            agreement.median_ratio.push(mid.unwrap_or(f64::NAN));
+            agreement.median_ratio.push(median(ratios));
         }
         // One pass is taken as measured: exp(ln(x)) is not always x, and a last-bit change
         // reorders the grid's tied rates, so a strategy would replay differently.
@@ -271,16 +269,12 @@ pub fn efficiency(grid: &Grid, start: &Knobs, fraction: f64, seeds: u64) -> Vec<
                 ev.reached
             })
             .collect();
-        let mut v: Vec<f64> = trials
-            .iter()
-            .map(|t| t.map_or(size as f64 + 1.0, |x| x as f64))
-            .collect();
-        v.sort_by(f64::total_cmp);
-        let median = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        };
+        let median = median(
+            trials
+                .iter()
+                .map(|t| t.map_or(size as f64 + 1.0, |x| x as f64))
+                .collect(),
+        );
         Efficiency {
             strategy: format!("{s:?}"),
             trials,
@@ -328,6 +322,16 @@ fn baseline(n: usize, g: usize) -> Baseline {
         within_goal: g,
         median_trials: median,
         mean_trials: (n + 1) as f64 / (g + 1) as f64,
+    }
+}
+
+/// The median (mean of the middle two for an even count; NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
