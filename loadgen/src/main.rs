@@ -113,6 +113,11 @@ struct Cli {
     /// No progress bar.
     #[arg(long, short, env = "LOADGEN_QUIET")]
     quiet: bool,
+    /// Write 1024 texts of the embeddings workload (one per line; `--median-words`, `--seed`)
+    /// to this file and exit without sending anything: `runtime bench --texts FILE` then
+    /// measures the model's raw ceiling on the same length mix the served runs send.
+    #[arg(long)]
+    dump_texts: Option<PathBuf>,
     /// Worker threads of the async runtime (default: all cores).
     #[arg(long, env = "LOADGEN_THREADS")]
     threads: Option<usize>,
@@ -139,6 +144,18 @@ fn dur(flag: &str, v: &str) -> Duration {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &cli.dump_texts {
+        let opts = TextOptions {
+            median_words: cli.median_words,
+            seed: cli.seed,
+            ..TextOptions::default()
+        };
+        let texts = loadgen::workload::texts(1024, &opts);
+        std::fs::write(path, texts.join("\n") + "\n")
+            .map_err(|e| anyhow::anyhow!("--dump-texts {}: {e}", path.display()))?;
+        eprintln!("wrote {} texts to {}", texts.len(), path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let arrival = Arrival::parse(&cli.arrival).unwrap_or_else(|e| usage(format!("--arrival: {e}")));
     let mode = match (cli.rps, &cli.ramp, cli.concurrency) {
         (Some(r), None, None) if r > 0.0 && r.is_finite() => Mode::Open {

@@ -43,18 +43,29 @@ pub fn fixed_texts(n: usize, words: usize) -> Vec<String> {
 pub enum Texts {
     /// `fixed_texts(256, words)`: every input the same length.
     Fixed(usize),
-    /// loadgen's default embeddings workload (log-normal lengths, median 24 words), so raw and
-    /// served throughput are measured on the same length mix.
-    Loadgen,
+    /// One text per line of a file, e.g. the one `loadgen --dump-texts FILE` writes, so raw and
+    /// served throughput are measured on the same length mix (the runtime does not link loadgen).
+    File(std::path::PathBuf),
 }
 
 impl Texts {
-    /// The texts themselves.
-    pub fn generate(&self) -> Vec<String> {
+    /// The texts themselves; a file's empty lines are skipped.
+    pub fn generate(&self) -> std::io::Result<Vec<String>> {
         match self {
-            Texts::Fixed(words) => fixed_texts(256, *words),
-            Texts::Loadgen => {
-                loadgen::workload::texts(1024, &loadgen::workload::TextOptions::default())
+            Texts::Fixed(words) => Ok(fixed_texts(256, *words)),
+            Texts::File(path) => {
+                let texts: Vec<String> = std::fs::read_to_string(path)?
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(String::from)
+                    .collect();
+                if texts.is_empty() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} holds no text lines", path.display()),
+                    ));
+                }
+                Ok(texts)
             }
         }
     }
@@ -76,9 +87,9 @@ pub fn raw(
         .iter()
         .map(|t| m.tokenizer.encode(t))
         .collect::<Result<_, _>>()
-        .map_err(|reason| ModelError::Load {
+        .map_err(|e| ModelError::Load {
             model: spec.into(),
-            reason,
+            reason: e.to_string(),
         })?;
     let backend = &m.replicas[0].1;
     let mut out = Vec::new();
@@ -91,9 +102,9 @@ pub fn raw(
         batch
     };
     for &b in sizes {
-        let err = |reason: String| ModelError::Load {
+        let err = |e: crate::model::BackendError| ModelError::Load {
             model: spec.into(),
-            reason,
+            reason: e.to_string(),
         };
         for _ in 0..2 {
             backend.embed(&take(b)).map_err(err)?;

@@ -1,21 +1,22 @@
 //! batchtune runtime: an HTTP embeddings server with dynamic batching over candle.
 //!
 //! The request path (see the README and `../shared/DESIGN.md`): [`api`] validates and tokenizes,
-//! [`admission`] applies the rate limit and queue capacity, [`batcher`] forms batches from the live
-//! profile, [`workers`] run them on one model replica per device ([`model`]), and the reply carries
+//! [`admission`] applies the rate limit and queue capacity, [`embed`] batches inputs from the live
+//! profile and runs them on one model replica per device ([`model`]), and the reply carries
 //! `X-Queue-Time` / `X-Inference-Time` headers.
 #![warn(missing_docs)]
 
 pub mod admission;
 pub mod api;
-pub mod batcher;
 pub mod bench;
+pub mod embed;
 pub mod metrics;
 pub mod model;
-pub mod workers;
 
-use api::{AppState, Engine};
-use batcher::{Batcher, QueueSpace};
+use admission::{Admission, QueueSpace};
+use api::{AppState, EmbedEngine, Engine, Family};
+use embed::batcher::Batcher;
+use embed::EmbedService;
 use metrics::Metrics;
 use model::LoadedModel;
 use profiles::Profile;
@@ -84,10 +85,21 @@ pub struct Server {
     task: tokio::task::JoinHandle<Result<(), RuntimeError>>,
 }
 
-/// The running batcher and its task, once the model is loaded.
-type BatcherSlot = Arc<Mutex<Option<(Batcher, tokio::task::JoinHandle<()>)>>>;
+/// What serves requests once the model is loaded, kept so that shutdown can drain it.
+enum Running {
+    /// The embeddings batcher and its task.
+    Embed(Batcher, tokio::task::JoinHandle<()>),
+}
 
-type Loader = Box<dyn FnOnce() -> Result<LoadedModel, RuntimeError> + Send>;
+type RunningSlot = Arc<Mutex<Option<Running>>>;
+
+/// A loaded model of either family.
+pub enum Loaded {
+    /// An encoder (embeddings).
+    Embed(LoadedModel),
+}
+
+type Loader = Box<dyn FnOnce() -> Result<Loaded, RuntimeError> + Send>;
 
 impl Server {
     /// Validates, binds, then loads the model in the background (`/health` says 503 until ready).
@@ -99,7 +111,8 @@ impl Server {
             model::resolve_devices(&opts.profile.devices)?;
         }
         let p = opts.profile.clone();
-        let loader: Loader = Box::new(move || Ok(model::load(&p.model, &p.devices, p.dtype)?));
+        let loader: Loader =
+            Box::new(move || Ok(Loaded::Embed(model::load(&p.model, &p.devices, p.dtype)?)));
         Self::start_with_loader(opts, loader).await
     }
 
@@ -110,7 +123,7 @@ impl Server {
         model: LoadedModel,
     ) -> Result<Server, RuntimeError> {
         opts.profile.validate()?;
-        Self::start_with_loader(opts, Box::new(move || Ok(model))).await
+        Self::start_with_loader(opts, Box::new(move || Ok(Loaded::Embed(model)))).await
     }
 
     async fn start_with_loader(opts: ServeOptions, loader: Loader) -> Result<Server, RuntimeError> {
@@ -131,38 +144,40 @@ impl Server {
         let state = Arc::new(AppState {
             profile: profile_tx,
             engine: OnceLock::new(),
-            admission: admission::Admission::new(space.clone()),
             metrics: metrics.clone(),
             api_key: opts.api_key.clone(),
             draining: Default::default(),
             max_body_bytes: opts.max_body_bytes,
         });
         let (shutdown, mut shutdown_rx) = watch::channel(false);
-        let batcher_slot: BatcherSlot = Default::default();
+        let running: RunningSlot = Default::default();
+        let admission = Arc::new(Admission::new(space.clone()));
         let load_error: Arc<Mutex<Option<RuntimeError>>> = Default::default();
 
         // Load in the background so /health can answer 503 meanwhile.
         {
             let state = state.clone();
-            let slot = batcher_slot.clone();
+            let slot = running.clone();
             let load_error = load_error.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
                 match tokio::task::spawn_blocking(loader).await {
-                    Ok(Ok(m)) => {
+                    Ok(Ok(Loaded::Embed(m))) => {
                         let devices = m.replicas.iter().map(|(l, _)| l.clone()).collect();
                         let replicas = model::slowed(m.replicas, slowdown);
-                        let workers = workers::Workers::new(replicas, metrics.clone());
+                        let workers = embed::workers::Workers::new(replicas, metrics.clone());
                         let (b, h) = Batcher::spawn(profile_rx, workers, space, metrics);
                         let _ = state.engine.set(Engine {
-                            tokenizer: m.tokenizer,
-                            batcher: b.clone(),
-                            max_positions: m.max_positions,
                             model: m.name,
                             devices,
+                            family: Family::Embed(EmbedEngine {
+                                tokenizer: m.tokenizer,
+                                service: EmbedService::new(b.clone(), admission),
+                                max_positions: m.max_positions,
+                            }),
                         });
-                        *slot.lock().unwrap() = Some((b, h));
+                        *slot.lock().unwrap() = Some(Running::Embed(b, h));
                         tracing::info!(
                             took_ms = started.elapsed().as_millis() as u64,
                             "model loaded; ready"
@@ -204,10 +219,13 @@ impl Server {
                     drain_timeout
                 );
             }
-            let b = batcher_slot.lock().unwrap().take();
-            if let Some((b, h)) = b {
-                b.shutdown();
-                let _ = tokio::time::timeout(drain_timeout, h).await;
+            let r = running.lock().unwrap().take();
+            match r {
+                Some(Running::Embed(b, h)) => {
+                    b.shutdown();
+                    let _ = tokio::time::timeout(drain_timeout, h).await;
+                }
+                None => {}
             }
             if let Some(e) = load_error.lock().unwrap().take() {
                 return Err(e);

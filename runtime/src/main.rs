@@ -65,9 +65,10 @@ enum Cmd {
         /// Words per input with `--texts fixed` (all inputs the same length).
         #[arg(long, default_value_t = 24)]
         words: usize,
-        /// Inputs: `fixed` (every input `--words` long) or `loadgen` (loadgen's default
-        /// embeddings workload: log-normal lengths, median 24 words, as served benchmarks send).
-        #[arg(long, default_value = "fixed", value_parser = ["fixed", "loadgen"])]
+        /// Inputs: `fixed` (every input `--words` long) or a FILE with one text per line, e.g.
+        /// from `loadgen --dump-texts FILE` (loadgen's embeddings workload, as served benchmarks
+        /// send it).
+        #[arg(long, default_value = "fixed")]
         texts: String,
         /// Also write the texts used, one per line (so another stack can embed the same inputs).
         #[arg(long)]
@@ -101,12 +102,18 @@ fn main() -> ExitCode {
             texts,
             dump_texts,
         } => {
-            let texts = if texts == "loadgen" {
-                runtime::bench::Texts::Loadgen
-            } else {
+            let source = if texts == "fixed" {
                 runtime::bench::Texts::Fixed(words)
-            }
-            .generate();
+            } else {
+                runtime::bench::Texts::File(texts.clone().into())
+            };
+            let texts = match source.generate() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: --texts {texts}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             if let Some(path) = dump_texts {
                 if let Err(e) = std::fs::write(&path, texts.join("\n") + "\n") {
                     eprintln!("error: --dump-texts {}: {e}", path.display());

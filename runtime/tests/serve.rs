@@ -350,7 +350,7 @@ struct Later {
 }
 
 impl Pending for Later {
-    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String> {
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), runtime::model::BackendError> {
         let refs: Vec<&[u32]> = self.batch.iter().map(|b| b.as_slice()).collect();
         let out = self.inner.launch(&refs).finish();
         self.outstanding.fetch_sub(1, Ordering::SeqCst);
@@ -359,7 +359,7 @@ impl Pending for Later {
 }
 
 impl Backend for LaunchLater {
-    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, runtime::model::BackendError> {
         self.inner.embed(batch)
     }
 
@@ -457,7 +457,7 @@ struct Faulty {
 }
 
 impl Backend for Faulty {
-    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, runtime::model::BackendError> {
         if batch.iter().any(|s| s.contains(&self.boom)) {
             panic!("injected fault");
         }

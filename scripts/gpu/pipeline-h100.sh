@@ -9,7 +9,8 @@ source scripts/gpu/common.sh
 W=/tmp/pipeline && rm -rf $W && mkdir -p $W; S=$W/summary.txt
 source <(sed -n '/^probe()/,/^stop()/p' scripts/gpu/bench-h100.sh)
 source <(sed -n '/^metrics_line()/,/^}$/p' scripts/gpu/diagnose-small-batch.sh)
-$B/runtime bench --model $M --device cuda:0 --dtype f16 --texts loadgen --sizes 32,64,96,128,192,256 --seconds 3 \
+$B/loadgen --dump-texts $W/texts.txt 2>> $W/log.txt
+$B/runtime bench --model $M --device cuda:0 --dtype f16 --texts $W/texts.txt --sizes 32,64,96,128,192,256 --seconds 3 \
   > $W/raw-f16.jsonl 2>> $W/log.txt
 python3 -c "
 import json

@@ -14,10 +14,11 @@ W=/tmp/tune && rm -rf $W && mkdir -p $W
 S=$W/summary.txt
 SIZES=1,8,32,64,128,256,512
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader; nproc; } | tee $W/gpu.txt
-$B/runtime bench --model $M --device cuda:0 --dtype f16 --sizes $SIZES --seconds 1.5 --texts loadgen \
-  --dump-texts $W/texts.txt > $W/raw-real-f16.jsonl 2>> $W/log.txt
-$B/runtime bench --model $M --device cuda:0 --dtype f32 --sizes $SIZES --seconds 1.5 --texts loadgen > $W/raw-real-f32.jsonl 2>> $W/log.txt
-$B/runtime bench --model synthetic:minilm --device cuda:0 --dtype f16 --sizes $SIZES --seconds 1.5 --texts loadgen > $W/raw-synth-f16.jsonl 2>> $W/log.txt
+$B/loadgen --dump-texts $W/texts.txt 2>> $W/log.txt
+$B/runtime bench --model $M --device cuda:0 --dtype f16 --sizes $SIZES --seconds 1.5 --texts $W/texts.txt \
+  > $W/raw-real-f16.jsonl 2>> $W/log.txt
+$B/runtime bench --model $M --device cuda:0 --dtype f32 --sizes $SIZES --seconds 1.5 --texts $W/texts.txt > $W/raw-real-f32.jsonl 2>> $W/log.txt
+$B/runtime bench --model synthetic:minilm --device cuda:0 --dtype f16 --sizes $SIZES --seconds 1.5 --texts $W/texts.txt > $W/raw-synth-f16.jsonl 2>> $W/log.txt
 for dt in fp32 fp16; do
   (cd scripts/gpu && python3 st_bench.py --model ../../$M --dtype $dt --sizes $SIZES --seconds 1.5 --texts-file $W/texts.txt) > $W/st-$dt.jsonl 2>> $W/log.txt
 done

@@ -1,5 +1,6 @@
 //! Every error the API returns, and its HTTP status: the one table that maps the two.
 
+use crate::admission::AdmissionError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -31,17 +32,10 @@ pub enum ApiError {
     /// A profile update that needs a restart (409).
     #[error("{0}")]
     Conflict(String),
-    /// Rate limit exceeded (429 with Retry-After).
-    #[error("rate limit of {rate} requests/s exceeded; retry after {retry_after_s}s")]
-    RateLimited {
-        /// The configured rate.
-        rate: f64,
-        /// Whole seconds until a request would be admitted.
-        retry_after_s: u64,
-    },
-    /// Queue full (429).
-    #[error("{0}")]
-    QueueFull(String),
+    /// Refused by admission: rate limit or full queue (429 with Retry-After), or a request
+    /// larger than the whole queue (400).
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
     /// The request's deadline passed while queued (504).
     #[error("{0}")]
     Timeout(String),
@@ -71,7 +65,8 @@ impl ApiError {
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } | ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Admission(AdmissionError::NeverFits { .. }) => StatusCode::BAD_REQUEST,
+            ApiError::Admission(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,11 +80,24 @@ impl ApiError {
             }
             ApiError::Unauthorized => "authentication_error",
             ApiError::InvalidConfig(_) | ApiError::Conflict(_) => "invalid_config",
-            ApiError::RateLimited { .. } => "rate_limit_exceeded",
-            ApiError::QueueFull(_) => "queue_full",
+            ApiError::Admission(AdmissionError::RateLimited { .. }) => "rate_limit_exceeded",
+            ApiError::Admission(AdmissionError::QueueFull(_)) => "queue_full",
+            ApiError::Admission(AdmissionError::NeverFits { .. }) => "invalid_request_error",
             ApiError::Timeout(_) => "timeout",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "server_error",
+        }
+    }
+}
+
+impl From<crate::embed::EmbedError> for ApiError {
+    fn from(e: crate::embed::EmbedError) -> Self {
+        use crate::embed::EmbedError as E;
+        match e {
+            E::Admission(a) => a.into(),
+            e @ E::Expired(_) => ApiError::Timeout(e.to_string()),
+            E::Batch(m) => ApiError::Internal(m),
+            e @ E::Stopped => ApiError::Unavailable(e.to_string()),
         }
     }
 }
@@ -98,14 +106,17 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let param = match &self {
             ApiError::BadRequest { param, .. } => param.clone(),
+            ApiError::Admission(AdmissionError::NeverFits { .. }) => Some("input".into()),
             _ => None,
         };
         // OpenAI's error envelope, so existing clients show the message.
         let body = json!({"error": {"message": self.to_string(), "type": self.kind(), "param": param, "code": self.status().as_u16()}});
         let mut resp = (self.status(), axum::Json(body)).into_response();
         let retry = match &self {
-            ApiError::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
-            ApiError::QueueFull(_) | ApiError::Unavailable(_) => Some(1),
+            ApiError::Admission(AdmissionError::RateLimited { retry_after_s, .. }) => {
+                Some(*retry_after_s)
+            }
+            ApiError::Admission(AdmissionError::QueueFull(_)) | ApiError::Unavailable(_) => Some(1),
             _ => None,
         };
         if let Some(s) = retry {

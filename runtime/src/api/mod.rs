@@ -2,9 +2,7 @@
 
 pub mod error;
 
-use crate::admission::Admission;
-use crate::batcher::state::Entry;
-use crate::batcher::{Batcher, Failure, Item, Slot};
+use crate::embed::EmbedService;
 use crate::metrics::Metrics;
 use crate::model::tokenize::Tokenize;
 use axum::body::Bytes;
@@ -15,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use error::ApiError;
-use profiles::{format_duration, Profile, ProfileError};
+use profiles::{Profile, ProfileError};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -24,16 +22,28 @@ use tokio::sync::watch;
 
 /// What exists once the model is loaded.
 pub struct Engine {
-    /// Shared tokenizer.
-    pub tokenizer: Arc<dyn Tokenize>,
-    /// The batcher handle.
-    pub batcher: Batcher,
-    /// Longest input the position table allows.
-    pub max_positions: usize,
     /// Model name for responses.
     pub model: String,
     /// Replica labels, for /health.
     pub devices: Vec<String>,
+    /// The service of the model's request family.
+    pub family: Family,
+}
+
+/// A server serves one model, so one request family (generation is next).
+pub enum Family {
+    /// An encoder: `POST /v1/embeddings`.
+    Embed(EmbedEngine),
+}
+
+/// The embeddings side of a loaded encoder.
+pub struct EmbedEngine {
+    /// Shared tokenizer.
+    pub tokenizer: Arc<dyn Tokenize>,
+    /// The embeddings service (admission, batcher, workers).
+    pub service: EmbedService,
+    /// Longest input the position table allows.
+    pub max_positions: usize,
 }
 
 /// Shared state of one server.
@@ -42,8 +52,6 @@ pub struct AppState {
     pub profile: watch::Sender<Arc<Profile>>,
     /// Set once the model is loaded; requests before that get 503.
     pub engine: OnceLock<Engine>,
-    /// Rate limit and queue space.
-    pub admission: Admission,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
     /// Guards `/v1/*` and `PUT /config` when set.
@@ -90,7 +98,10 @@ fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn read_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+pub(crate) fn read_body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(format!(
@@ -177,7 +188,7 @@ pub fn parse_inputs(body: &Value, p: &Profile) -> Result<Vec<String>, ApiError> 
     Ok(texts)
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -212,20 +223,14 @@ async fn embed_request(
     body: Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    check_key(state, headers)?;
-    if state.draining.load(Ordering::Acquire) {
-        return Err(ApiError::Unavailable("server is shutting down".into()));
-    }
-    let engine = state
-        .engine
-        .get()
-        .ok_or_else(|| ApiError::Unavailable("model is loading".into()))?;
+    let engine = ready_engine(state, headers)?;
+    let Family::Embed(emb) = &engine.family;
     let p = state.profile.borrow().clone();
     let body = read_body(state, body)?;
     let texts = parse_inputs(&body, &p)?;
 
     // Tokenization is CPU work: keep it off the async workers that serve sockets.
-    let tok = engine.tokenizer.clone();
+    let tok = emb.tokenizer.clone();
     let ids: Vec<Vec<u32>> = tokio::task::spawn_blocking(move || {
         texts
             .iter()
@@ -234,15 +239,15 @@ async fn embed_request(
     })
     .await
     .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
-    .map_err(|e| ApiError::bad("input", e))?;
-    let limit = p.max_input_tokens.min(engine.max_positions);
+    .map_err(|e| ApiError::bad("input", e.to_string()))?;
+    let limit = p.max_input_tokens.min(emb.max_positions);
     if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| t.len() > limit) {
-        let why = if p.max_input_tokens <= engine.max_positions {
+        let why = if p.max_input_tokens <= emb.max_positions {
             format!("max_input_tokens is {}", p.max_input_tokens)
         } else {
             format!(
                 "the model accepts at most {} (max_position_embeddings)",
-                engine.max_positions
+                emb.max_positions
             )
         };
         return Err(ApiError::bad(
@@ -251,47 +256,7 @@ async fn embed_request(
         ));
     }
     let prompt_tokens: usize = ids.iter().map(|t| t.len()).sum();
-
-    state.admission.check_rate(&p)?;
-    state.admission.reserve(ids.len(), &p).await?;
-
-    let (slot, rx) = Slot::new(ids.len());
-    let enqueued = Instant::now();
-    let deadline = arrived + p.request_timeout;
-    let entries: Vec<Entry<Item>> = ids
-        .into_iter()
-        .enumerate()
-        .map(|(index, ids)| Entry {
-            tokens: ids.len(),
-            enqueued,
-            deadline,
-            payload: Item {
-                ids,
-                index,
-                slot: slot.clone(),
-            },
-        })
-        .collect();
-    let n = entries.len();
-    if engine.batcher.enqueue(entries).is_err() {
-        state.admission.space.release(n);
-        return Err(ApiError::Unavailable("server is shutting down".into()));
-    }
-    let outcome = match rx.await {
-        Ok(Ok(o)) => o,
-        Ok(Err(Failure::Expired)) => {
-            return Err(ApiError::Timeout(format!(
-                "request_timeout ({}) passed while the request was queued; it was not computed",
-                format_duration(p.request_timeout)
-            )))
-        }
-        Ok(Err(Failure::Batch(msg))) => return Err(ApiError::Internal(msg)),
-        Ok(Err(Failure::Shutdown)) | Err(_) => {
-            return Err(ApiError::Unavailable(
-                "server stopped before computing the request".into(),
-            ))
-        }
-    };
+    let outcome = emb.service.embed(ids, &p, arrived).await?;
     let data: Vec<Value> = outcome
         .embeddings
         .into_iter()
@@ -311,8 +276,20 @@ async fn embed_request(
     Ok(resp)
 }
 
+/// The loaded engine, after the API key and drain checks every model route makes.
+fn ready_engine<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Engine, ApiError> {
+    check_key(state, headers)?;
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable("server is shutting down".into()));
+    }
+    state
+        .engine
+        .get()
+        .ok_or_else(|| ApiError::Unavailable("model is loading".into()))
+}
+
 /// Seconds with microsecond resolution, e.g. `0.004213`.
-fn secs_header(d: std::time::Duration) -> HeaderValue {
+pub(crate) fn secs_header(d: std::time::Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{:.6}", d.as_secs_f64())).expect("digits are a valid header")
 }
 

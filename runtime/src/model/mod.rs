@@ -39,11 +39,22 @@ pub enum ModelError {
     },
 }
 
+/// Why a backend could not compute a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A tensor operation failed (shape, device, out of memory).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The backend refused the batch (a test double's injected fault, an input it cannot take).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// One model replica, driven by one device's worker threads. Synchronous on purpose: it runs on
 /// dedicated OS threads, never on the async executor.
 pub trait Backend: Send + Sync {
     /// One unit-norm embedding per input, in order.
-    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String>;
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError>;
 
     /// Starts a batch; [`Pending::finish`] (on the same thread) gives its vectors and the
     /// forwards it took. A backend that computes asynchronously returns as soon as the work is
@@ -64,33 +75,33 @@ pub trait Backend: Send + Sync {
 /// A batch started by [`Backend::launch`].
 pub trait Pending {
     /// Waits for the batch: one vector per input, in order, and the forwards it took.
-    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String>;
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), BackendError>;
 }
 
 /// A batch computed when it was launched.
-struct Ready(Result<(Vec<Vec<f32>>, usize), String>);
+struct Ready(Result<(Vec<Vec<f32>>, usize), BackendError>);
 
 impl Pending for Ready {
-    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String> {
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), BackendError> {
         self.0
     }
 }
 
 impl Pending for bert::Launched {
-    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), String> {
-        bert::Launched::finish(*self).map_err(|e| e.to_string())
+    fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), BackendError> {
+        Ok(bert::Launched::finish(*self)?)
     }
 }
 
 impl Backend for Bert {
-    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
-        Bert::embed(self, batch).map_err(|e| e.to_string())
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {
+        Ok(Bert::embed(self, batch)?)
     }
 
     fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
         match Bert::launch(self, batch) {
             Ok(l) => Box::new(l),
-            Err(e) => Box::new(Ready(Err(e.to_string()))),
+            Err(e) => Box::new(Ready(Err(e.into()))),
         }
     }
 
@@ -109,7 +120,7 @@ struct Slowed {
 }
 
 impl Backend for Slowed {
-    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {
         self.launch(batch).finish().map(|(v, _)| v)
     }
 
@@ -189,7 +200,7 @@ pub fn resolve_devices(devices: &[String]) -> Result<Vec<Device>, ModelError> {
     Ok(out)
 }
 
-fn candle_dtype(d: Dtype) -> DType {
+pub(crate) fn candle_dtype(d: Dtype) -> DType {
     match d {
         Dtype::F32 => DType::F32,
         Dtype::F16 => DType::F16,
@@ -287,12 +298,22 @@ pub fn synthetic_weights(c: &BertConfig, seed: u64) -> HashMap<String, Tensor> {
         );
         norm(&format!("{p}.output"), &mut shapes);
     }
+    random_tensors(shapes, seed)
+}
+
+/// Uniform weights with std 0.02 (BERT's and Llama's init scale), seeded per tensor name so that
+/// every replica and every run computes the same function; norm weights 1, biases 0.
+pub(crate) fn random_tensors(
+    shapes: Vec<(String, Vec<usize>)>,
+    seed: u64,
+) -> HashMap<String, Tensor> {
     let bound = 0.02 * 3f32.sqrt(); // uniform(-b, b) has std 0.02
     shapes
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("LayerNorm.weight") {
+            let is_norm = name.ends_with("LayerNorm.weight") || name.ends_with("norm.weight");
+            let data: Vec<f32> = if is_norm {
                 vec![1.0; n]
             } else if name.ends_with(".bias") {
                 vec![0.0; n]
@@ -308,6 +329,17 @@ pub fn synthetic_weights(c: &BertConfig, seed: u64) -> HashMap<String, Tensor> {
             (name, t)
         })
         .collect()
+}
+
+/// A replica's metrics label: `cuda:N` as configured; CPU replicas numbered `cpu:0`, `cpu:1`…
+/// in order (`counts` holds how many CPU replicas were labelled so far).
+pub fn replica_label(dev: &Device, name: &str, cpus: &mut usize) -> String {
+    if dev.is_cuda() {
+        name.to_string()
+    } else {
+        *cpus += 1;
+        format!("cpu:{}", *cpus - 1)
+    }
 }
 
 /// Seed of the synthetic weights; fixed so results are comparable across runs and machines.
@@ -337,12 +369,13 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
                 .map_err(|e| lerr(format!("config.json: {e}")))?;
             let c: BertConfig =
                 serde_json::from_str(&text).map_err(|e| lerr(format!("config.json: {e}")))?;
-            let tok = HfTokenizer::load(&dir.join("tokenizer.json")).map_err(lerr)?;
+            let tok =
+                HfTokenizer::load(&dir.join("tokenizer.json")).map_err(|e| lerr(e.to_string()))?;
             (c, Arc::new(tok), None)
         }
     };
     let mut replicas: Vec<(String, Arc<dyn Backend>)> = Vec::new();
-    let mut counts: HashMap<&'static str, usize> = HashMap::new();
+    let mut counts = 0usize;
     for (dev, name) in devs.iter().zip(devices) {
         let vb = match (&source, &weights) {
             (ModelSource::Synthetic(_), Some(w)) => {
@@ -385,15 +418,7 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
             overhead_tokens = bert.overhead_tokens().round(),
             "replica warmed up; batches split by length where padding costs more than a forward"
         );
-        let kind = if dev.is_cuda() { "cuda" } else { "cpu" };
-        let label = if kind == "cuda" {
-            name.clone()
-        } else {
-            let i = counts.entry(kind).or_default();
-            *i += 1;
-            format!("cpu:{}", *i - 1)
-        };
-        replicas.push((label, Arc::new(bert)));
+        replicas.push((replica_label(dev, name, &mut counts), Arc::new(bert)));
     }
     Ok(LoadedModel {
         tokenizer,

@@ -2,11 +2,27 @@
 
 use std::path::Path;
 
+/// Why text could not be turned into ids (or a tokenizer could not be built).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    /// The tokenizer file or metadata is unusable.
+    #[error("cannot load tokenizer {source_name}: {reason}")]
+    Load {
+        /// The file or metadata it came from.
+        source_name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The tokenizer failed on this text.
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+}
+
 /// Turns text into token ids, special tokens included; the length decides batch token budgets.
 pub trait Tokenize: Send + Sync {
     /// Token ids for one input, `[CLS] … [SEP]` included. Inputs longer than the model allows are
     /// returned in full so that the caller can refuse them with their true length.
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
+    fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError>;
 }
 
 /// BERT's special ids in the uncased vocabulary all-MiniLM-L6-v2 uses.
@@ -46,7 +62,7 @@ impl BuiltinTokenizer {
 }
 
 impl Tokenize for BuiltinTokenizer {
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         let mut ids = vec![CLS];
         let lower = text.to_lowercase();
         for word in lower.split(|c: char| c.is_whitespace()) {
@@ -85,23 +101,26 @@ pub struct HfTokenizer {
 
 impl HfTokenizer {
     /// Loads `tokenizer.json`.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, TokenizeError> {
+        let load = |reason: String| TokenizeError::Load {
+            source_name: path.display().to_string(),
+            reason,
+        };
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| load(e.to_string()))?;
         inner.with_padding(None);
         inner
             .with_truncation(None)
-            .map_err(|e| format!("cannot disable truncation: {e}"))?;
+            .map_err(|e| load(format!("cannot disable truncation: {e}")))?;
         Ok(HfTokenizer { inner })
     }
 }
 
 impl Tokenize for HfTokenizer {
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         self.inner
             .encode(text, true)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| format!("tokenization failed: {e}"))
+            .map_err(|e| TokenizeError::Encode(e.to_string()))
     }
 }
 

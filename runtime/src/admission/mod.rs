@@ -1,14 +1,69 @@
 //! Admission: the rate limiter (token bucket) and queue capacity, applied before anything is queued
 //! so that overload is shed with a cheap 429 instead of growing the queue past every deadline.
+//!
+//! Shared by every request family: embeddings count queued inputs, generation counts waiting
+//! sequences. Its errors are its own ([`AdmissionError`]); `api::error` maps them to statuses.
 
-use crate::api::error::ApiError;
-use crate::batcher::QueueSpace;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use profiles::{format_duration, Overflow, Profile};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Why admission refused a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AdmissionError {
+    /// The token bucket is empty.
+    #[error("rate limit of {rate} requests/s exceeded; retry after {retry_after_s}s")]
+    RateLimited {
+        /// The configured rate.
+        rate: f64,
+        /// Whole seconds until a request would be admitted.
+        retry_after_s: u64,
+    },
+    /// The queue is full (and stayed full for `queue_timeout` under `overflow = "wait"`).
+    #[error("{0}")]
+    QueueFull(String),
+    /// The request alone is larger than the whole queue: it can never be admitted.
+    #[error("request has {n} inputs; max_queue_size is {max}, so it can never be queued")]
+    NeverFits {
+        /// Units the request needs.
+        n: usize,
+        /// The queue's capacity.
+        max: usize,
+    },
+}
+
+/// Queue capacity shared by admission (which reserves) and the batcher (which releases).
+#[derive(Default)]
+pub struct QueueSpace {
+    /// Inputs reserved or queued, not yet dispatched.
+    pub depth: AtomicUsize,
+    /// Signalled whenever space is released, for `overflow = "wait"`.
+    pub freed: Notify,
+}
+
+impl QueueSpace {
+    /// Reserves room for `n` inputs if the queue holds at most `max` afterwards.
+    pub fn try_reserve(&self, n: usize, max: usize) -> bool {
+        self.depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d + n <= max).then_some(d + n)
+            })
+            .is_ok()
+    }
+
+    /// Returns room for `n` inputs and wakes waiting requests.
+    pub fn release(&self, n: usize) {
+        if n > 0 {
+            self.depth.fetch_sub(n, Ordering::AcqRel);
+            self.freed.notify_waiters();
+        }
+    }
+}
 
 /// Rate limiter plus queue space; rebuilt lazily when `rate_limit`/`rate_burst` change live.
 pub struct Admission {
@@ -48,13 +103,13 @@ impl Admission {
     }
 
     /// Token-bucket check; 429 with the whole seconds until the next token.
-    pub fn check_rate(&self, p: &Profile) -> Result<(), ApiError> {
+    pub fn check_rate(&self, p: &Profile) -> Result<(), AdmissionError> {
         let Some(l) = self.limiter(p) else {
             return Ok(());
         };
         l.check().map_err(|not_until| {
             let wait = not_until.wait_time_from(self.clock.now());
-            ApiError::RateLimited {
+            AdmissionError::RateLimited {
                 rate: p.rate_limit,
                 retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
             }
@@ -62,21 +117,18 @@ impl Admission {
     }
 
     /// Reserves queue space for `n` inputs, or refuses/waits as `overflow` says.
-    pub async fn reserve(&self, n: usize, p: &Profile) -> Result<(), ApiError> {
+    pub async fn reserve(&self, n: usize, p: &Profile) -> Result<(), AdmissionError> {
         if n > p.max_queue_size {
-            return Err(ApiError::bad(
-                "input",
-                format!(
-                    "request has {n} inputs; max_queue_size is {}, so it can never be queued",
-                    p.max_queue_size
-                ),
-            ));
+            return Err(AdmissionError::NeverFits {
+                n,
+                max: p.max_queue_size,
+            });
         }
         if self.space.try_reserve(n, p.max_queue_size) {
             return Ok(());
         }
         if p.overflow == Overflow::Reject {
-            return Err(ApiError::QueueFull(format!(
+            return Err(AdmissionError::QueueFull(format!(
                 "queue is full (max_queue_size = {} inputs, overflow = \"reject\")",
                 p.max_queue_size
             )));
@@ -90,7 +142,7 @@ impl Admission {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return Err(ApiError::QueueFull(format!(
+                return Err(AdmissionError::QueueFull(format!(
                     "queue stayed full for queue_timeout = {} (max_queue_size = {} inputs, overflow = \"wait\")",
                     format_duration(p.queue_timeout),
                     p.max_queue_size

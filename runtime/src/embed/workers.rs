@@ -4,8 +4,8 @@
 //! replica ([`Backend::pipelined`]) has exactly one thread, which launches the next batch before
 //! waiting for the current one: there `max_concurrent_batches` is the pipeline depth.
 
-use crate::batcher::state::{Entry, Trigger};
-use crate::batcher::{Failure, Item, Msg};
+use super::job::{Failure, Item};
+use super::state::{Entry, Trigger};
 use crate::metrics::{BatchLabel, DeviceLabel, Metrics};
 use crate::model::{Backend, Pending};
 use std::panic::AssertUnwindSafe;
@@ -34,12 +34,17 @@ struct Device {
 pub struct Workers {
     devices: Vec<Device>,
     metrics: Arc<Metrics>,
-    done: Option<mpsc::UnboundedSender<Msg>>,
+    done: mpsc::UnboundedSender<usize>,
 }
 
 impl Workers {
-    /// One pool per replica; threads start on first use.
-    pub fn new(replicas: Vec<(String, Arc<dyn Backend>)>, metrics: Arc<Metrics>) -> Self {
+    /// One pool per replica; threads start on first use. The receiver gets a replica's index
+    /// each time one of its batches is finished (answered), exactly once per dispatched job.
+    pub fn new(
+        replicas: Vec<(String, Arc<dyn Backend>)>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::UnboundedReceiver<usize>) {
+        let (done, done_rx) = mpsc::unbounded_channel();
         let devices = replicas
             .into_iter()
             .map(|(label, backend)| {
@@ -54,15 +59,14 @@ impl Workers {
                 }
             })
             .collect();
-        Workers {
-            devices,
-            metrics,
-            done: None,
-        }
-    }
-
-    pub(crate) fn set_done_channel(&mut self, done: mpsc::UnboundedSender<Msg>) {
-        self.done = Some(done);
+        (
+            Workers {
+                devices,
+                metrics,
+                done,
+            },
+            done_rx,
+        )
     }
 
     /// Sends a batch to the replica with the fewest batches in flight (ties: the first).
@@ -81,7 +85,7 @@ impl Workers {
             let backend = dev.backend.clone();
             let label = dev.label.clone();
             let metrics = self.metrics.clone();
-            let done = self.done.clone().expect("batcher set the done channel");
+            let done = self.done.clone();
             std::thread::Builder::new()
                 .name(format!("worker-{label}-{}", dev.threads))
                 .spawn(move || worker_loop(idx, label, backend, rx, done, metrics))
@@ -105,7 +109,7 @@ fn worker_loop(
     label: String,
     backend: Arc<dyn Backend>,
     rx: crossbeam_channel::Receiver<Job>,
-    done: mpsc::UnboundedSender<Msg>,
+    done: mpsc::UnboundedSender<usize>,
     metrics: Arc<Metrics>,
 ) {
     let dev_label = DeviceLabel {
@@ -119,7 +123,7 @@ fn worker_loop(
     };
     let pipelined = backend.pipelined();
     // Every job taken is reported done exactly once, when its results are out.
-    let report = || done.send(Msg::Done(idx)).is_ok();
+    let report = || done.send(idx).is_ok();
     // The batch launched but not finished yet (pipelined replicas only).
     let mut pending: Option<Started> = None;
     loop {
@@ -177,7 +181,7 @@ impl Ctx<'_> {
             .entries
             .into_iter()
             .filter(|e| {
-                let gone = crate::batcher::state::Pending::is_cancelled(&e.payload);
+                let gone = super::state::Pending::is_cancelled(&e.payload);
                 if gone {
                     metrics.cancelled.inc();
                 }
