@@ -69,6 +69,19 @@ pub enum Overflow {
     Wait,
 }
 
+/// How a generation server admits new sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduling {
+    /// New sequences join the running batch between decode steps (vLLM, TGI).
+    #[default]
+    Continuous,
+    /// Whole-request batching (the seeds' servers): a batch of up to `max_batch_size` sequences
+    /// starts together and takes no newcomers until its last sequence ends; up to
+    /// `max_concurrent_batches` such batches run at once. Kept as the baseline to beat.
+    Static,
+}
+
 /// Numeric precision of the model weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -125,6 +138,16 @@ pub struct Profile {
     pub max_inputs_per_request: usize,
     /// Most tokens in one input, special tokens included. Default 512 (MiniLM's position table).
     pub max_input_tokens: usize,
+    /// Generation: the default and the upper limit of a request's `max_tokens` (seed 001's
+    /// `MAX_NEW_TOKENS`). Default 256; 1..=32768.
+    pub max_new_tokens: usize,
+    /// Generation: KV-cache budget per replica, in tokens. A sequence reserves prompt +
+    /// `max_tokens` when it starts and keeps it until it ends, so the budget is never exceeded
+    /// and nothing is preempted; waiting sequences start when enough is free. Default 32768;
+    /// 16..=16,777,216.
+    pub kv_cache_tokens: usize,
+    /// Generation: `continuous` (join between steps) or `static` (whole-request batches).
+    pub scheduling: Scheduling,
     /// Longest a shutdown waits for queued and in-flight work. Default 30s.
     #[serde(with = "duration::serde_dur")]
     pub drain_timeout: Duration,
@@ -158,6 +181,9 @@ impl Default for Profile {
             rate_burst: 0,
             max_inputs_per_request: 256,
             max_input_tokens: 512,
+            max_new_tokens: 256,
+            kv_cache_tokens: 32768,
+            scheduling: Scheduling::Continuous,
             drain_timeout: Duration::from_secs(30),
             devices: vec!["cpu".into()],
             cpu_threads: 0,
@@ -188,6 +214,9 @@ pub const KNOBS: &[&str] = &[
     "rate_burst",
     "max_inputs_per_request",
     "max_input_tokens",
+    "max_new_tokens",
+    "kv_cache_tokens",
+    "scheduling",
     "drain_timeout",
     "devices",
     "cpu_threads",
@@ -217,6 +246,7 @@ pub const SEED_ENV: &[(&str, &str, EnvUnit)] = &[
     ("REQUEST_TIMEOUT", "request_timeout", EnvUnit::Seconds),
     ("QUEUE_TIMEOUT", "queue_timeout", EnvUnit::Seconds),
     ("QUEUE_OVERFLOW_ACTION", "overflow", EnvUnit::Plain),
+    ("MAX_NEW_TOKENS", "max_new_tokens", EnvUnit::Plain),
 ];
 
 /// How a seed variable's bare number is read.
@@ -333,6 +363,15 @@ impl Profile {
             }
             "max_inputs_per_request" => self.max_inputs_per_request = uint()?,
             "max_input_tokens" => self.max_input_tokens = uint()?,
+            "max_new_tokens" => self.max_new_tokens = uint()?,
+            "kv_cache_tokens" => self.kv_cache_tokens = uint()?,
+            "scheduling" => {
+                self.scheduling = match value.trim().to_ascii_lowercase().as_str() {
+                    "continuous" => Scheduling::Continuous,
+                    "static" => Scheduling::Static,
+                    _ => return Err(bad("must be \"continuous\" or \"static\"")),
+                }
+            }
             "drain_timeout" => self.drain_timeout = dur()?,
             "devices" => {
                 self.devices = value
@@ -441,6 +480,18 @@ impl Profile {
             "max_inputs_per_request",
             self.max_inputs_per_request.to_string(),
             "must be between 1 and 65536",
+        );
+        check(
+            (1..=32_768).contains(&self.max_new_tokens),
+            "max_new_tokens",
+            self.max_new_tokens.to_string(),
+            "must be between 1 and 32768",
+        );
+        check(
+            (16..=16_777_216).contains(&self.kv_cache_tokens),
+            "kv_cache_tokens",
+            self.kv_cache_tokens.to_string(),
+            "must be between 16 and 16777216",
         );
         check(
             self.drain_timeout <= Duration::from_secs(3600),

@@ -10,14 +10,18 @@ pub mod admission;
 pub mod api;
 pub mod bench;
 pub mod embed;
+pub mod generate;
 pub mod metrics;
 pub mod model;
 
 use admission::{Admission, QueueSpace};
+use api::generate::GenEngine;
 use api::{AppState, EmbedEngine, Engine, Family};
 use embed::batcher::Batcher;
 use embed::EmbedService;
+use generate::{GenerateOptions, GenerateService};
 use metrics::Metrics;
+use model::lm::LoadedLm;
 use model::LoadedModel;
 use profiles::Profile;
 use std::net::SocketAddr;
@@ -89,6 +93,8 @@ pub struct Server {
 enum Running {
     /// The embeddings batcher and its task.
     Embed(Batcher, tokio::task::JoinHandle<()>),
+    /// The generation engines.
+    Generate(Arc<GenerateService>),
 }
 
 type RunningSlot = Arc<Mutex<Option<Running>>>;
@@ -97,6 +103,8 @@ type RunningSlot = Arc<Mutex<Option<Running>>>;
 pub enum Loaded {
     /// An encoder (embeddings).
     Embed(LoadedModel),
+    /// A decoder (generation).
+    Generate(LoadedLm),
 }
 
 type Loader = Box<dyn FnOnce() -> Result<Loaded, RuntimeError> + Send>;
@@ -111,8 +119,14 @@ impl Server {
             model::resolve_devices(&opts.profile.devices)?;
         }
         let p = opts.profile.clone();
-        let loader: Loader =
-            Box::new(move || Ok(Loaded::Embed(model::load(&p.model, &p.devices, p.dtype)?)));
+        let loader: Loader = Box::new(move || {
+            Ok(match model::resolve_model(&p.model)? {
+                model::ModelSource::Lm(_) => {
+                    Loaded::Generate(model::lm::load(&p.model, &p.devices, p.dtype)?)
+                }
+                _ => Loaded::Embed(model::load(&p.model, &p.devices, p.dtype)?),
+            })
+        });
         Self::start_with_loader(opts, loader).await
     }
 
@@ -183,6 +197,45 @@ impl Server {
                             "model loaded; ready"
                         );
                     }
+                    Ok(Ok(Loaded::Generate(m))) => {
+                        let devices = m.replicas.iter().map(|(l, _)| l.clone()).collect();
+                        let started_service = GenerateService::start(GenerateOptions {
+                            replicas: m.replicas,
+                            tokenizer: m.tokenizer.clone(),
+                            eos: m.eos,
+                            profile: profile_rx,
+                            metrics: Arc::new(metrics.generation()),
+                            admission,
+                            space,
+                        });
+                        match started_service {
+                            Ok(service) => {
+                                let service = Arc::new(service);
+                                let _ = state.engine.set(Engine {
+                                    model: m.name,
+                                    devices,
+                                    family: Family::Generate(GenEngine {
+                                        tokenizer: m.tokenizer,
+                                        chat: m.chat,
+                                        service: service.clone(),
+                                        max_positions: m.max_positions,
+                                    }),
+                                });
+                                *slot.lock().unwrap() = Some(Running::Generate(service));
+                                tracing::info!(
+                                    took_ms = started.elapsed().as_millis() as u64,
+                                    kv_bytes_per_token = m.kv_bytes_per_token,
+                                    "generation model loaded; ready"
+                                );
+                            }
+                            Err(e) => {
+                                *load_error.lock().unwrap() = Some(RuntimeError::Serve(format!(
+                                    "cannot start an engine thread: {e}"
+                                )));
+                                let _ = shutdown.send(true);
+                            }
+                        }
+                    }
                     Ok(Err(e)) => {
                         tracing::error!("model load failed: {e}");
                         *load_error.lock().unwrap() = Some(e);
@@ -224,6 +277,11 @@ impl Server {
                 Some(Running::Embed(b, h)) => {
                     b.shutdown();
                     let _ = tokio::time::timeout(drain_timeout, h).await;
+                }
+                Some(Running::Generate(g)) => {
+                    g.shutdown();
+                    let join = tokio::task::spawn_blocking(move || g.join());
+                    let _ = tokio::time::timeout(drain_timeout, join).await;
                 }
                 None => {}
             }

@@ -32,6 +32,40 @@ pub struct BatchLabel {
     pub trigger: String,
 }
 
+/// Label set for generations by how they ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishLabel {
+    /// `stop` (EOS or a stop string), `length` (`max_tokens`), `cancelled` (client left),
+    /// `error`, `expired`.
+    pub reason: String,
+}
+
+/// Generation series (registered only when a decoder is served).
+pub struct GenMetrics {
+    /// Arrival to first output token.
+    pub ttft: Histogram,
+    /// Per request: (end − first token) / (output tokens − 1).
+    pub tpot: Histogram,
+    /// Arrival to the sequence starting (its KV reserved).
+    pub queue_time: Histogram,
+    /// Sequences decoding or prefilling.
+    pub running: Gauge,
+    /// Sequences waiting to start.
+    pub waiting: Gauge,
+    /// KV-cache tokens reserved, all replicas.
+    pub kv_tokens_used: Gauge,
+    /// Prompt tokens computed (prefill).
+    pub prefill_tokens: Counter,
+    /// Output tokens computed (decode steps and first tokens).
+    pub output_tokens: Counter,
+    /// Engine steps (forwards), by device.
+    pub steps: Family<DeviceLabel, Counter>,
+    /// Sequences per step, by device.
+    pub step_sequences: Family<DeviceLabel, Histogram>,
+    /// Generations ended, by reason.
+    pub finished: Family<FinishLabel, Counter>,
+}
+
 fn time_hist() -> Histogram {
     // 50us .. ~52s, doubling: covers CPU micro-batches and multi-second GPU generations alike.
     Histogram::new(exponential_buckets(50e-6, 2.0, 21))
@@ -160,6 +194,80 @@ impl Metrics {
             expired,
             cancelled,
         }
+    }
+
+    /// Registers and returns the generation series.
+    pub fn generation(&self) -> GenMetrics {
+        let g = GenMetrics {
+            ttft: time_hist(),
+            tpot: time_hist(),
+            queue_time: time_hist(),
+            running: Gauge::default(),
+            waiting: Gauge::default(),
+            kv_tokens_used: Gauge::default(),
+            prefill_tokens: Counter::default(),
+            output_tokens: Counter::default(),
+            steps: Family::default(),
+            step_sequences: Family::new_with_constructor(size_hist as fn() -> Histogram),
+            finished: Family::default(),
+        };
+        let mut r = self.registry.lock().expect("metrics registry poisoned");
+        r.register(
+            "batchtune_time_to_first_token_seconds",
+            "Arrival to the first output token",
+            g.ttft.clone(),
+        );
+        r.register(
+            "batchtune_time_per_output_token_seconds",
+            "Per request, time after the first token divided by the tokens after it",
+            g.tpot.clone(),
+        );
+        r.register(
+            "batchtune_generation_queue_time_seconds",
+            "Arrival to the sequence starting (KV reserved)",
+            g.queue_time.clone(),
+        );
+        r.register(
+            "batchtune_running_sequences",
+            "Sequences prefilling or decoding",
+            g.running.clone(),
+        );
+        r.register(
+            "batchtune_waiting_sequences",
+            "Sequences waiting to start",
+            g.waiting.clone(),
+        );
+        r.register(
+            "batchtune_kv_cache_tokens_used",
+            "KV-cache tokens reserved by running sequences",
+            g.kv_tokens_used.clone(),
+        );
+        r.register(
+            "batchtune_prefill_tokens",
+            "Prompt tokens computed",
+            g.prefill_tokens.clone(),
+        );
+        r.register(
+            "batchtune_output_tokens",
+            "Output tokens generated",
+            g.output_tokens.clone(),
+        );
+        r.register(
+            "batchtune_engine_steps",
+            "Engine steps (one forward each)",
+            g.steps.clone(),
+        );
+        r.register(
+            "batchtune_step_sequences",
+            "Sequences advanced per step",
+            g.step_sequences.clone(),
+        );
+        r.register(
+            "batchtune_generations_finished",
+            "Generations ended, by reason",
+            g.finished.clone(),
+        );
+        g
     }
 
     /// Counts one answered request.

@@ -1,6 +1,7 @@
 //! HTTP API: routes, request validation, and the request path from JSON to the batcher and back.
 
 pub mod error;
+pub mod generate;
 
 use crate::embed::EmbedService;
 use crate::metrics::Metrics;
@@ -30,10 +31,12 @@ pub struct Engine {
     pub family: Family,
 }
 
-/// A server serves one model, so one request family (generation is next).
+/// A server serves one model, so one request family: the other family's routes answer 400.
 pub enum Family {
     /// An encoder: `POST /v1/embeddings`.
     Embed(EmbedEngine),
+    /// A decoder: `POST /v1/completions`, `POST /v1/chat/completions`.
+    Generate(generate::GenEngine),
 }
 
 /// The embeddings side of a loaded encoder.
@@ -67,12 +70,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/chat/completions", post(generate::chat))
         .route("/health", get(health))
         .route("/config", get(get_config).put(put_config))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::BadRequest {
-                message: "no such route; routes are POST /v1/embeddings, GET /health, GET|PUT /config, GET /metrics".into(),
+                message: "no such route; routes are POST /v1/embeddings, POST /v1/completions, POST /v1/chat/completions, GET /health, GET|PUT /config, GET /metrics".into(),
                 param: None,
             }
             .into_response()
@@ -224,7 +229,15 @@ async fn embed_request(
     arrived: Instant,
 ) -> Result<Response, ApiError> {
     let engine = ready_engine(state, headers)?;
-    let Family::Embed(emb) = &engine.family;
+    let Family::Embed(emb) = &engine.family else {
+        return Err(ApiError::bad(
+            "model",
+            format!(
+                "{} is a generation model; use POST /v1/completions or POST /v1/chat/completions",
+                engine.model
+            ),
+        ));
+    };
     let p = state.profile.borrow().clone();
     let body = read_body(state, body)?;
     let texts = parse_inputs(&body, &p)?;

@@ -6,6 +6,11 @@
 //! Anything else is a path to a Hugging Face BERT folder.
 
 pub mod bert;
+pub mod chat;
+pub mod gguf;
+pub mod llama;
+pub mod lm;
+pub mod lm_tokenizer;
 pub mod tokenize;
 
 use bert::{Bert, BertConfig};
@@ -215,6 +220,8 @@ pub enum ModelSource {
     Synthetic(BertConfig),
     /// A Hugging Face folder.
     Folder(PathBuf),
+    /// A decoder for generation (see [`lm`]).
+    Lm(lm::LmSource),
 }
 
 /// Parses a model spec; checks that a folder holds the three files it needs.
@@ -223,6 +230,9 @@ pub fn resolve_model(spec: &str) -> Result<ModelSource, ModelError> {
         model: spec.to_string(),
         reason,
     };
+    if let Some(lm) = lm::resolve(spec).map_err(err)? {
+        return Ok(ModelSource::Lm(lm));
+    }
     if let Some(shape) = spec.strip_prefix("synthetic:") {
         return match shape {
             "minilm" => Ok(ModelSource::Synthetic(BertConfig::minilm_l6())),
@@ -234,7 +244,9 @@ pub fn resolve_model(spec: &str) -> Result<ModelSource, ModelError> {
                 ..BertConfig::minilm_l6()
             })),
             other => Err(err(format!(
-                "unknown synthetic shape {other:?}; use synthetic:minilm or synthetic:tiny"
+                "unknown synthetic shape {other:?}; embeddings: synthetic:minilm, synthetic:tiny; \
+                 generation: {}",
+                lm::SYNTHETIC.join(", ")
             ))),
         };
     }
@@ -364,6 +376,11 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
             Arc::new(BuiltinTokenizer::new(c.vocab_size)),
             Some(synthetic_weights(c, SYNTHETIC_SEED)),
         ),
+        ModelSource::Lm(_) => {
+            return Err(lerr(
+                "is a generation model; it serves /v1/completions and /v1/chat/completions".into(),
+            ))
+        }
         ModelSource::Folder(dir) => {
             let text = std::fs::read_to_string(dir.join("config.json"))
                 .map_err(|e| lerr(format!("config.json: {e}")))?;

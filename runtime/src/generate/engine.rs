@@ -1,0 +1,505 @@
+//! The engine: one OS thread per model replica, looping plan → forward → sample → events.
+//!
+//! Each loop it takes new sequences from its channel, drops those whose client left, asks the
+//! [`Scheduler`] for a plan under the live profile, runs every planned chunk in one
+//! [`Llama::step`], samples, streams text to each request, and tells the scheduler which
+//! sequences ended. A failed or panicking step fails only the sequences in it.
+
+use super::sampling::{check_stops, Sampler, SamplingParams, StopCheck};
+use super::scheduler::{Limits, NewSeq, Plan, Scheduler, SeqId};
+use crate::admission::QueueSpace;
+use crate::metrics::{DeviceLabel, FinishLabel, GenMetrics};
+use crate::model::llama::{Chunk, Llama, SeqCache};
+use crate::model::lm_tokenizer::LmTokenizer;
+use profiles::Profile;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// A validated, tokenized generation request.
+pub struct GenRequest {
+    /// Prompt ids (chat template already applied).
+    pub prompt: Vec<u32>,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Most output tokens.
+    pub max_tokens: usize,
+    /// Stop strings (the output ends before the first one).
+    pub stop: Vec<String>,
+    /// Keep generating past EOS (benchmarks that need exact output lengths).
+    pub ignore_eos: bool,
+    /// Arrival time (queue time and TTFT count from here).
+    pub arrived: Instant,
+    /// Not started by then: 504.
+    pub deadline: Instant,
+}
+
+/// Why a generation ended normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI's `finish_reason` string.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// The end of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// How it ended.
+    pub reason: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Output tokens generated (EOS not counted).
+    pub completion_tokens: usize,
+    /// Arrival to start.
+    pub queue_time: Duration,
+    /// Arrival to the first output token.
+    pub ttft: Duration,
+}
+
+/// Why a generation failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenFailure {
+    /// Its deadline passed before it started.
+    Expired,
+    /// Its step failed (the message names the device).
+    Step(String),
+    /// The server stopped first.
+    Shutdown,
+}
+
+/// What the engine tells a request, in order: `Started`, `Text`…, then `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// The sequence started (its KV is reserved).
+    Started {
+        /// Arrival to start.
+        queue_time: Duration,
+    },
+    /// One output token; `delta` is the text that became final with it (may be empty while a
+    /// stop string might be starting).
+    Token {
+        /// New text.
+        delta: String,
+    },
+    /// The generation ended.
+    Done(Finished),
+    /// It failed.
+    Failed(GenFailure),
+}
+
+/// Messages to an engine.
+pub enum Msg {
+    /// A new sequence (queue space already reserved) and where to report; dropping the
+    /// receiver cancels it.
+    New(Box<GenRequest>, mpsc::UnboundedSender<GenEvent>),
+    /// Finish everything admitted, then exit.
+    Shutdown,
+}
+
+/// What an engine thread needs.
+pub struct EngineCtx {
+    /// Replica label for metrics and messages.
+    pub label: String,
+    /// The model replica.
+    pub model: Arc<Llama>,
+    /// Decodes outputs.
+    pub tokenizer: Arc<LmTokenizer>,
+    /// End-of-sequence ids.
+    pub eos: Vec<u32>,
+    /// Live knobs.
+    pub profile: watch::Receiver<Arc<Profile>>,
+    /// Generation series.
+    pub metrics: Arc<GenMetrics>,
+    /// Queue capacity: released when a sequence leaves the waiting list.
+    pub space: Arc<QueueSpace>,
+    /// Sequences assigned to this replica and not finished (placement reads it).
+    pub load: Arc<AtomicUsize>,
+}
+
+struct Seq {
+    req: GenRequest,
+    events: mpsc::UnboundedSender<GenEvent>,
+    sampler: Sampler,
+    cache: Option<SeqCache>,
+    out: Vec<u32>,
+    /// Bytes of the output text already sent.
+    sent: usize,
+    queue_time: Duration,
+    first_token: Option<Instant>,
+}
+
+enum End {
+    Finished(FinishReason),
+    Failed(GenFailure),
+    Cancelled,
+}
+
+/// The engine loop; returns when shut down (or its channel closed) and nothing is left.
+pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
+    let mut e = Engine {
+        ctx,
+        sched: Scheduler::default(),
+        seqs: HashMap::new(),
+        next_id: 0,
+        draining: false,
+        published: [0; 3],
+    };
+    let mut wake: Option<Instant> = None;
+    loop {
+        let msg = if e.sched.running_len() > 0 {
+            rx.try_recv().ok()
+        } else if e.sched.is_empty() {
+            if e.draining {
+                break;
+            }
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            }
+        } else {
+            // Waiting sequences, none running: sleep until the plan's wake time or a message.
+            let until = wake.unwrap_or_else(|| Instant::now() + Duration::from_millis(50));
+            match rx.recv_deadline(until) {
+                Ok(m) => Some(m),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    e.draining = true;
+                    None
+                }
+            }
+        };
+        if let Some(m) = msg {
+            e.take(m);
+            while let Ok(m) = rx.try_recv() {
+                e.take(m);
+            }
+        }
+        e.sweep_cancelled();
+        let plan = e.plan();
+        wake = plan.wake_at;
+        e.run_step(plan);
+    }
+    // Leave the shared gauges as if this engine had never run.
+    e.publish_gauges();
+}
+
+struct Engine {
+    ctx: EngineCtx,
+    sched: Scheduler,
+    seqs: HashMap<SeqId, Seq>,
+    next_id: SeqId,
+    draining: bool,
+    /// Running, waiting and KV tokens last added to the shared gauges.
+    published: [i64; 3],
+}
+
+impl Engine {
+    fn take(&mut self, m: Msg) {
+        match m {
+            Msg::Shutdown => self.draining = true,
+            Msg::New(req, events) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.sched.push(NewSeq {
+                    id,
+                    prompt_len: req.prompt.len(),
+                    max_new: req.max_tokens,
+                    arrived: req.arrived,
+                    deadline: req.deadline,
+                });
+                let sampler = Sampler::new(req.sampling.clone());
+                self.seqs.insert(
+                    id,
+                    Seq {
+                        req: *req,
+                        events,
+                        sampler,
+                        cache: None,
+                        out: Vec::new(),
+                        sent: 0,
+                        queue_time: Duration::ZERO,
+                        first_token: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Clients that went away free their slot, queue space and KV before the next step.
+    fn sweep_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.end(id, End::Cancelled);
+        }
+    }
+
+    fn plan(&mut self) -> Plan {
+        let p = self.ctx.profile.borrow().clone();
+        let lim = Limits {
+            max_running: p.max_batch_size,
+            prefill_tokens: p.max_batch_tokens,
+            batch_wait: p.batch_wait_timeout,
+            kv_tokens: p.kv_cache_tokens,
+            scheduling: p.scheduling,
+            max_groups: p.max_concurrent_batches,
+            draining: self.draining,
+        };
+        let plan = self.sched.schedule(Instant::now(), &lim);
+        for &id in &plan.expired {
+            self.ctx.space.release(1);
+            self.end_removed(id, End::Failed(GenFailure::Expired));
+        }
+        let now = Instant::now();
+        for &id in &plan.started {
+            self.ctx.space.release(1);
+            let Some(s) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            s.queue_time = now.duration_since(s.req.arrived);
+            self.ctx
+                .metrics
+                .queue_time
+                .observe(s.queue_time.as_secs_f64());
+            let _ = s.events.send(GenEvent::Started {
+                queue_time: s.queue_time,
+            });
+            match self
+                .ctx
+                .model
+                .new_cache(s.req.prompt.len() + s.req.max_tokens)
+            {
+                Ok(c) => s.cache = Some(c),
+                Err(err) => {
+                    let msg = format!("KV cache on {}: {err}", self.ctx.label);
+                    self.end(id, End::Failed(GenFailure::Step(msg)));
+                }
+            }
+        }
+        plan
+    }
+
+    fn run_step(&mut self, plan: Plan) {
+        self.publish_gauges();
+        if plan.is_idle() {
+            return;
+        }
+        // Take each planned sequence's cache out of the map for the forward.
+        let mut order: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
+        for c in &plan.prefill {
+            if let Some(s) = self.seqs.get(&c.id) {
+                order.push((
+                    c.id,
+                    s.req.prompt[c.start..c.start + c.len].to_vec(),
+                    c.last,
+                ));
+            }
+        }
+        for &id in &plan.decode {
+            if let Some(&last) = self.seqs.get(&id).and_then(|s| s.out.last()) {
+                order.push((id, vec![last], true));
+            }
+        }
+        let mut caches: Vec<(SeqId, SeqCache)> = order
+            .iter()
+            .filter_map(|(id, _, _)| {
+                let s = self.seqs.get_mut(id)?;
+                s.cache.take().map(|c| (*id, c))
+            })
+            .collect();
+        order.retain(|(id, _, _)| caches.iter().any(|(c, _)| c == id));
+        let result = {
+            let mut chunks: Vec<Chunk<'_>> = order
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|((_, tokens, logits), (_, cache))| Chunk {
+                    tokens,
+                    cache,
+                    logits: *logits,
+                })
+                .collect();
+            let model = &self.ctx.model;
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.step(&mut chunks)))
+        };
+        let prefill_tokens: usize = plan.prefill.iter().map(|c| c.len).sum();
+        let dev = DeviceLabel {
+            device: self.ctx.label.clone(),
+        };
+        self.ctx.metrics.steps.get_or_create(&dev).inc();
+        self.ctx
+            .metrics
+            .step_sequences
+            .get_or_create(&dev)
+            .observe(order.len() as f64);
+        self.ctx
+            .metrics
+            .prefill_tokens
+            .inc_by(prefill_tokens as u64);
+        for (id, cache) in caches {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.cache = Some(cache);
+            }
+        }
+        let logits = match result {
+            Ok(Ok(l)) => l,
+            Ok(Err(err)) => {
+                return self.fail_step(&order, format!("step on {} failed: {err}", self.ctx.label))
+            }
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                return self.fail_step(
+                    &order,
+                    format!("step on {} panicked: {msg}", self.ctx.label),
+                );
+            }
+        };
+        for ((id, _, _), l) in order.iter().zip(logits) {
+            if let Some(l) = l {
+                self.advance(*id, &l);
+            }
+        }
+        self.publish_gauges();
+    }
+
+    fn fail_step(&mut self, order: &[(SeqId, Vec<u32>, bool)], msg: String) {
+        tracing::error!("{msg}");
+        for (id, _, _) in order {
+            self.end(*id, End::Failed(GenFailure::Step(msg.clone())));
+        }
+    }
+
+    /// Samples a sequence's next token, streams the text it makes final, and ends the sequence
+    /// at EOS, a stop string or `max_tokens`.
+    fn advance(&mut self, id: SeqId, logits: &[f32]) {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let t = s.sampler.sample(logits);
+        let now = Instant::now();
+        if s.first_token.is_none() {
+            s.first_token = Some(now);
+            self.ctx
+                .metrics
+                .ttft
+                .observe(now.duration_since(s.req.arrived).as_secs_f64());
+        }
+        if !s.req.ignore_eos && self.ctx.eos.contains(&t) {
+            let text = self.ctx.tokenizer.decode(&s.out).unwrap_or_default();
+            let rest = text.get(s.sent..).unwrap_or_default().to_string();
+            if !rest.is_empty() {
+                let _ = s.events.send(GenEvent::Token { delta: rest });
+            }
+            return self.end(id, End::Finished(FinishReason::Stop));
+        }
+        s.out.push(t);
+        self.ctx.metrics.output_tokens.inc();
+        let text = self.ctx.tokenizer.decode(&s.out).unwrap_or_default();
+        let at_limit = s.out.len() >= s.req.max_tokens;
+        let (upto, end) = match check_stops(&text, &s.req.stop) {
+            StopCheck::Stopped(at) => (at, Some(FinishReason::Stop)),
+            StopCheck::Safe(_) if at_limit => (text.len(), Some(FinishReason::Length)),
+            StopCheck::Safe(n) => (n, None),
+        };
+        let delta = text
+            .get(s.sent..upto.max(s.sent))
+            .unwrap_or_default()
+            .to_string();
+        s.sent = s.sent.max(upto);
+        let _ = s.events.send(GenEvent::Token { delta });
+        if let Some(r) = end {
+            self.end(id, End::Finished(r));
+        }
+    }
+
+    /// Ends a sequence the scheduler still holds.
+    fn end(&mut self, id: SeqId, how: End) {
+        let waiting = self.sched.waiting_ids().any(|w| w == id);
+        if self.sched.finish(id) && waiting {
+            self.ctx.space.release(1);
+        }
+        self.end_removed(id, how);
+    }
+
+    /// Ends a sequence the scheduler already dropped: answers it and frees its cache.
+    fn end_removed(&mut self, id: SeqId, how: End) {
+        let Some(s) = self.seqs.remove(&id) else {
+            return;
+        };
+        self.ctx.load.fetch_sub(1, Ordering::AcqRel);
+        let reason = match &how {
+            End::Finished(r) => r.as_str(),
+            End::Failed(GenFailure::Expired) => "expired",
+            End::Failed(_) => "error",
+            End::Cancelled => "cancelled",
+        };
+        self.ctx
+            .metrics
+            .finished
+            .get_or_create(&FinishLabel {
+                reason: reason.into(),
+            })
+            .inc();
+        let event = match how {
+            End::Finished(reason) => {
+                let now = Instant::now();
+                let first = s.first_token.unwrap_or(now);
+                if s.out.len() > 1 {
+                    let per = now.duration_since(first).as_secs_f64() / (s.out.len() - 1) as f64;
+                    self.ctx.metrics.tpot.observe(per);
+                }
+                GenEvent::Done(Finished {
+                    reason,
+                    prompt_tokens: s.req.prompt.len(),
+                    completion_tokens: s.out.len(),
+                    queue_time: s.queue_time,
+                    ttft: first.duration_since(s.req.arrived),
+                })
+            }
+            End::Failed(f) => GenEvent::Failed(f),
+            End::Cancelled => return,
+        };
+        let _ = s.events.send(event);
+    }
+
+    /// Gauges are shared by every replica's engine, so each adds the change in its own counts
+    /// rather than setting a value another engine would overwrite.
+    fn publish_gauges(&mut self) {
+        let now = [
+            self.sched.running_len() as i64,
+            self.sched.waiting_len() as i64,
+            self.sched.kv_used() as i64,
+        ];
+        let m = &self.ctx.metrics;
+        for ((g, new), old) in [&m.running, &m.waiting, &m.kv_tokens_used]
+            .into_iter()
+            .zip(now)
+            .zip(self.published.iter_mut())
+        {
+            g.inc_by(new - *old);
+            *old = new;
+        }
+    }
+}

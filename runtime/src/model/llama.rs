@@ -1,0 +1,686 @@
+//! Decoder-only transformer of the Llama family (Llama, SmolLM2, Qwen2) on candle, with a
+//! per-sequence KV cache so that one forward can advance many sequences, each at its own length.
+//!
+//! Written here rather than taken from candle-transformers for the reasons `bert.rs` gives, and
+//! because candle-transformers' Llama keeps one cache for the whole batch (every sequence at the
+//! same position), which rules out continuous batching.
+//!
+//! One [`Llama::step`] takes a list of chunks, one per sequence: a decode step is a chunk of one
+//! token, a prefill is a chunk of (part of) the prompt. All tokens of the step go through the
+//! projections and the MLP as one `[tokens, hidden]` matrix (where batching pays), and attention
+//! runs per sequence against that sequence's own cache (where lengths differ). Nothing is padded,
+//! so a sequence's result does not depend on who shares its step.
+//!
+//! KV memory: each sequence owns, per layer, a K and a V tensor `[kv_heads, capacity, head_dim]`
+//! allocated when it starts, with capacity = prompt + `max_tokens`: `2 × layers × kv_heads ×
+//! head_dim × dtype size` bytes per token (SmolLM2-135M in f32: 46,080 bytes, 45 KiB; Qwen2.5-0.5B
+//! in bf16: 12,288 bytes). Reserving the whole capacity up front wastes what early-stopping
+//! sequences never use, but the budget can never be exceeded mid-generation, so nothing is
+//! preempted (vLLM's paged blocks avoid the waste at the price of preemption and a block table).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
+use serde::Deserialize;
+
+/// The subset of a Hugging Face `config.json` a Llama/Qwen2 decoder needs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size (rows of the embedding table and of the output head).
+    pub vocab_size: usize,
+    /// Width of every hidden state.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU feed-forward block.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads per layer.
+    pub num_attention_heads: usize,
+    /// Key/value heads per layer (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Longest sequence (prompt + output) the model was trained for.
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    /// The output head shares the embedding table (SmolLM2, Qwen2.5-0.5B).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections (Qwen2); Llama has none.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Token ids that end a generation.
+    #[serde(default)]
+    pub eos_token_id: Option<EosIds>,
+}
+
+/// `eos_token_id` is a number or a list in Hugging Face configs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum EosIds {
+    /// One id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_positions() -> usize {
+    2048
+}
+
+impl LlamaConfig {
+    /// SmolLM2-135M(-Instruct)'s shape: 30 layers, hidden 576, 9 heads over 3 KV heads,
+    /// intermediate 1536, vocabulary 49152, tied embeddings.
+    pub fn smollm2_135m() -> Self {
+        LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: Some(3),
+            rms_norm_eps: 1e-5,
+            rope_theta: 100_000.0,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            eos_token_id: Some(EosIds::One(2)),
+        }
+    }
+
+    /// Qwen2.5-0.5B(-Instruct)'s shape: 24 layers, hidden 896, 14 heads over 2 KV heads,
+    /// intermediate 4864, vocabulary 151936, q/k/v biases, tied embeddings.
+    pub fn qwen2_5_0_5b() -> Self {
+        LlamaConfig {
+            vocab_size: 151_936,
+            hidden_size: 896,
+            intermediate_size: 4864,
+            num_hidden_layers: 24,
+            num_attention_heads: 14,
+            num_key_value_heads: Some(2),
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 32_768,
+            tie_word_embeddings: true,
+            attention_bias: true,
+            eos_token_id: Some(EosIds::One(2)),
+        }
+    }
+
+    /// A 2-layer, hidden-64 model of SmolLM2's kind for tests of the serving machinery.
+    pub fn tiny() -> Self {
+        LlamaConfig {
+            vocab_size: 4096,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            max_position_embeddings: 2048,
+            ..Self::smollm2_135m()
+        }
+    }
+
+    /// Key/value heads (grouped-query attention).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// End-of-sequence ids from the config (empty when it names none).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(EosIds::One(i)) => vec![*i],
+            Some(EosIds::Many(v)) => v.clone(),
+            None => Vec::new(),
+        }
+    }
+
+    /// KV-cache bytes one token of one sequence takes at `dtype`.
+    pub fn kv_bytes_per_token(&self, dtype: DType) -> usize {
+        2 * self.num_hidden_layers * self.kv_heads() * self.head_dim() * dtype.size_in_bytes()
+    }
+
+    /// Checks that the head layout is consistent before any tensor is built.
+    pub fn check(&self) -> Result<(), String> {
+        let h = self.num_attention_heads;
+        if h == 0 || !self.hidden_size.is_multiple_of(h) {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {h}",
+                self.hidden_size
+            ));
+        }
+        if self.kv_heads() == 0 || !h.is_multiple_of(self.kv_heads()) {
+            return Err(format!(
+                "num_attention_heads {h} is not a multiple of num_key_value_heads {}",
+                self.kv_heads()
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!("head dimension {} is odd", self.head_dim()));
+        }
+        Ok(())
+    }
+
+    /// Every weight's name (Hugging Face's) and shape, for synthetic weights and checks.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            v.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+            v.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+            v.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            if self.attention_bias {
+                v.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+                v.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+                v.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+            }
+            v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+            v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        }
+        v.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            v.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        v
+    }
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A loaded decoder replica on one device.
+pub struct Llama {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    cfg: LlamaConfig,
+    /// RoPE on interleaved pairs (GGUF Llama weights, whose q/k rows llama.cpp permuted) rather
+    /// than on halves (Hugging Face layout).
+    interleaved: bool,
+    device: Device,
+    dtype: DType,
+}
+
+/// One sequence's keys and values, per layer, and how many positions hold data.
+pub struct SeqCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl SeqCache {
+    /// Positions already computed (the next token goes at this position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first chunk.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions this cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// One sequence's part of a step: its next tokens and its cache.
+pub struct Chunk<'a> {
+    /// Tokens to append: one for a decode, part or all of the prompt for a prefill.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; its length grows by `tokens.len()`.
+    pub cache: &'a mut SeqCache,
+    /// Return the logits after the last token (false for a prefill chunk that is not the last).
+    pub logits: bool,
+}
+
+fn rms(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
+    Ok(RmsNorm::new(vb.get(size, "weight")?, eps))
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face-named weights. `interleaved` selects GGUF's RoPE
+    /// layout (see the field).
+    pub fn load(vb: VarBuilder, cfg: &LlamaConfig, interleaved: bool) -> candle_core::Result<Self> {
+        cfg.check().map_err(candle_core::Error::msg)?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+        let m = vb.pp("model");
+        let embed = embedding(cfg.vocab_size, h, m.pp("embed_tokens"))?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = m.pp(format!("layers.{l}"));
+            let a = p.pp("self_attn");
+            let b = cfg.attention_bias;
+            layers.push(Layer {
+                attn_norm: rms(h, cfg.rms_norm_eps, p.pp("input_layernorm"))?,
+                q: linear_b(h, qd, b, a.pp("q_proj"))?,
+                k: linear_b(h, kvd, b, a.pp("k_proj"))?,
+                v: linear_b(h, kvd, b, a.pp("v_proj"))?,
+                o: linear_no_bias(qd, h, a.pp("o_proj"))?,
+                mlp_norm: rms(h, cfg.rms_norm_eps, p.pp("post_attention_layernorm"))?,
+                gate: linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.gate_proj"))?,
+                up: linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.up_proj"))?,
+                down: linear_no_bias(cfg.intermediate_size, h, p.pp("mlp.down_proj"))?,
+            });
+        }
+        let norm = rms(h, cfg.rms_norm_eps, m.pp("norm"))?;
+        let head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            Linear::new(embed.embeddings().clone(), None)
+        } else {
+            linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        let device = vb.device().clone();
+        let dtype = vb.dtype();
+        let half = hd / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        let n = cfg.max_position_embeddings;
+        let inv = Tensor::from_vec(inv, (1, half), &device)?;
+        let pos = Tensor::arange(0u32, n as u32, &device)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Llama {
+            embed,
+            layers,
+            norm,
+            head,
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            cfg: cfg.clone(),
+            interleaved,
+            device,
+            dtype,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// True on a CUDA device.
+    pub fn on_gpu(&self) -> bool {
+        self.device.is_cuda()
+    }
+
+    /// An empty cache for a sequence of at most `capacity` positions (allocated now, in full).
+    pub fn new_cache(&self, capacity: usize) -> candle_core::Result<SeqCache> {
+        let shape = (self.cfg.kv_heads(), capacity, self.cfg.head_dim());
+        let mut k = Vec::with_capacity(self.layers.len());
+        let mut v = Vec::with_capacity(self.layers.len());
+        for _ in &self.layers {
+            k.push(Tensor::zeros(shape, self.dtype, &self.device)?);
+            v.push(Tensor::zeros(shape, self.dtype, &self.device)?);
+        }
+        Ok(SeqCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Runs one step over every chunk; returns, per chunk, the f32 logits after its last token
+    /// when it asked for them.
+    pub fn step(&self, chunks: &mut [Chunk<'_>]) -> candle_core::Result<Vec<Option<Vec<f32>>>> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for c in chunks.iter() {
+            if c.tokens.is_empty() {
+                candle_core::bail!("a chunk with no tokens");
+            }
+            let start = c.cache.len;
+            if start + c.tokens.len() > c.cache.capacity {
+                candle_core::bail!(
+                    "sequence needs {} positions; its cache holds {}",
+                    start + c.tokens.len(),
+                    c.cache.capacity
+                );
+            }
+            if start + c.tokens.len() > self.cfg.max_position_embeddings {
+                candle_core::bail!(
+                    "position {} is past max_position_embeddings {}",
+                    start + c.tokens.len(),
+                    self.cfg.max_position_embeddings
+                );
+            }
+            ids.extend_from_slice(c.tokens);
+            positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
+        }
+        let t = ids.len();
+        let ids = Tensor::from_vec(ids, t, &self.device)?;
+        let pos = Tensor::from_vec(positions, t, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.forward(&ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.attn_norm.forward(&x)?;
+            let q = self.heads(
+                &layer.q.forward(&h)?,
+                self.cfg.num_attention_heads,
+                &cos,
+                &sin,
+            )?;
+            let k = self.heads(&layer.k.forward(&h)?, self.cfg.kv_heads(), &cos, &sin)?;
+            let v = layer
+                .v
+                .forward(&h)?
+                .reshape((t, self.cfg.kv_heads(), self.cfg.head_dim()))?
+                .transpose(0, 1)?;
+            let mut outs = Vec::with_capacity(chunks.len());
+            let mut off = 0;
+            for c in chunks.iter_mut() {
+                let n = c.tokens.len();
+                outs.push(self.attend(
+                    l,
+                    c.cache,
+                    &q.narrow(1, off, n)?,
+                    &k.narrow(1, off, n)?,
+                    &v.narrow(1, off, n)?,
+                )?);
+                off += n;
+            }
+            let att = Tensor::cat(&outs, 0)?;
+            x = (x + layer.o.forward(&att)?)?;
+            let h = layer.mlp_norm.forward(&x)?;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+            let mlp = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        let mut rows = Vec::new();
+        let mut off = 0;
+        for c in chunks.iter_mut() {
+            off += c.tokens.len();
+            c.cache.len += c.tokens.len();
+            if c.logits {
+                rows.push((off - 1) as u32);
+            }
+        }
+        let mut out = vec![None; chunks.len()];
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let rows = Tensor::from_vec(
+            rows,
+            chunks.iter().filter(|c| c.logits).count(),
+            &self.device,
+        )?;
+        let last = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        let logits = self
+            .head
+            .forward(&last)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut it = logits.into_iter();
+        for (slot, c) in out.iter_mut().zip(chunks.iter()) {
+            if c.logits {
+                *slot = it.next();
+            }
+        }
+        Ok(out)
+    }
+
+    /// `[t, heads × head_dim]` → `[heads, t, head_dim]` with RoPE applied at each row's position.
+    fn heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let t = x.dim(0)?;
+        let x = x
+            .reshape((t, heads, self.cfg.head_dim()))?
+            .transpose(0, 1)?
+            .unsqueeze(0)?
+            .contiguous()?;
+        let r = if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, cos, sin)?
+        };
+        r.squeeze(0)
+    }
+
+    /// One sequence's attention for its `n` new positions: writes their keys and values into
+    /// the cache, then attends over everything cached (causal within the chunk). Returns
+    /// `[n, heads × head_dim]`.
+    fn attend(
+        &self,
+        layer: usize,
+        cache: &mut SeqCache,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
+        let groups = self.cfg.num_attention_heads / kvh;
+        let n = q.dim(1)?;
+        let start = cache.len;
+        let total = start + n;
+        cache.k[layer].slice_set(&k.contiguous()?, 1, start)?;
+        cache.v[layer].slice_set(&v.contiguous()?, 1, start)?;
+        let keys = cache.k[layer].narrow(1, 0, total)?.contiguous()?;
+        let values = cache.v[layer].narrow(1, 0, total)?.contiguous()?;
+        // Query head h reads KV head h / groups: grouping the query heads by their KV head lets
+        // one batched matmul per KV head serve all of them, without copying K and V.
+        let q = q.contiguous()?.reshape((kvh, groups * n, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut att = (q.matmul(&keys.t()?)? * scale)?;
+        if n > 1 {
+            let mask: Vec<f32> = (0..n)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (n, total), &self.device)?.to_dtype(att.dtype())?;
+            att = att
+                .reshape((kvh, groups, n, total))?
+                .broadcast_add(&mask)?
+                .reshape((kvh, groups * n, total))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(&values)?
+            .reshape((kvh * groups, n, hd))?
+            .transpose(0, 1)?
+            .reshape((n, kvh * groups * hd))
+    }
+
+    /// Sum of the negative log-likelihood of `ids[1..]` given their prefixes, and the count:
+    /// `exp(sum / count)` is the perplexity (a check that real weights loaded correctly).
+    pub fn nll(&self, ids: &[u32]) -> candle_core::Result<(f64, usize)> {
+        let mut cache = self.new_cache(ids.len())?;
+        let mut sum = 0.0;
+        for (i, w) in ids.windows(2).enumerate() {
+            let mut chunk = [Chunk {
+                tokens: &ids[i..i + 1],
+                cache: &mut cache,
+                logits: true,
+            }];
+            let logits = self
+                .step(&mut chunk)?
+                .pop()
+                .flatten()
+                .expect("asked for logits");
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = logits
+                .iter()
+                .map(|l| ((l - max) as f64).exp())
+                .sum::<f64>()
+                .ln()
+                + max as f64;
+            sum += lse - logits[w[1] as usize] as f64;
+        }
+        Ok((sum, ids.len().saturating_sub(1)))
+    }
+}
+
+/// Largest logit's index (first on ties): greedy decoding.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{random_tensors, SYNTHETIC_SEED};
+
+    fn tiny() -> Llama {
+        let c = LlamaConfig::tiny();
+        let w = random_tensors(c.weight_shapes(), SYNTHETIC_SEED);
+        Llama::load(
+            VarBuilder::from_tensors(w, DType::F32, &Device::Cpu),
+            &c,
+            false,
+        )
+        .unwrap()
+    }
+
+    /// Greedy continuation of `prompt` run alone, prompt in one chunk.
+    fn alone(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut cache = m.new_cache(prompt.len() + n).unwrap();
+        let mut out = Vec::new();
+        let mut next = prompt.to_vec();
+        for _ in 0..n {
+            let l = m
+                .step(&mut [Chunk {
+                    tokens: &next,
+                    cache: &mut cache,
+                    logits: true,
+                }])
+                .unwrap();
+            let t = argmax(l[0].as_ref().unwrap());
+            out.push(t);
+            next = vec![t];
+        }
+        out
+    }
+
+    #[test]
+    fn a_sequence_decodes_the_same_alone_and_among_others() {
+        let m = tiny();
+        let prompts: Vec<Vec<u32>> = vec![
+            (100..117).collect(),
+            vec![7, 8, 9],
+            (300..340).step_by(3).collect(),
+            vec![42],
+        ];
+        let n = 12;
+        let expect: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, n)).collect();
+        // Together: sequence i joins at step i, prompts prefilled in chunks of 5 tokens, all
+        // running sequences advanced in one step.
+        let mut caches: Vec<SeqCache> = prompts
+            .iter()
+            .map(|p| m.new_cache(p.len() + n).unwrap())
+            .collect();
+        let mut prefilled = vec![0usize; prompts.len()];
+        let mut outs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        for step in 0..200 {
+            let mut tokens: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                if step < i || outs[i].len() == n {
+                    continue;
+                }
+                if prefilled[i] < p.len() {
+                    let end = (prefilled[i] + 5).min(p.len());
+                    tokens.push((i, p[prefilled[i]..end].to_vec(), end == p.len()));
+                    prefilled[i] = end;
+                } else {
+                    tokens.push((i, vec![*outs[i].last().unwrap()], true));
+                }
+            }
+            if tokens.is_empty() {
+                break;
+            }
+            let mut chunks: Vec<Chunk<'_>> = Vec::new();
+            let mut rest: &mut [SeqCache] = &mut caches;
+            let mut taken = 0;
+            for (i, t, l) in &tokens {
+                let (_, tail) = rest.split_at_mut(i - taken);
+                let (c, tail) = tail.split_first_mut().unwrap();
+                rest = tail;
+                taken = i + 1;
+                chunks.push(Chunk {
+                    tokens: t,
+                    cache: c,
+                    logits: *l,
+                });
+            }
+            let logits = m.step(&mut chunks).unwrap();
+            for ((i, _, _), l) in tokens.iter().zip(logits) {
+                if let Some(l) = l {
+                    outs[*i].push(argmax(&l));
+                }
+            }
+        }
+        assert_eq!(outs, expect);
+    }
+
+    #[test]
+    fn a_full_cache_is_an_error_not_a_panic() {
+        let m = tiny();
+        let mut c = m.new_cache(2).unwrap();
+        let e = m
+            .step(&mut [Chunk {
+                tokens: &[1, 2, 3],
+                cache: &mut c,
+                logits: true,
+            }])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cache holds 2"), "{e}");
+    }
+}

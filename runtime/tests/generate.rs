@@ -1,0 +1,402 @@
+//! Generation over real HTTP: a real server on a free port, the tiny synthetic decoder (or the
+//! real SmolLM2 GGUF when `models/` has it), OpenAI-style requests.
+
+mod common;
+
+use common::*;
+use profiles::{Profile, Scheduling};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn llm(p: Profile) -> Profile {
+    Profile {
+        model: "synthetic:llama-tiny".into(),
+        ..p
+    }
+}
+
+async fn complete(c: &HttpClient, a: std::net::SocketAddr, body: Value) -> Resp {
+    request(c, "POST", a, "/v1/completions", body.to_string()).await
+}
+
+fn text(r: &Resp) -> String {
+    r.body["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_output_is_the_same_alone_and_under_continuous_batching() {
+    let (server, c) = start(llm(Profile {
+        max_batch_size: 8,
+        batch_wait_timeout: Duration::ZERO,
+        ..Profile::default()
+    }))
+    .await;
+    let a = server.addr;
+    let probe =
+        json!({"prompt": "the quick brown fox jumps over", "max_tokens": 24, "temperature": 0});
+    let alone = complete(&c, a, probe.clone()).await;
+    assert_eq!(alone.status, 200, "{}", alone.text);
+    assert_eq!(alone.body["usage"]["completion_tokens"], 24);
+    // The same request among others that join and leave at different steps.
+    let mut others = Vec::new();
+    for i in 0..6usize {
+        let c = c.clone();
+        let words = "lorem ipsum dolor sit amet ".repeat(i + 1);
+        others.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
+            let body =
+                json!({"prompt": words, "max_tokens": 4 + 7 * i, "temperature": 0.8, "seed": i});
+            complete(&c, a, body).await.status
+        }));
+    }
+    let together = complete(&c, a, probe).await;
+    for o in others {
+        assert_eq!(o.await.unwrap(), 200);
+    }
+    assert_eq!(text(&together), text(&alone));
+    // Several sequences shared steps (otherwise this test proves nothing).
+    let steps = metric(&c, a, "batchtune_step_sequences_count").await;
+    let seqs = metric(&c, a, "batchtune_step_sequences_sum").await;
+    assert!(
+        seqs / steps > 1.5,
+        "mean sequences per step {}",
+        seqs / steps
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_strings_and_max_tokens_end_exactly() {
+    let (server, c) = start(llm(Profile::default())).await;
+    let a = server.addr;
+    let full = complete(
+        &c,
+        a,
+        json!({"prompt": "one two three", "max_tokens": 20, "temperature": 0}),
+    )
+    .await;
+    let full_text = text(&full);
+    assert_eq!(full.body["choices"][0]["finish_reason"], "length");
+    assert_eq!(full.body["usage"]["completion_tokens"], 20);
+    // Stop at the sixth word: the output is exactly what came before it.
+    let words: Vec<&str> = full_text.split_inclusive(' ').collect();
+    let cut: usize = words[..6].iter().map(|w| w.len()).sum();
+    let stop_word = full_text[cut..].split(' ').find(|w| !w.is_empty()).unwrap();
+    let at = full_text.find(stop_word).unwrap();
+    let stopped = complete(
+        &c,
+        a,
+        json!({"prompt": "one two three", "max_tokens": 20, "temperature": 0, "stop": [stop_word]}),
+    )
+    .await;
+    assert_eq!(text(&stopped), full_text[..at]);
+    assert_eq!(stopped.body["choices"][0]["finish_reason"], "stop");
+    let short = complete(
+        &c,
+        a,
+        json!({"prompt": "one two three", "max_tokens": 7, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(short.body["usage"]["completion_tokens"], 7);
+    assert!(full_text.starts_with(&text(&short)));
+    // The stream carries the same text, then [DONE].
+    let streamed = request(
+        &c,
+        "POST",
+        a,
+        "/v1/completions",
+        json!({"prompt": "one two three", "max_tokens": 20, "temperature": 0, "stream": true,
+               "stream_options": {"include_usage": true}})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(streamed.status, 200);
+    let mut joined = String::new();
+    let mut usage = Value::Null;
+    let events: Vec<&str> = streamed
+        .text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(t) = v["choices"][0]["text"].as_str() {
+            joined.push_str(t);
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    assert_eq!(joined, full_text);
+    assert_eq!(usage["completion_tokens"], 20);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_frees_its_sequence_and_kv() {
+    let (server, c) = start(llm(Profile {
+        max_new_tokens: 2000,
+        ..Profile::default()
+    }))
+    .await;
+    let a = server.addr;
+    {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::post(format!("http://{a}/v1/completions"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                json!({"prompt": "go on forever", "max_tokens": 2000, "stream": true, "ignore_eos": true})
+                    .to_string(),
+            )))
+            .unwrap();
+        let mut resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // Read one chunk, then drop the response (and its connection).
+        let _ = resp.body_mut().frame().await;
+        assert!(metric(&c, a, "batchtune_kv_cache_tokens_used").await > 0.0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let kv = metric(&c, a, "batchtune_kv_cache_tokens_used").await;
+        let running = metric(&c, a, "batchtune_running_sequences").await;
+        if kv == 0.0 && running == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "KV still held: {kv} tokens, {running} running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled = metric(
+        &c,
+        a,
+        "batchtune_generations_finished_total{reason=\"cancelled\"}",
+    )
+    .await;
+    assert_eq!(cancelled, 1.0);
+    let out = metric(&c, a, "batchtune_output_tokens_total").await;
+    assert!(out < 2000.0, "the sequence ran to the end ({out} tokens)");
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_never_exceeds_the_kv_budget_and_loses_nothing() {
+    // Each request reserves prompt + 40 ≤ 50 tokens: a 200-token budget runs at most 4 at once
+    // (the running cap, 16, would allow more).
+    let (server, c) = start(llm(Profile {
+        max_batch_size: 16,
+        kv_cache_tokens: 200,
+        batch_wait_timeout: Duration::ZERO,
+        ..Profile::default()
+    }))
+    .await;
+    let a = server.addr;
+    let mut all = Vec::new();
+    for i in 0..20 {
+        let c = c.clone();
+        all.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("request number {i} says"), "max_tokens": 40, "ignore_eos": true});
+            complete(&c, a, body).await
+        }));
+    }
+    for r in all {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body["usage"]["completion_tokens"], 40);
+    }
+    let steps = metric(&c, a, "batchtune_step_sequences_count").await;
+    let at_most_4 = metric(&c, a, "batchtune_step_sequences_bucket{le=\"4.0\",").await;
+    assert!(steps > 0.0);
+    assert_eq!(at_most_4, steps, "a step ran more than 4 sequences");
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn static_scheduling_serves_whole_batches() {
+    let (server, c) = start(llm(Profile {
+        max_batch_size: 4,
+        scheduling: Scheduling::Static,
+        batch_wait_timeout: Duration::from_millis(20),
+        ..Profile::default()
+    }))
+    .await;
+    let a = server.addr;
+    let mut all = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        all.push(tokio::spawn(async move {
+            complete(
+                &c,
+                a,
+                json!({"prompt": format!("static {i}"), "max_tokens": 3 + i, "ignore_eos": true}),
+            )
+            .await
+            .status
+        }));
+    }
+    for r in all {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_generation_requests_get_400s_naming_the_field() {
+    let (server, c) = start(llm(Profile {
+        max_input_tokens: 16,
+        max_new_tokens: 64,
+        kv_cache_tokens: 40,
+        ..Profile::default()
+    }))
+    .await;
+    let a = server.addr;
+    let chat = |body: Value| {
+        let c = c.clone();
+        async move { request(&c, "POST", a, "/v1/chat/completions", body.to_string()).await }
+    };
+    let cases: Vec<(Resp, &str, &str)> = vec![
+        (
+            chat(json!({"messages": []})).await,
+            "messages",
+            "messages is empty",
+        ),
+        (
+            chat(json!({"messages": [{"role": "tool", "content": "x"}]})).await,
+            "messages",
+            "role \"tool\" is not supported",
+        ),
+        (
+            chat(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0})).await,
+            "max_tokens",
+            "max_tokens is 0",
+        ),
+        (
+            chat(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 65})).await,
+            "max_tokens",
+            "max_new_tokens (64)",
+        ),
+        (
+            complete(&c, a, json!({"prompt": "word ".repeat(40)})).await,
+            "prompt",
+            "prompt has 40 tokens; max_input_tokens is 16",
+        ),
+        (
+            complete(&c, a, json!({"prompt": "a b c", "max_tokens": 60})).await,
+            "max_tokens",
+            "kv_cache_tokens is 40",
+        ),
+        (
+            complete(&c, a, json!({"prompt": ["a", "b"]})).await,
+            "prompt",
+            "one prompt per request",
+        ),
+        (
+            complete(&c, a, json!({"prompt": "a", "temperature": "hot"})).await,
+            "temperature",
+            "must be a number",
+        ),
+        (
+            request(
+                &c,
+                "POST",
+                a,
+                "/v1/embeddings",
+                json!({"input": "x"}).to_string(),
+            )
+            .await,
+            "model",
+            "is a generation model",
+        ),
+    ];
+    for (r, param, msg) in cases {
+        assert_eq!(r.status, 400, "{}", r.text);
+        assert_eq!(r.body["error"]["param"], param, "{}", r.text);
+        let m = r.body["error"]["message"].as_str().unwrap();
+        assert!(m.contains(msg), "{m:?} lacks {msg:?}");
+    }
+    // A malformed body is a 400 too, and the server still serves afterwards.
+    let r = request(&c, "POST", a, "/v1/completions", "{not json").await;
+    assert_eq!(r.status, 400);
+    let ok = complete(&c, a, json!({"prompt": "still here", "max_tokens": 2})).await;
+    assert_eq!(ok.status, 200);
+    stop(server).await;
+}
+
+/// The real SmolLM2-135M-Instruct GGUF, when `scripts/fetch-smollm2.sh` has put it in `models/`.
+fn smollm2() -> Option<String> {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    if std::path::Path::new(p).is_file() {
+        Some(p.to_string())
+    } else {
+        eprintln!("skipped: {p} is absent (scripts/fetch-smollm2.sh fetches it)");
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_smollm2_knows_paris_and_chats() {
+    let Some(path) = smollm2() else {
+        return;
+    };
+    let (server, c) = start(Profile {
+        model: path,
+        ..Profile::default()
+    })
+    .await;
+    let a = server.addr;
+    let r = complete(
+        &c,
+        a,
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert!(text(&r).starts_with(" Paris"), "{}", r.text);
+    let r = request(
+        &c,
+        "POST",
+        a,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+               "max_tokens": 30, "temperature": 0})
+        .to_string(),
+    )
+    .await;
+    let answer = r.body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{answer}");
+    // The chat template's end-of-turn token ends the answer before max_tokens.
+    assert_eq!(r.body["choices"][0]["finish_reason"], "stop", "{}", r.text);
+    stop(server).await;
+}
+
+#[test]
+fn real_smollm2_perplexity_is_tens_not_thousands() {
+    let Some(path) = smollm2() else {
+        return;
+    };
+    let m = runtime::model::lm::load(&path, &["cpu".into()], profiles::Dtype::F32).unwrap();
+    let text = "The city of Paris is the capital of France. It is known for the Eiffel Tower, \
+                its museums, and its cafes. Every year, millions of tourists visit the city to \
+                see its famous landmarks and enjoy French food.";
+    let ids = m.tokenizer.encode(text).unwrap();
+    let (nll, n) = m.replicas[0].1.nll(&ids).unwrap();
+    let ppl = (nll / n as f64).exp();
+    eprintln!("SmolLM2-135M-Instruct Q4_1 perplexity {ppl:.1} over {n} tokens");
+    assert!(ppl > 1.0 && ppl < 100.0, "perplexity {ppl}");
+    // Random weights, same shape: thousands.
+    let s = runtime::model::lm::load(
+        "synthetic:smollm2-135m",
+        &["cpu".into()],
+        profiles::Dtype::F32,
+    )
+    .unwrap();
+    let (nll, n) = s.replicas[0].1.nll(&ids).unwrap();
+    let random = (nll / n as f64).exp();
+    assert!(random > 1000.0, "random-weight perplexity {random}");
+}
