@@ -1,5 +1,6 @@
 //! Raw forward throughput: back-to-back batches on one replica, no HTTP, no queue. The ceiling
 //! the served throughput is compared with (`runtime bench`, and the `throughput` cargo bench).
+//! For a decoder, [`raw_decode`] times batched decode steps instead.
 
 use crate::model::{self, ModelError};
 use profiles::Dtype;
@@ -145,6 +146,105 @@ pub fn raw(
             inputs_per_s: (times.len() * b) as f64 / total,
             tokens_per_s: tokens as f64 / total,
             median_forward_s: times[times.len() / 2],
+        });
+    }
+    Ok(out)
+}
+
+/// One batch size's raw decode result (a decoder's own ceiling: no HTTP, no scheduler).
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodePoint {
+    /// Sequences advanced per step.
+    pub batch_size: usize,
+    /// Prompt tokens each sequence had cached before the timed steps.
+    pub context_tokens: usize,
+    /// Decode steps timed.
+    pub steps: usize,
+    /// Output tokens per second (batch_size × steps ÷ time).
+    pub tokens_per_s: f64,
+    /// Median time of one step, seconds.
+    pub median_step_s: f64,
+}
+
+/// What [`raw_decode`] measures.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Batch sizes (sequences per step).
+    pub sizes: Vec<usize>,
+    /// Prompt tokens prefilled (untimed) into every sequence first.
+    pub context_tokens: usize,
+    /// Decode steps timed per batch size (after 2 untimed ones).
+    pub steps: usize,
+}
+
+/// Times decode steps of `b` sequences at once, each with `context_tokens` already cached, for
+/// each batch size: the engine's ceiling in output tokens per second, which served throughput
+/// is compared with.
+pub fn raw_decode(
+    spec: &str,
+    device: &str,
+    dtype: Dtype,
+    o: &DecodeOptions,
+) -> Result<Vec<DecodePoint>, ModelError> {
+    use crate::model::llama::{argmax, Chunk};
+    let m = model::lm::load(spec, &[device.to_string()], dtype)?;
+    let model = &m.replicas[0].1;
+    let err = |e: candle_core::Error| ModelError::Load {
+        model: spec.into(),
+        reason: e.to_string(),
+    };
+    let vocab = model.config().vocab_size as u32;
+    let mut out = Vec::new();
+    for &b in &o.sizes {
+        let mut caches = (0..b)
+            .map(|_| model.new_cache(o.context_tokens + o.steps + 3))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        let mut last = Vec::with_capacity(b);
+        for (i, c) in caches.iter_mut().enumerate() {
+            let prompt: Vec<u32> = (0..o.context_tokens as u32)
+                .map(|j| 16 + (i as u32 * 7919 + j * 104_729) % (vocab - 16))
+                .collect();
+            let l = model
+                .step(&mut [Chunk {
+                    tokens: &prompt,
+                    cache: c,
+                    logits: true,
+                }])
+                .map_err(err)?;
+            last.push(argmax(l[0].as_ref().expect("asked for logits")));
+        }
+        let mut times = Vec::new();
+        for step in 0..o.steps + 2 {
+            if step == 2 {
+                times.clear();
+            }
+            let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let mut chunks: Vec<Chunk<'_>> = tokens
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(t, cache)| Chunk {
+                    tokens: t,
+                    cache,
+                    logits: true,
+                })
+                .collect();
+            let t = Instant::now();
+            let logits = model.step(&mut chunks).map_err(err)?;
+            times.push(t.elapsed().as_secs_f64());
+            last = logits
+                .iter()
+                .map(|l| argmax(l.as_ref().expect("asked for logits")))
+                .collect();
+        }
+        let total: f64 = times.iter().sum();
+        times.sort_by(f64::total_cmp);
+        out.push(DecodePoint {
+            batch_size: b,
+            context_tokens: o.context_tokens,
+            steps: times.len(),
+            tokens_per_s: (b * times.len()) as f64 / total,
+            median_step_s: times[times.len() / 2],
         });
     }
     Ok(out)

@@ -1,4 +1,5 @@
-//! `runtime`: serve a model with dynamic batching, or validate profiles.
+//! `runtime`: serve a model (embeddings with dynamic batching, generation with continuous
+//! batching), benchmark its raw ceiling, or validate profiles.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -8,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// batchtune serving runtime: an OpenAI-compatible embeddings server with dynamic batching.
+/// batchtune serving runtime: OpenAI-compatible embeddings (dynamic batching) and text
+/// generation (continuous batching, SSE streaming) over candle.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -18,9 +20,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve POST /v1/embeddings, GET /health, GET|PUT /config, GET /metrics.
+    /// Serve an encoder (POST /v1/embeddings) or a decoder (POST /v1/completions,
+    /// POST /v1/chat/completions), and GET /health, GET|PUT /config, GET /metrics.
     ///
-    /// With no flags: the embedded synthetic MiniLM on CPU at 127.0.0.1:8000. Knobs come from the
+    /// With no flags: the embedded synthetic MiniLM on CPU at 127.0.0.1:8000; for generation,
+    /// --profile profiles/llm-default.toml (synthetic SmolLM2-135M) or --model FILE.gguf. Knobs come from the
     /// profile, then from environment overrides (BATCHTUNE_<KNOB>, or the seeds' names such as
     /// MAX_INFERENCE_BATCH_SIZE and BATCH_WAIT_TIMEOUT).
     Serve {
@@ -36,7 +40,8 @@ enum Cmd {
         /// Largest request body accepted, in bytes (larger gets 413).
         #[arg(long, env = "BATCHTUNE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
         max_body_bytes: usize,
-        /// Override the model (e.g. synthetic:minilm, or a Hugging Face BERT folder).
+        /// Override the model: synthetic:minilm, synthetic:smollm2-135m, synthetic:qwen2.5-0.5b,
+        /// a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), or a Hugging Face folder.
         #[arg(long, env = "BATCHTUNE_MODEL_PATH")]
         model: Option<String>,
         /// Test only: make every forward slower so throughput drops by this fraction (0.1 = 10%).
@@ -46,8 +51,10 @@ enum Cmd {
     },
     /// Raw forward throughput of the model (no HTTP): back-to-back batches at each batch size.
     /// Prints one JSON object per batch size; the ceiling served throughput is compared with.
+    /// For a generation model: batched decode steps (output tokens/s at each batch size, every
+    /// sequence holding --context-tokens of prompt).
     Bench {
-        /// Model spec (synthetic:minilm, or a Hugging Face BERT folder).
+        /// Model spec (synthetic:minilm, a Hugging Face folder, synthetic:smollm2-135m, a .gguf).
         #[arg(long, default_value = profiles::DEFAULT_MODEL)]
         model: String,
         /// Device: cpu or cuda:N.
@@ -70,6 +77,12 @@ enum Cmd {
         /// send it).
         #[arg(long, default_value = "fixed")]
         texts: String,
+        /// Generation: prompt tokens cached in every sequence before the timed decode steps.
+        #[arg(long, default_value_t = 128)]
+        context_tokens: usize,
+        /// Generation: decode steps timed per batch size.
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
         /// Also write the texts used, one per line (so another stack can embed the same inputs).
         #[arg(long)]
         dump_texts: Option<PathBuf>,
@@ -101,7 +114,33 @@ fn main() -> ExitCode {
             words,
             texts,
             dump_texts,
+            context_tokens,
+            steps,
         } => {
+            if let Ok(Some(_)) = runtime::model::lm::resolve(&model) {
+                let mut p = Profile::default();
+                if let Err(e) = p.set_knob("dtype", &dtype) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+                let o = runtime::bench::DecodeOptions {
+                    sizes,
+                    context_tokens,
+                    steps,
+                };
+                return match runtime::bench::raw_decode(&model, &device, p.dtype, &o) {
+                    Ok(points) => {
+                        for pt in points {
+                            println!("{}", serde_json::to_string(&pt).expect("points serialize"));
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             let source = if texts == "fixed" {
                 runtime::bench::Texts::Fixed(words)
             } else {
