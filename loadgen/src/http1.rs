@@ -27,10 +27,10 @@ pub enum ExchangeError {
 pub struct Exchange {
     /// Status code.
     pub status: u16,
-    /// Time from the send to the first body bytes (streaming workloads).
-    pub first_body: Option<Duration>,
-    /// Gaps between later body reads (streaming workloads).
-    pub gaps: Vec<Duration>,
+    /// Streaming workloads: time from the send to each SSE event that carried output text.
+    pub token_times: Vec<Duration>,
+    /// Streaming workloads: output tokens, from the final `usage` when the server sent one.
+    pub usage_tokens: Option<u64>,
 }
 
 struct Conn {
@@ -163,23 +163,21 @@ impl Client {
             status,
             ..Exchange::default()
         };
-        let mut last: Option<Instant> = None;
-        let mut mark = |x: &mut Exchange| {
+        // Streaming: events are parsed as their bytes arrive and timed when they complete.
+        let mut sse = crate::sse::SseParser::default();
+        let mut mark = |x: &mut Exchange, data: &[u8]| {
             if record {
-                let now = Instant::now();
-                match last {
-                    None => x.first_body = Some(now - sent),
-                    Some(l) => x.gaps.push(now - l),
+                let n = sse.feed(data);
+                if n > 0 {
+                    let at = sent.elapsed();
+                    x.token_times.extend(std::iter::repeat_n(at, n));
                 }
-                last = Some(now);
+                x.usage_tokens = sse.completion_tokens;
             }
         };
         let mut pos = head_end;
         match framing {
             Framing::Length(len) => {
-                if c.buf.len() > pos {
-                    mark(&mut x);
-                }
                 while c.buf.len() < pos + len {
                     if read_more(&mut c)
                         .await
@@ -188,7 +186,6 @@ impl Client {
                     {
                         return Err((true, ExchangeError::Io));
                     }
-                    mark(&mut x);
                 }
             }
             Framing::Chunked => loop {
@@ -224,17 +221,23 @@ impl Client {
                 if size == 0 {
                     break;
                 }
-                mark(&mut x);
+                let data = c.buf[pos..pos + size].to_vec();
+                mark(&mut x, &data);
                 pos += size + 2;
             },
             Framing::UntilClose => {
                 keep_alive = false;
-                while read_more(&mut c)
-                    .await
-                    .map_err(|_| (true, ExchangeError::Io))?
-                    > 0
-                {
-                    mark(&mut x);
+                loop {
+                    let before = c.buf.len();
+                    if read_more(&mut c)
+                        .await
+                        .map_err(|_| (true, ExchangeError::Io))?
+                        == 0
+                    {
+                        break;
+                    }
+                    let data = c.buf[before..].to_vec();
+                    mark(&mut x, &data);
                 }
             }
         }

@@ -11,6 +11,7 @@ pub mod record;
 pub mod report;
 pub mod schedule;
 pub mod slo;
+pub mod sse;
 pub mod workload;
 
 use bytes::Bytes;
@@ -98,6 +99,8 @@ pub struct Config {
     pub early_stop: Option<EarlyStop>,
     /// Set to stop the run from outside (Ctrl-C, the tuner's time budget).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Per-request limits for goodput (requests/s meeting all of them); none set: not reported.
+    pub goodput: slo::GoodputLimits,
 }
 
 impl Config {
@@ -119,6 +122,7 @@ impl Config {
             progress: false,
             early_stop: None,
             cancel: None,
+            goodput: slo::GoodputLimits::default(),
         }
     }
 
@@ -186,8 +190,10 @@ impl Sender {
                 Ok(Err(http1::ExchangeError::Connect)) => Outcome::Connect,
                 Ok(Err(http1::ExchangeError::Io)) => Outcome::Io,
                 Ok(Ok(x)) if (200..300).contains(&x.status) => Outcome::Ok {
-                    ttft: x.first_body,
-                    gaps: x.gaps,
+                    tokens: self.stream.then(|| record::Tokens {
+                        output: x.usage_tokens.unwrap_or(x.token_times.len() as u64),
+                        times: x.token_times,
+                    }),
                 },
                 Ok(Ok(x)) => Outcome::Status(x.status),
             };
@@ -369,6 +375,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
         b
     });
     let mut col = Collector::new(measure_start, measure_end, window);
+    col.goodput = cfg.goodput;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut next_check = measure_start + window;
     let mut stopped_early: Option<String> = None;

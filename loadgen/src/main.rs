@@ -60,9 +60,20 @@ struct Cli {
     /// Inputs per embeddings request.
     #[arg(long, env = "LOADGEN_INPUTS_PER_REQUEST", default_value_t = 1)]
     inputs_per_request: usize,
-    /// Median words per generated text.
+    /// Median words per generated text (prompts of completions/chat too; log-normal lengths).
     #[arg(long, env = "LOADGEN_MEDIAN_WORDS", default_value_t = 24.0)]
     median_words: f64,
+    /// Generation workloads: `max_tokens` per request, drawn from N, fixed:N, uniform:A:B or
+    /// lognormal:MEDIAN:SIGMA.
+    #[arg(long, env = "LOADGEN_OUTPUT_TOKENS", default_value = "64")]
+    output_tokens: String,
+    /// Generation workloads: ask the server to ignore EOS so every request generates exactly
+    /// its max_tokens (vLLM's and batchtune's `ignore_eos`).
+    #[arg(long, env = "LOADGEN_IGNORE_EOS")]
+    ignore_eos: bool,
+    /// Generation workloads: whole responses instead of SSE streams (no TTFT/ITL/TPOT then).
+    #[arg(long, env = "LOADGEN_NO_STREAM")]
+    no_stream: bool,
     /// Per-request timeout (counted as errors of kind `timeout`).
     #[arg(long, env = "LOADGEN_TIMEOUT", default_value = "30s")]
     timeout: String,
@@ -88,6 +99,11 @@ struct Cli {
     /// Fail (exit 4) when this holds, e.g. 'p95>200ms' or 'error_rate>1%' (repeatable).
     #[arg(long, env = "LOADGEN_FAIL_ON")]
     fail_on: Vec<String>,
+    /// Per-request limits for goodput, e.g. 'ttft_p95<500ms,tpot_p95<50ms,e2e_p95<4s': a request
+    /// counts when its own TTFT, TPOT and end-to-end latency are within the bounds (the
+    /// percentile names only say which metric). Reported as goodput_rps.
+    #[arg(long, env = "LOADGEN_GOODPUT", value_delimiter = ',')]
+    goodput: Vec<String>,
     /// Schedule and text seed.
     #[arg(long, env = "LOADGEN_SEED", default_value_t = 1)]
     seed: u64,
@@ -176,10 +192,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         (None, None, Some(_)) => usage("--concurrency must be ≥ 1".into()),
         _ => usage("give exactly one of --rps, --ramp or --concurrency".into()),
     };
+    let output_tokens = loadgen::workload::Lengths::parse(&cli.output_tokens)
+        .unwrap_or_else(|e| usage(format!("--output-tokens: {e}")));
     let opts = TextOptions {
         inputs_per_request: cli.inputs_per_request.max(1),
         median_words: cli.median_words,
         seed: cli.seed,
+        output_tokens,
+        ignore_eos: cli.ignore_eos,
+        stream: !cli.no_stream,
         ..TextOptions::default()
     };
     let workload = match &cli.body_template {
@@ -195,6 +216,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         .fail_on
         .iter()
         .map(|t| Target::parse(t).unwrap_or_else(|e| usage(format!("--fail-on: {e}"))))
+        .collect();
+    let goodput: Vec<Target> = cli
+        .goodput
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Target::parse(t).unwrap_or_else(|e| usage(format!("--goodput: {e}"))))
         .collect();
     let mut headers = Vec::new();
     for h in cli.headers.iter().filter(|h| !h.trim().is_empty()) {
@@ -218,6 +245,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         seed: cli.seed,
         progress: !cli.quiet,
         cancel: Some(cancel.clone()),
+        goodput: loadgen::slo::GoodputLimits::from_targets(if goodput.is_empty() {
+            &targets
+        } else {
+            &goodput
+        }),
         ..Config::new(cli.url.clone(), mode, workload)
     };
     let window = cfg.effective_window();

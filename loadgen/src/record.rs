@@ -17,12 +17,10 @@ fn us(d: Duration) -> u64 {
 /// How one scheduled request ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    /// 2xx; streaming timings when the workload streams.
+    /// 2xx; token timings when the workload streams.
     Ok {
-        /// Time from the actual send to the first body chunk.
-        ttft: Option<Duration>,
-        /// Gaps between later body chunks.
-        gaps: Vec<Duration>,
+        /// Streaming generation: when each text-carrying event arrived, and the output tokens.
+        tokens: Option<Tokens>,
     },
     /// Non-2xx status.
     Status(u16),
@@ -48,6 +46,15 @@ impl Outcome {
             Outcome::Dropped => Some("dropped".into()),
         }
     }
+}
+
+/// A streamed generation's token timings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tokens {
+    /// Time from the actual send to each SSE event that carried output text.
+    pub times: Vec<Duration>,
+    /// Output tokens: the final `usage.completion_tokens`, or the text events counted.
+    pub output: u64,
 }
 
 /// One finished (or dropped) request.
@@ -128,10 +135,12 @@ pub struct Histos {
     pub service: Histogram<u64>,
     /// Generator lag: started − intended.
     pub lag: Histogram<u64>,
-    /// Streaming: time to first token.
+    /// Streaming: time to first token, from the intended send (coordinated-omission corrected).
     pub ttft: Histogram<u64>,
-    /// Streaming: gaps between tokens.
+    /// Streaming: gaps between text-carrying events (inter-token latency).
     pub itl: Histogram<u64>,
+    /// Streaming: per request, (end − first token) ÷ (output tokens − 1).
+    pub tpot: Histogram<u64>,
 }
 
 impl Default for Histos {
@@ -142,6 +151,7 @@ impl Default for Histos {
             lag: new_hist(),
             ttft: new_hist(),
             itl: new_hist(),
+            tpot: new_hist(),
         }
     }
 }
@@ -230,6 +240,12 @@ pub struct Collector {
     /// Successful responses that completed inside the measurement phase, warm-up requests
     /// included (throughput).
     pub ok_in_phase: u64,
+    /// Streaming: output tokens of the successes completed inside the measured phase.
+    pub output_tokens: u64,
+    /// Per-request limits of goodput.
+    pub goodput: crate::slo::GoodputLimits,
+    /// Successes completed inside the phase that met every goodput limit.
+    pub good_in_phase: u64,
     /// Errors by kind in the measurement phase.
     pub errors: BTreeMap<String, u64>,
     /// Requests scheduled in the measurement phase (sent or dropped).
@@ -254,6 +270,9 @@ impl Collector {
             windows: (0..n).map(|_| (new_hist(), 0, 0)).collect(),
             ok: 0,
             ok_in_phase: 0,
+            output_tokens: 0,
+            goodput: Default::default(),
+            good_in_phase: 0,
             errors: BTreeMap::new(),
             scheduled: 0,
             warmup: 0,
@@ -287,8 +306,10 @@ impl Collector {
             // while the phase's own requests still in flight at its end are left out too, would
             // undercount by about latency ÷ duration (10% of a 4 s probe at 0.4 s latency) and
             // make the first window look slow.
-            if in_phase && matches!(s.outcome, Outcome::Ok { .. }) {
+            if let (true, Outcome::Ok { tokens }) = (in_phase, &s.outcome) {
                 self.count_throughput(s.done);
+                // Output tokens/s counts the same completions as the request rate.
+                self.output_tokens += tokens.as_ref().map_or(0, |t| t.output);
             }
             return;
         }
@@ -300,7 +321,7 @@ impl Collector {
         // it) but not for throughput, which is completions inside the phase ÷ its length.
         let w = self.window_of(s.done);
         match &s.outcome {
-            Outcome::Ok { ttft, gaps } => {
+            Outcome::Ok { tokens } => {
                 self.ok += 1;
                 let lat = us(s.done.saturating_duration_since(s.intended));
                 self.histos.latency.saturating_record(lat);
@@ -313,11 +334,12 @@ impl Collector {
                 self.histos
                     .service
                     .saturating_record(us(s.done.saturating_duration_since(s.sent)));
-                if let Some(t) = ttft {
-                    self.histos.ttft.saturating_record(us(*t));
-                }
-                for g in gaps {
-                    self.histos.itl.saturating_record(us(*g));
+                let good = match tokens {
+                    Some(t) => self.record_tokens(s, t, in_phase),
+                    None => (None, None),
+                };
+                if in_phase && self.meets_goodput(lat, good) {
+                    self.good_in_phase += 1;
                 }
                 if in_phase {
                     self.windows[w].0.saturating_record(lat);
@@ -330,6 +352,48 @@ impl Collector {
                 self.windows[w].2 += 1;
             }
         }
+    }
+
+    /// TTFT from the intended send, inter-token gaps, TPOT, and output tokens for throughput.
+    /// Returns the request's TTFT and TPOT (µs) for the goodput check.
+    fn record_tokens(
+        &mut self,
+        s: &Sample,
+        t: &Tokens,
+        in_phase: bool,
+    ) -> (Option<u64>, Option<u64>) {
+        if in_phase {
+            self.output_tokens += t.output;
+        }
+        let Some(first) = t.times.first() else {
+            return (None, None);
+        };
+        let offset = s.sent.saturating_duration_since(s.intended);
+        let ttft = us(offset + *first);
+        self.histos.ttft.saturating_record(ttft);
+        for w in t.times.windows(2) {
+            self.histos
+                .itl
+                .saturating_record(us(w[1].saturating_sub(w[0])));
+        }
+        let mut tpot = None;
+        if t.output > 1 {
+            let after_first = s.done.saturating_duration_since(s.sent + *first);
+            let per = us(after_first / (t.output - 1).min(u32::MAX as u64) as u32);
+            self.histos.tpot.saturating_record(per);
+            tpot = Some(per);
+        }
+        (Some(ttft), tpot)
+    }
+
+    /// True when a success met every goodput limit (a limit on a timing the request lacks,
+    /// TTFT of a request with no tokens say, is not met).
+    fn meets_goodput(&self, e2e_us: u64, (ttft, tpot): (Option<u64>, Option<u64>)) -> bool {
+        let g = &self.goodput;
+        let within = |limit: Option<std::time::Duration>, v: Option<u64>| {
+            limit.is_none_or(|l| v.is_some_and(|v| v as u128 <= l.as_micros()))
+        };
+        within(g.e2e, Some(e2e_us)) && within(g.ttft, ttft) && within(g.tpot, tpot.or(Some(0)))
     }
 
     /// Ends the measured phase early (a stopped run measures only what it ran).
@@ -417,6 +481,26 @@ impl Observed for Progress<'_> {
     }
     fn throughput(&self) -> f64 {
         self.c.ok_in_phase as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn token_quantile(&self, m: crate::slo::TokenMetric, q: f64) -> Option<f64> {
+        self.c.histos.token_quantile(m, q)
+    }
+    fn goodput(&self) -> Option<f64> {
+        Some(self.c.good_in_phase as f64 / self.elapsed.as_secs_f64().max(1e-9))
+    }
+}
+
+impl Histos {
+    /// A token timing at quantile `q`, seconds; `None` with no samples (a run that did not
+    /// stream).
+    pub fn token_quantile(&self, m: crate::slo::TokenMetric, q: f64) -> Option<f64> {
+        use crate::slo::TokenMetric as T;
+        let h = match m {
+            T::Ttft => &self.ttft,
+            T::Tpot => &self.tpot,
+            T::Itl => &self.itl,
+        };
+        (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e6)
     }
 }
 
@@ -545,10 +629,7 @@ mod tests {
                 t0 - Duration::from_millis((-ms) as u64)
             }
         };
-        let ok = || Outcome::Ok {
-            ttft: None,
-            gaps: vec![],
-        };
+        let ok = || Outcome::Ok { tokens: None };
         let sample = |intended: i64, done: i64, outcome: Outcome| Sample {
             intended: at(intended),
             started: at(intended),

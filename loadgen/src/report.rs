@@ -56,10 +56,21 @@ pub struct Report {
     pub service: LatencyStats,
     /// The generator's own lag: when it got to a request minus when it should have.
     pub send_lag: LatencyStats,
-    /// Streaming only: time to first token.
+    /// Streaming only: time to first token (first SSE event carrying text), from the intended
+    /// send.
     pub ttft: Option<LatencyStats>,
-    /// Streaming only: gaps between tokens.
+    /// Streaming only: gaps between text-carrying SSE events (inter-token latency).
     pub inter_token: Option<LatencyStats>,
+    /// Streaming only: per request, (end − first token) ÷ (output tokens − 1).
+    #[serde(default)]
+    pub tpot: Option<LatencyStats>,
+    /// Streaming only: output tokens of the successes completed in the phase ÷ its length.
+    #[serde(default)]
+    pub output_tokens_per_s: Option<f64>,
+    /// Successes completed in the phase that met every per-request limit, per second (when
+    /// limits were set: `--goodput`, or the tuner's targets).
+    #[serde(default)]
+    pub goodput_rps: Option<f64>,
     /// Measurement windows.
     pub windows: Vec<Window>,
     /// Latency against schedule time (least squares over every successful request): a slope
@@ -174,6 +185,9 @@ impl Report {
             send_lag: lag,
             ttft: streamed.then(|| LatencyStats::of(&col.histos.ttft)),
             inter_token: streamed.then(|| LatencyStats::of(&col.histos.itl)),
+            tpot: streamed.then(|| LatencyStats::of(&col.histos.tpot)),
+            output_tokens_per_s: streamed.then(|| col.output_tokens as f64 / dur),
+            goodput_rps: (!col.goodput.is_empty()).then(|| col.good_in_phase as f64 / dur),
             windows,
             latency_drift: col.drift.fit(),
             stable,
@@ -243,6 +257,18 @@ impl Report {
         }
         if let Some(t) = &self.inter_token {
             s += &row("inter-token gap", t);
+        }
+        if let Some(t) = &self.tpot {
+            s += &row("time per output token", t);
+        }
+        if let Some(t) = self.output_tokens_per_s {
+            let _ = writeln!(s, "  output tokens {t:>10.1} /s");
+        }
+        if let Some(g) = self.goodput_rps {
+            let _ = writeln!(
+                s,
+                "  goodput       {g:>10.2} req/s meeting every per-request limit"
+            );
         }
         let _ = writeln!(
             s,
@@ -345,6 +371,28 @@ impl Observed for Report {
     }
     fn throughput(&self) -> f64 {
         self.achieved_rps
+    }
+    fn token_quantile(&self, m: crate::slo::TokenMetric, q: f64) -> Option<f64> {
+        use crate::slo::TokenMetric as T;
+        if let Some(h) = &self.histos {
+            return h.token_quantile(m, q);
+        }
+        // A report read back from JSON has the summary statistics only.
+        let s = match m {
+            T::Ttft => self.ttft.as_ref(),
+            T::Tpot => self.tpot.as_ref(),
+            T::Itl => self.inter_token.as_ref(),
+        }?;
+        Some(match q {
+            q if q <= 0.5 => s.p50,
+            q if q <= 0.9 => s.p90,
+            q if q <= 0.95 => s.p95,
+            q if q <= 0.99 => s.p99,
+            _ => s.p999,
+        })
+    }
+    fn goodput(&self) -> Option<f64> {
+        self.goodput_rps
     }
 }
 

@@ -1,5 +1,7 @@
 //! The target language shared by `loadgen --fail-on` and `tuner search --target`:
-//! `p95<4s`, `p99.9<=250ms`, `mean<20ms`, `max<2s`, `error_rate<0.1%`, `throughput>=100`.
+//! `p95<4s`, `p99.9<=250ms`, `mean<20ms`, `max<2s`, `error_rate<0.1%`, `throughput>=100`, and
+//! for streamed generation `ttft_p95<500ms`, `tpot_p95<50ms`, `itl_p99<100ms`, `e2e_p95<4s`
+//! (the same as `p95<4s`: end-to-end), `goodput>=2` (requests/s meeting every per-request limit).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -19,6 +21,68 @@ pub enum Metric {
     ErrorRate,
     /// Successful requests per second.
     Throughput,
+    /// A percentile of a streamed generation's token timing.
+    Token(TokenMetric, f64),
+    /// Requests per second whose every per-request limit held (see [`GoodputLimits`]).
+    Goodput,
+}
+
+/// Token-level timings of a streamed generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenMetric {
+    /// Time to first token, from the intended send.
+    Ttft,
+    /// Time per output token after the first, per request.
+    Tpot,
+    /// Gaps between token-carrying events.
+    Itl,
+}
+
+impl TokenMetric {
+    fn name(self) -> &'static str {
+        match self {
+            TokenMetric::Ttft => "ttft",
+            TokenMetric::Tpot => "tpot",
+            TokenMetric::Itl => "itl",
+        }
+    }
+}
+
+/// Per-request limits a request must all meet to count towards goodput (DistServe's and vLLM's
+/// definition); each is the bound of the targets on that metric.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GoodputLimits {
+    /// Time to first token.
+    pub ttft: Option<Duration>,
+    /// Time per output token.
+    pub tpot: Option<Duration>,
+    /// End to end.
+    pub e2e: Option<Duration>,
+}
+
+impl GoodputLimits {
+    /// The limits implied by upper-bound targets on TTFT, TPOT and end-to-end latency (the
+    /// tightest of each).
+    pub fn from_targets(targets: &[Target]) -> GoodputLimits {
+        let mut g = GoodputLimits::default();
+        for t in targets.iter().filter(|t| t.is_upper_bound()) {
+            let slot = match t.metric {
+                Metric::Token(TokenMetric::Ttft, _) => &mut g.ttft,
+                Metric::Token(TokenMetric::Tpot, _) => &mut g.tpot,
+                Metric::Percentile(_) | Metric::Max => &mut g.e2e,
+                _ => continue,
+            };
+            let d = Duration::from_secs_f64(t.value);
+            *slot = Some(slot.map_or(d, |x| x.min(d)));
+        }
+        g
+    }
+
+    /// True when no limit is set (goodput then equals throughput).
+    pub fn is_empty(&self) -> bool {
+        self.ttft.is_none() && self.tpot.is_none() && self.e2e.is_none()
+    }
 }
 
 /// Comparison operator.
@@ -98,6 +162,14 @@ pub trait Observed {
     fn error_rate(&self) -> f64;
     /// Successes per second.
     fn throughput(&self) -> f64;
+    /// A token timing at quantile `q`, seconds; `None` when the run did not stream.
+    fn token_quantile(&self, _m: TokenMetric, _q: f64) -> Option<f64> {
+        None
+    }
+    /// Requests per second meeting every per-request limit; `None` when not measured.
+    fn goodput(&self) -> Option<f64> {
+        None
+    }
 }
 
 impl Target {
@@ -130,6 +202,25 @@ impl Target {
             "max" => Metric::Max,
             "error_rate" | "errors" => Metric::ErrorRate,
             "throughput" | "rps" => Metric::Throughput,
+            "goodput" => Metric::Goodput,
+            n if n.contains('_') && !n.starts_with("error") => {
+                let (stat, pct) = n.split_once('_').expect("has an underscore");
+                let p: f64 = pct.strip_prefix('p').and_then(|p| p.parse().ok()).ok_or_else(|| {
+                    perr(text, lead, name.len(), format!("`{n}`: write a percentile after the metric, e.g. {stat}_p95"))
+                })?;
+                if !(p > 0.0 && p < 100.0) {
+                    return Err(perr(text, lead, name.len(), format!("percentile {p} must be between 0 and 100")));
+                }
+                match stat {
+                    "ttft" => Metric::Token(TokenMetric::Ttft, p),
+                    "tpot" => Metric::Token(TokenMetric::Tpot, p),
+                    "itl" => Metric::Token(TokenMetric::Itl, p),
+                    "e2e" => Metric::Percentile(p),
+                    other => {
+                        return Err(perr(text, lead, stat.len(), format!("unknown metric `{other}`; use ttft, tpot, itl or e2e")))
+                    }
+                }
+            }
             n if n.starts_with('p') => {
                 let p: f64 = n[1..].parse().map_err(|_| {
                     perr(text, lead, name.len(), format!("`{n}` is not a percentile; write e.g. p50, p95, p99.9"))
@@ -145,7 +236,7 @@ impl Target {
                     text,
                     lead,
                     other.len(),
-                    format!("unknown statistic `{other}`; use p50…p99.9, mean, max, error_rate or throughput"),
+                    format!("unknown statistic `{other}`; use p50…p99.9, mean, max, error_rate, throughput, goodput, or ttft_/tpot_/itl_/e2e_ with a percentile"),
                 ))
             }
         };
@@ -176,7 +267,7 @@ impl Target {
                     )
                 })? / 100.0
             }
-            Metric::Throughput => {
+            Metric::Throughput | Metric::Goodput => {
                 let num = val.trim_end_matches("rps").trim_end_matches("/s").trim();
                 num.parse::<f64>().map_err(|_| {
                     perr(
@@ -215,6 +306,9 @@ impl Target {
             Metric::Max => o.latency_max(),
             Metric::ErrorRate => o.error_rate(),
             Metric::Throughput => o.throughput(),
+            // A run that measured no token timings cannot meet a token target.
+            Metric::Token(m, p) => o.token_quantile(m, p / 100.0).unwrap_or(f64::NAN),
+            Metric::Goodput => o.goodput().unwrap_or(f64::NAN),
         }
     }
 
@@ -232,7 +326,8 @@ impl Target {
     pub fn format_value(&self, v: f64) -> String {
         match self.metric {
             Metric::ErrorRate => format!("{:.3}%", v * 100.0),
-            Metric::Throughput => format!("{v:.1}/s"),
+            Metric::Throughput | Metric::Goodput => format!("{v:.1}/s"),
+            _ if v.is_nan() => "n/a (not streamed)".into(),
             _ => format_secs(v),
         }
     }
@@ -246,6 +341,8 @@ impl fmt::Display for Target {
             Metric::Max => "max".into(),
             Metric::ErrorRate => "error_rate".into(),
             Metric::Throughput => "throughput".into(),
+            Metric::Token(m, p) => format!("{}_p{p}", m.name()),
+            Metric::Goodput => "goodput".into(),
         };
         write!(
             f,
@@ -327,6 +424,35 @@ mod tests {
         assert!(!Target::parse("error_rate<0.1%").unwrap().holds(&O));
         assert!(Target::parse("throughput>100").unwrap().holds(&O));
         assert!(Target::parse("max>1s").unwrap().holds(&O));
+        let t = Target::parse("ttft_p95<500ms").unwrap();
+        assert_eq!(t.metric, Metric::Token(TokenMetric::Ttft, 95.0));
+        assert!(!t.holds(&O), "no token timings: a token target cannot hold");
+        assert_eq!(
+            Target::parse("e2e_p95<4s").unwrap().metric,
+            Metric::Percentile(95.0)
+        );
+        assert_eq!(Target::parse("goodput>=2").unwrap().metric, Metric::Goodput);
+        assert_eq!(
+            Target::parse("tpot_p99<50ms").unwrap().to_string(),
+            "tpot_p99<50.00ms"
+        );
+        let g = GoodputLimits::from_targets(&[
+            Target::parse("ttft_p95<500ms").unwrap(),
+            Target::parse("ttft_p99<800ms").unwrap(),
+            Target::parse("p95<4s").unwrap(),
+            Target::parse("error_rate<1%").unwrap(),
+        ]);
+        assert_eq!(g.ttft, Some(Duration::from_millis(500)));
+        assert_eq!(g.e2e, Some(Duration::from_secs(4)));
+        assert_eq!(g.tpot, None);
+        assert!(Target::parse("ttft_q95<1s")
+            .unwrap_err()
+            .message
+            .contains("percentile"));
+        assert!(Target::parse("ttfb_p95<1s")
+            .unwrap_err()
+            .message
+            .contains("unknown metric"));
     }
 
     #[test]

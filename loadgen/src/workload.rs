@@ -29,10 +29,75 @@ pub struct TextOptions {
     pub sigma: f64,
     /// Inputs per embeddings request.
     pub inputs_per_request: usize,
-    /// `max_tokens` for completions/chat.
-    pub max_tokens: usize,
+    /// `max_tokens` for completions/chat, drawn per request.
+    pub output_tokens: Lengths,
+    /// Ask the server to ignore EOS (vLLM's `ignore_eos`, batchtune's too) so that each
+    /// request generates exactly its `max_tokens`: output lengths are then the workload's, not
+    /// the model's.
+    pub ignore_eos: bool,
+    /// Stream the response (SSE): needed for time to first token and inter-token latency.
+    pub stream: bool,
     /// Seed of the text generator.
     pub seed: u64,
+}
+
+/// A length distribution: `fixed:N`, `uniform:A:B` (inclusive), `lognormal:MEDIAN:SIGMA`
+/// (clamped to 1..=32768).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lengths {
+    /// Always N.
+    Fixed(usize),
+    /// Uniform over A..=B.
+    Uniform(usize, usize),
+    /// Log-normal around a median with σ of ln(length).
+    LogNormal(f64, f64),
+}
+
+impl Lengths {
+    /// Parses `64`, `fixed:64`, `uniform:16:256`, `lognormal:128:0.5`.
+    pub fn parse(s: &str) -> Result<Lengths, String> {
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let int = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| (1..=32_768).contains(&n))
+                .ok_or_else(|| format!("`{t}` in `{s}` is not a length between 1 and 32768"))
+        };
+        match parts.as_slice() {
+            [n] | ["fixed", n] => Ok(Lengths::Fixed(int(n)?)),
+            ["uniform", a, b] => {
+                let (a, b) = (int(a)?, int(b)?);
+                if a > b {
+                    return Err(format!("`{s}`: the lower bound is above the upper"));
+                }
+                Ok(Lengths::Uniform(a, b))
+            }
+            ["lognormal", m, sd] => {
+                let m: f64 = m.trim().parse().map_err(|_| format!("`{m}` in `{s}` is not a number"))?;
+                let sd: f64 = sd.trim().parse().map_err(|_| format!("`{sd}` in `{s}` is not a number"))?;
+                if !(m >= 1.0 && sd >= 0.0 && sd.is_finite()) {
+                    return Err(format!("`{s}`: the median must be ≥ 1 and σ ≥ 0"));
+                }
+                Ok(Lengths::LogNormal(m, sd))
+            }
+            _ => Err(format!(
+                "`{s}` is not a length distribution; write N, fixed:N, uniform:A:B or lognormal:MEDIAN:SIGMA"
+            )),
+        }
+    }
+
+    /// One draw.
+    pub fn sample(&self, rng: &mut StdRng) -> usize {
+        match *self {
+            Lengths::Fixed(n) => n,
+            Lengths::Uniform(a, b) => rng.random_range(a..=b),
+            Lengths::LogNormal(m, sd) => {
+                let d = LogNormal::new(m.ln(), sd).expect("validated parameters");
+                (d.sample(rng).round() as usize).clamp(1, 32_768)
+            }
+        }
+    }
 }
 
 impl Default for TextOptions {
@@ -41,7 +106,9 @@ impl Default for TextOptions {
             median_words: 24.0,
             sigma: 0.6,
             inputs_per_request: 1,
-            max_tokens: 64,
+            output_tokens: Lengths::Fixed(64),
+            ignore_eos: false,
+            stream: true,
             seed: 7,
         }
     }
@@ -219,6 +286,42 @@ const WORDS: &[&str] = &[
     "balance",
 ];
 
+/// The built-in generation workloads: prompts from [`texts`], `max_tokens` drawn from
+/// `output_tokens`, streamed with the final usage chunk (output tokens counted by the server).
+fn generation(chat: bool, o: &TextOptions) -> Workload {
+    let mut rng = StdRng::seed_from_u64(o.seed ^ 0x6f75_7470);
+    let bodies = texts(BUILTIN_BODIES, o)
+        .into_iter()
+        .map(|t| {
+            let mut body = if chat {
+                serde_json::json!({"messages": [{"role": "user", "content": t}]})
+            } else {
+                serde_json::json!({"prompt": t})
+            };
+            body["max_tokens"] = o.output_tokens.sample(&mut rng).into();
+            if o.ignore_eos {
+                body["ignore_eos"] = true.into();
+            }
+            if o.stream {
+                body["stream"] = true.into();
+                body["stream_options"] = serde_json::json!({"include_usage": true});
+            }
+            Bytes::from(body.to_string())
+        })
+        .collect();
+    Workload {
+        name: if chat { "chat" } else { "completions" }.into(),
+        path: if chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        }
+        .into(),
+        bodies,
+        stream: o.stream,
+    }
+}
+
 /// Generates `n` texts with log-normal word counts (3..=400 words), deterministically.
 pub fn texts(n: usize, o: &TextOptions) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(o.seed);
@@ -267,35 +370,7 @@ impl Workload {
                     stream: false,
                 })
             }
-            "completions" => {
-                let bodies = texts(BUILTIN_BODIES, o)
-                    .into_iter()
-                    .map(|t| Bytes::from(serde_json::json!({"prompt": t, "max_tokens": o.max_tokens, "stream": true}).to_string()))
-                    .collect();
-                Ok(Workload {
-                    name: spec.into(),
-                    path: "/v1/completions".into(),
-                    bodies,
-                    stream: true,
-                })
-            }
-            "chat" => {
-                let bodies = texts(BUILTIN_BODIES, o)
-                    .into_iter()
-                    .map(|t| {
-                        Bytes::from(
-                            serde_json::json!({"messages": [{"role": "user", "content": t}], "max_tokens": o.max_tokens, "stream": true})
-                                .to_string(),
-                        )
-                    })
-                    .collect();
-                Ok(Workload {
-                    name: spec.into(),
-                    path: "/v1/chat/completions".into(),
-                    bodies,
-                    stream: true,
-                })
-            }
+            "completions" | "chat" => Ok(generation(spec == "chat", o)),
             f if f.ends_with(".jsonl") => Self::from_jsonl(Path::new(f)),
             other => Err(format!(
                 "unknown workload `{other}`; use embeddings, completions, chat or a FILE.jsonl"
@@ -304,7 +379,9 @@ impl Workload {
     }
 
     /// One JSON request body per line; blank lines skipped; every line must parse. A body with
-    /// `"stream": true` makes the run record streaming timings.
+    /// `"stream": true` makes the run record streaming timings. A trace line of the form
+    /// `{"prompt": …, "output_tokens": N}` (or `"messages"` instead of `"prompt"`) becomes a
+    /// streamed request for exactly N tokens (`max_tokens` N, `ignore_eos`).
     pub fn from_jsonl(path: &Path) -> Result<Workload, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -316,6 +393,27 @@ impl Workload {
             }
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+            if let Some(n) = v.get("output_tokens").and_then(|n| n.as_u64()) {
+                let mut body = v.clone();
+                let obj = body.as_object_mut().ok_or_else(|| {
+                    format!(
+                        "{}:{}: a trace line must be an object",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+                obj.remove("output_tokens");
+                obj.insert("max_tokens".into(), n.into());
+                obj.insert("ignore_eos".into(), true.into());
+                obj.insert("stream".into(), true.into());
+                obj.insert(
+                    "stream_options".into(),
+                    serde_json::json!({"include_usage": true}),
+                );
+                stream = true;
+                bodies.push(Bytes::from(body.to_string()));
+                continue;
+            }
             stream |= v.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
             bodies.push(Bytes::from(line.trim().to_string()));
         }

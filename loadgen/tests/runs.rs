@@ -344,6 +344,14 @@ async fn streaming_responses_record_time_to_first_token_and_gaps() {
     assert!(ttft.p50 > 0.045 && ttft.p50 < 0.09, "ttft p50 {}", ttft.p50);
     assert!(itl.p50 > 0.025 && itl.p50 < 0.06, "gap p50 {}", itl.p50);
     assert_eq!(itl.count, 4 * r.ok, "4 gaps per 5-token stream");
+    // TPOT = (end - first token) / 4 ≈ 30 ms; output tokens from the usage chunk.
+    let tpot = r.tpot.expect("streaming stats");
+    assert!(tpot.p50 > 0.025 && tpot.p50 < 0.06, "tpot p50 {}", tpot.p50);
+    let per_request = r.output_tokens_per_s.unwrap() / r.achieved_rps;
+    assert!(
+        (per_request - 5.0).abs() < 1e-9,
+        "{per_request} tokens per request"
+    );
 }
 
 fn futures_stream() -> impl futures_core::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send
@@ -357,7 +365,7 @@ fn futures_stream() -> impl futures_core::Stream<Item = Result<bytes::Bytes, std
             }
             if tx
                 .send(Ok(bytes::Bytes::from(format!(
-                    "data: {{\"token\": {i}}}\n\n"
+                    "data: {{\"choices\": [{{\"index\": 0, \"text\": \" t{i}\"}}]}}\n\n"
                 ))))
                 .await
                 .is_err()
@@ -365,6 +373,10 @@ fn futures_stream() -> impl futures_core::Stream<Item = Result<bytes::Bytes, std
                 return;
             }
         }
+        // The usage chunk and [DONE] carry no text: no token, no gap.
+        let tail =
+            "data: {\"choices\": [], \"usage\": {\"completion_tokens\": 5}}\n\ndata: [DONE]\n\n";
+        let _ = tx.send(Ok(bytes::Bytes::from(tail))).await;
     });
     ReceiverStream(rx)
 }

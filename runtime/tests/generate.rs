@@ -400,3 +400,58 @@ fn real_smollm2_perplexity_is_tens_not_thousands() {
     let random = (nll / n as f64).exp();
     assert!(random > 1000.0, "random-weight perplexity {random}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loadgen_measures_tokens_from_the_sse_stream() {
+    use loadgen::slo::{GoodputLimits, Target};
+    use loadgen::workload::{Lengths, TextOptions, Workload};
+    use loadgen::{Config, Mode};
+    let (server, _c) = start(llm(Profile {
+        max_batch_size: 4,
+        ..Profile::default()
+    }))
+    .await;
+    let o = TextOptions {
+        output_tokens: Lengths::Uniform(8, 16),
+        ignore_eos: true,
+        ..TextOptions::default()
+    };
+    let w = Workload::from_spec("chat", &o).unwrap();
+    assert!(w.stream);
+    let mut cfg = Config::new(
+        format!("http://{}", server.addr),
+        Mode::Closed { concurrency: 4 },
+        w,
+    );
+    cfg.duration = Duration::from_secs(3);
+    cfg.warmup = Duration::from_millis(500);
+    let targets = [
+        Target::parse("ttft_p95<10s").unwrap(),
+        Target::parse("p95<60s").unwrap(),
+    ];
+    cfg.goodput = GoodputLimits::from_targets(&targets);
+    let r = loadgen::run(cfg).await.unwrap();
+    assert!(r.ok > 0 && r.errors.is_empty(), "{}", r.summary());
+    let (ttft, tpot, itl) = (
+        r.ttft.clone().unwrap(),
+        r.tpot.clone().unwrap(),
+        r.inter_token.clone().unwrap(),
+    );
+    // Token timings are real and ordered: the first token comes before the end, and a token
+    // gap is shorter than a whole request.
+    assert!(
+        ttft.p50 > 0.0 && ttft.p50 < r.latency.p50,
+        "{}",
+        r.summary()
+    );
+    assert!(tpot.p50 > 0.0 && itl.p50 > 0.0 && itl.p50 < r.latency.p50);
+    // Output tokens/s counts the server's usage: 8..16 tokens per request.
+    let per_request = r.output_tokens_per_s.unwrap() / r.achieved_rps;
+    assert!(
+        (8.0..=16.0).contains(&per_request),
+        "{per_request} tokens per request"
+    );
+    assert!(r.goodput_rps.unwrap() <= r.achieved_rps + 1e-9);
+    assert!(Target::parse("ttft_p95<10s").unwrap().holds(&r));
+    stop(server).await;
+}

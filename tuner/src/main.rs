@@ -127,7 +127,8 @@ struct CompareArgs {
     /// Only redraw plots and table from the stored runs (no measuring).
     #[arg(long)]
     redraw: bool,
-    /// Workload: embeddings, or a FILE.jsonl of request bodies.
+    /// Workload: embeddings, completions or chat (streamed generation: the generation space and
+    /// model, token targets such as ttft_p95<2s), or a FILE.jsonl of request bodies.
     #[arg(long, default_value = "embeddings")]
     workload: String,
     /// No per-run lines.
@@ -196,7 +197,8 @@ struct SearchArgs {
     /// Tune a server that is already running (hot reload only).
     #[arg(long, env = "TUNER_URL")]
     url: Option<String>,
-    /// Workload: embeddings, or a FILE.jsonl of request bodies.
+    /// Workload: embeddings, completions or chat (streamed generation: the generation space and
+    /// model, token targets such as ttft_p95<2s), or a FILE.jsonl of request bodies.
     #[arg(long, env = "TUNER_WORKLOAD", default_value = "embeddings")]
     workload: String,
     /// Strategy: auto (Nelder–Mead via argmin), grid, random, hill.
@@ -232,6 +234,14 @@ struct SearchArgs {
     /// Strategy seed.
     #[arg(long, env = "TUNER_SEED", default_value_t = 1)]
     seed: u64,
+    /// Generation workloads (completions, chat): max_tokens per request, N, fixed:N,
+    /// uniform:A:B or lognormal:MEDIAN:SIGMA.
+    #[arg(long, env = "TUNER_OUTPUT_TOKENS", default_value = "64")]
+    output_tokens: String,
+    /// Generation workloads: let the model stop at EOS instead of forcing every request to its
+    /// max_tokens (forced lengths make trials comparable; the default forces them).
+    #[arg(long, env = "TUNER_ALLOW_EOS")]
+    allow_eos: bool,
     /// Inputs per embeddings request.
     #[arg(long, env = "TUNER_INPUTS_PER_REQUEST", default_value_t = 1)]
     inputs_per_request: usize,
@@ -296,6 +306,10 @@ fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
     }
     Ok((k, n))
 }
+
+/// The model a generation search spawns when no --spawn or --url is given: the embedded
+/// synthetic SmolLM2-135M (no download, no GPU).
+const GENERATION_MODEL: &str = "synthetic:smollm2-135m";
 
 fn find_runtime() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("BATCHTUNE_RUNTIME") {
@@ -521,24 +535,55 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     }
     let opts = TextOptions {
         inputs_per_request: a.inputs_per_request.max(1),
+        output_tokens: loadgen::workload::Lengths::parse(&a.output_tokens)
+            .map_err(|e| anyhow::anyhow!("--output-tokens: {e}"))?,
+        ignore_eos: !a.allow_eos,
         ..TextOptions::default()
     };
     let workload =
         Workload::from_spec(&a.workload, &opts).map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+    // Generation: requests take seconds, so the defaults change with the workload: the
+    // generation space, the embedded generation model, probes long enough for several requests
+    // per latency bound, and rates well below 1 request/s worth probing.
+    let generation = workload.path.ends_with("/completions");
+    let space = match (&a.space, generation) {
+        (None, true) => Space::generation_space(),
+        _ => space,
+    };
     let server = match (&a.url, &a.spawn) {
         (Some(u), _) => ServerSpec::Url(u.clone()),
         (None, Some(cmd)) => ServerSpec::Spawn(cmd.split_whitespace().map(String::from).collect()),
         (None, None) => {
-            ServerSpec::Spawn(vec![find_runtime()?.display().to_string(), "serve".into()])
+            let mut cmd = vec![find_runtime()?.display().to_string(), "serve".into()];
+            if generation {
+                cmd.extend(["--model".into(), GENERATION_MODEL.into()]);
+            }
+            ServerSpec::Spawn(cmd)
         }
     };
-    let probe = ProbeSettings {
+    let mut probe = ProbeSettings {
         duration: dur("probe", &a.probe)?,
         warmup: dur("probe-warmup", &a.probe_warmup)?,
         max_probes: a.max_probes.max(1),
         max_rate: a.max_rate,
         ..ProbeSettings::default()
     };
+    if generation {
+        let bound = a
+            .targets
+            .iter()
+            .filter_map(|t| Target::parse(t).ok())
+            .filter(|t| t.is_upper_bound() && t.metric != loadgen::slo::Metric::ErrorRate)
+            .map(|t| t.value)
+            .fold(0.0, f64::max);
+        probe.duration = probe
+            .duration
+            .max(std::time::Duration::from_secs_f64((3.0 * bound).min(60.0)));
+        probe.min_rate = 0.02;
+        // Few enough clients that each request finishes inside the estimating run.
+        probe.saturation_clients = 8;
+        probe.saturation_secs = probe.duration.as_secs_f64();
+    }
     let mut headers = Vec::new();
     if let Some(k) = &a.api_key {
         headers.push(("authorization".to_string(), format!("Bearer {k}")));

@@ -430,6 +430,7 @@ mod tests {
                     p95: 0.0,
                     p99: 0.0,
                     error_rate: 0.0,
+                    tokens: None,
                 };
                 Trial {
                     index: i,

@@ -176,9 +176,12 @@ impl Live<'_> {
             Some(b) => b,
             None => {
                 if let Some(b) = &bar {
-                    b.set_message("estimating the order of magnitude (closed loop, 2 s)");
+                    b.set_message(format!(
+                        "estimating the order of magnitude (closed loop, {:.0} s)",
+                        self.settings.saturation_secs
+                    ));
                 }
-                let est = rt.block_on(search.saturation(64));
+                let est = rt.block_on(search.saturation());
                 rt.block_on(server.wait_idle(Duration::from_secs(60)));
                 est.map(|x| 0.5 * x)
                     .filter(|x| x.is_finite() && *x > 0.0)
@@ -638,6 +641,24 @@ fn tuned_profile(
     put("p95_s", T::Float(round4(med(|p| p.p95))));
     put("p99_s", T::Float(round4(med(|p| p.p99))));
     put("p95_s_range", spread(|p| p.p95));
+    // Generation: the same re-measurements in token terms (medians over the runs that streamed).
+    let tok: Vec<crate::trial::TokenFigures> = again.iter().filter_map(|p| p.tokens).collect();
+    if !tok.is_empty() {
+        let m = |f: fn(&crate::trial::TokenFigures) -> f64| {
+            let mut v: Vec<f64> = tok.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            T::Float(round4(v[v.len() / 2]))
+        };
+        put("ttft_p50_s", m(|t| t.ttft_p50));
+        put("ttft_p95_s", m(|t| t.ttft_p95));
+        put("tpot_p50_s", m(|t| t.tpot_p50));
+        put("tpot_p95_s", m(|t| t.tpot_p95));
+        put("e2e_p95_s", T::Float(round4(med(|p| p.p95))));
+        put("output_tokens_per_s", m(|t| t.output_tokens_per_s));
+        if tok.iter().all(|t| t.goodput_rps.is_some()) {
+            put("goodput_rps", m(|t| t.goodput_rps.unwrap_or(0.0)));
+        }
+    }
     put("workload", T::String(header.workload.clone()));
     put("model", T::String(base.model.clone()));
     put(
@@ -717,6 +738,7 @@ mod tests {
                 p95,
                 p99: p95 * 1.2,
                 error_rate: 0.0,
+                tokens: None,
             })
             .collect();
         Trial {

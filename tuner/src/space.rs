@@ -186,6 +186,31 @@ impl Space {
         Space { knobs: k }
     }
 
+    /// The default space of a generation server: running sequences, the prefill token budget
+    /// per step, the batch wait, the KV budget and the queue size.
+    pub fn generation_space() -> Space {
+        let mut k = BTreeMap::new();
+        let int = |min, max| Domain::Int {
+            min,
+            max,
+            scale: Scale::Log,
+        };
+        k.insert("max_batch_size".into(), int(1, 64));
+        // At least the default max_input_tokens (512): the profile's rule that one prompt fits.
+        k.insert("max_batch_tokens".into(), int(512, 8192));
+        k.insert(
+            "batch_wait_timeout".into(),
+            Domain::Duration {
+                min: "500us".into(),
+                max: "100ms".into(),
+                scale: Scale::Log,
+            },
+        );
+        k.insert("kv_cache_tokens".into(), int(1024, 65536));
+        k.insert("max_queue_size".into(), int(16, 1024));
+        Space { knobs: k }
+    }
+
     /// Parses a space file (a TOML table per knob) and checks it.
     pub fn from_toml(text: &str) -> Result<Space, SpaceError> {
         let knobs: BTreeMap<String, Domain> =

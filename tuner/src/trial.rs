@@ -31,6 +31,20 @@ pub struct ProbeSettings {
     pub max_probes: usize,
     /// Arrival process.
     pub arrival: String,
+    /// Clients of the closed-loop run that estimates the first trial's order of magnitude.
+    #[serde(default = "default_saturation_clients")]
+    pub saturation_clients: usize,
+    /// Length of that run, seconds (generation needs several request lengths).
+    #[serde(default = "default_saturation_secs")]
+    pub saturation_secs: f64,
+}
+
+fn default_saturation_clients() -> usize {
+    64
+}
+
+fn default_saturation_secs() -> f64 {
+    2.0
 }
 
 impl Default for ProbeSettings {
@@ -44,6 +58,8 @@ impl Default for ProbeSettings {
             tolerance: 0.1,
             max_probes: 7,
             arrival: "poisson".into(),
+            saturation_clients: default_saturation_clients(),
+            saturation_secs: default_saturation_secs(),
         }
     }
 }
@@ -67,6 +83,41 @@ pub struct Probe {
     pub p99: f64,
     /// Errors ÷ scheduled.
     pub error_rate: f64,
+    /// Streamed generation: token-level figures (absent for embeddings and old journals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenFigures>,
+}
+
+/// A generation probe's token-level figures, seconds and tokens/s.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct TokenFigures {
+    /// Time to first token, p50 (from the intended send).
+    pub ttft_p50: f64,
+    /// Time to first token, p95.
+    pub ttft_p95: f64,
+    /// Time per output token, p50.
+    pub tpot_p50: f64,
+    /// Time per output token, p95.
+    pub tpot_p95: f64,
+    /// Output tokens per second.
+    pub output_tokens_per_s: f64,
+    /// Requests per second meeting every per-request limit.
+    pub goodput_rps: Option<f64>,
+}
+
+impl TokenFigures {
+    /// The figures of a streamed run; `None` when it did not stream.
+    pub fn of(r: &Report) -> Option<TokenFigures> {
+        use loadgen::slo::{Observed, TokenMetric as T};
+        Some(TokenFigures {
+            ttft_p50: r.token_quantile(T::Ttft, 0.5)?,
+            ttft_p95: r.token_quantile(T::Ttft, 0.95)?,
+            tpot_p50: r.token_quantile(T::Tpot, 0.5).unwrap_or(0.0),
+            tpot_p95: r.token_quantile(T::Tpot, 0.95).unwrap_or(0.0),
+            output_tokens_per_s: r.output_tokens_per_s?,
+            goodput_rps: r.goodput_rps,
+        })
+    }
 }
 
 /// A finished trial.
@@ -95,8 +146,10 @@ pub fn lag_allowance(targets: &[Target]) -> Duration {
     let tightest = targets
         .iter()
         .filter(|t| {
-            matches!(t.metric, Metric::Percentile(_) | Metric::Mean | Metric::Max)
-                && t.is_upper_bound()
+            matches!(
+                t.metric,
+                Metric::Percentile(_) | Metric::Mean | Metric::Max | Metric::Token(..)
+            ) && t.is_upper_bound()
         })
         .map(|t| t.value)
         .fold(f64::INFINITY, f64::min);
@@ -217,6 +270,7 @@ impl RateSearch<'_> {
         cfg.headers = self.headers.clone();
         cfg.seed = seed;
         cfg.early_stop = Some(early_stop(self.targets.to_vec()));
+        cfg.goodput = loadgen::slo::GoodputLimits::from_targets(self.targets);
         cfg.cancel = Some(self.cancel.clone());
         let r = loadgen::run(cfg).await?;
         let (pass, reason) = judge(&r, self.targets);
@@ -229,15 +283,19 @@ impl RateSearch<'_> {
             p95: r.latency_quantile(0.95),
             p99: r.latency_quantile(0.99),
             error_rate: r.error_rate,
+            tokens: TokenFigures::of(&r),
         };
         Ok((probe, r))
     }
 }
 
 impl RateSearch<'_> {
-    /// Completions per second of `clients` closed-loop clients over 2 s (after 0.5 s of
-    /// warm-up): roughly what the configuration can do, to start the rate search near it.
-    pub async fn saturation(&self, clients: usize) -> Option<f64> {
+    /// Completions per second of the settings' closed-loop clients over their run (after
+    /// 0.5 s of warm-up): roughly what the configuration can do, to start the rate search near
+    /// it. When requests outlast the window (generation) so that few complete inside it,
+    /// Little's law (clients ÷ mean latency) estimates the rate instead.
+    pub async fn saturation(&self) -> Option<f64> {
+        let clients = self.settings.saturation_clients.max(1);
         let mut cfg = Config::new(
             self.url,
             Mode::Closed {
@@ -245,12 +303,18 @@ impl RateSearch<'_> {
             },
             self.workload.clone(),
         );
-        cfg.duration = Duration::from_secs(2);
+        cfg.duration = Duration::from_secs_f64(self.settings.saturation_secs.max(0.5));
         cfg.warmup = Duration::from_millis(500);
         cfg.headers = self.headers.clone();
         cfg.cancel = Some(self.cancel.clone());
         let r = loadgen::run(cfg).await.ok()?;
-        (r.error_rate < 0.5).then_some(r.achieved_rps)
+        if r.error_rate >= 0.5 {
+            return None;
+        }
+        if r.achieved_rps > 0.0 || r.ok == 0 {
+            return Some(r.achieved_rps);
+        }
+        Some(clients as f64 / r.latency.mean.max(1e-9))
     }
 }
 
@@ -330,6 +394,7 @@ mod tests {
             p95: 0.0,
             p99: 0.0,
             error_rate: 0.0,
+            tokens: None,
         }
     }
 

@@ -239,3 +239,58 @@ fn compare_records_runs_and_draws_both_profiles() {
     let svg = std::fs::read_to_string(out.join("latency-throughput.svg")).unwrap();
     assert!(svg.contains("small p95") && svg.contains("large p99"));
 }
+
+#[test]
+fn a_generation_search_tunes_token_targets_and_records_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // The embeddings options write their own start.toml; this test's goes beside it.
+    let base = options(dir.path(), 2);
+    let profile = dir.path().join("start-llm.toml");
+    std::fs::write(&profile, "model = \"synthetic:llama-tiny\"\n").unwrap();
+    let mut space = Space::generation_space();
+    space
+        .knobs
+        .retain(|k, _| k == "max_batch_size" || k == "kv_cache_tokens");
+    let o = TextOptions {
+        output_tokens: loadgen::workload::Lengths::Fixed(16),
+        ignore_eos: true,
+        ..TextOptions::default()
+    };
+    let opts = SearchOptions {
+        targets: vec!["ttft_p95<1s".into(), "p95<2s".into()],
+        space,
+        workload_spec: "chat".into(),
+        workload: Workload::from_spec("chat", &o).unwrap(),
+        server: ServerSpec::Spawn(vec![
+            runtime_bin().display().to_string(),
+            "serve".into(),
+            "--profile".into(),
+            profile.display().to_string(),
+        ]),
+        ..base
+    };
+    let out = match search(opts, Arc::new(AtomicBool::new(false))) {
+        Ok(o) => o,
+        Err(e) => {
+            for f in std::fs::read_dir(dir.path().join("searches")).unwrap() {
+                let j = f.unwrap().path().join("journal.jsonl");
+                eprintln!("{}", std::fs::read_to_string(j).unwrap_or_default());
+            }
+            panic!("{e}");
+        }
+    };
+    assert!(out.best_rps > 0.0);
+    let text = std::fs::read_to_string(dir.path().join("tuned.toml")).unwrap();
+    let p: toml::Value = toml::from_str(&text).unwrap();
+    let prov = &p["provenance"];
+    assert_eq!(p["model"].as_str(), Some("synthetic:llama-tiny"));
+    // The profile's provenance speaks in token terms: measured TTFT within its target.
+    let ttft = prov["ttft_p95_s"]
+        .as_float()
+        .expect("ttft in the provenance");
+    assert!(ttft > 0.0 && ttft < 1.0, "{text}");
+    assert!(prov["tpot_p50_s"].as_float().unwrap() > 0.0);
+    assert!(prov["output_tokens_per_s"].as_float().unwrap() > 0.0);
+    // Goodput counts requests meeting both per-request bounds: at most the achieved rate.
+    assert!(prov["goodput_rps"].as_float().is_some());
+}
