@@ -455,3 +455,41 @@ async fn loadgen_measures_tokens_from_the_sse_stream() {
     assert!(Target::parse("ttft_p95<10s").unwrap().holds(&r));
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_cpu_replicas_share_the_sequences() {
+    let (server, c) = start(llm(Profile {
+        devices: vec!["cpu".into(), "cpu".into()],
+        max_batch_size: 4,
+        ..Profile::default()
+    }))
+    .await;
+    let a = server.addr;
+    let mut all = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        all.push(tokio::spawn(async move {
+            complete(
+                &c,
+                a,
+                json!({"prompt": format!("replica {i}"), "max_tokens": 12, "ignore_eos": true}),
+            )
+            .await
+            .status
+        }));
+    }
+    for r in all {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    // Sequences go to the replica with fewer: both ran steps.
+    for d in ["cpu:0", "cpu:1"] {
+        let steps = metric(
+            &c,
+            a,
+            &format!("batchtune_engine_steps_total{{device=\"{d}\"}}"),
+        )
+        .await;
+        assert!(steps > 0.0, "{d} ran no step");
+    }
+    stop(server).await;
+}
