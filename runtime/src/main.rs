@@ -95,6 +95,24 @@ enum Cmd {
     },
 }
 
+/// Prints one JSON line per benchmark point, or the error.
+fn print_points<T: serde::Serialize>(
+    points: Result<Vec<T>, runtime::model::ModelError>,
+) -> ExitCode {
+    match points {
+        Ok(points) => {
+            for pt in points {
+                println!("{}", serde_json::to_string(&pt).expect("points serialize"));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -117,29 +135,18 @@ fn main() -> ExitCode {
             context_tokens,
             steps,
         } => {
+            let mut p = Profile::default();
+            if let Err(e) = p.set_knob("dtype", &dtype) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             if let Ok(Some(_)) = runtime::model::lm::resolve(&model) {
-                let mut p = Profile::default();
-                if let Err(e) = p.set_knob("dtype", &dtype) {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
                 let o = runtime::bench::DecodeOptions {
                     sizes,
                     context_tokens,
                     steps,
                 };
-                return match runtime::bench::raw_decode(&model, &device, p.dtype, &o) {
-                    Ok(points) => {
-                        for pt in points {
-                            println!("{}", serde_json::to_string(&pt).expect("points serialize"));
-                        }
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                };
+                return print_points(runtime::bench::raw_decode(&model, &device, p.dtype, &o));
             }
             let source = if texts == "fixed" {
                 runtime::bench::Texts::Fixed(words)
@@ -159,23 +166,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            let mut p = Profile::default();
-            if let Err(e) = p.set_knob("dtype", &dtype) {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-            match runtime::bench::raw(&model, &device, p.dtype, &sizes, seconds, &texts) {
-                Ok(points) => {
-                    for pt in points {
-                        println!("{}", serde_json::to_string(&pt).expect("points serialize"));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_points(runtime::bench::raw(
+                &model, &device, p.dtype, &sizes, seconds, &texts,
+            ))
         }
         Cmd::Serve {
             profile,

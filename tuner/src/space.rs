@@ -58,6 +58,15 @@ pub enum Domain {
     },
 }
 
+/// A whole-number knob on a log scale, the shape of every default space's integer knobs.
+fn log_int(min: i64, max: i64) -> Domain {
+    Domain::Int {
+        min,
+        max,
+        scale: Scale::Log,
+    }
+}
+
 /// A concrete knob value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -143,14 +152,7 @@ impl Space {
     /// The default space: batch size, wait timeout, concurrent batches, queue size, token budget.
     pub fn default_space() -> Space {
         let mut k = BTreeMap::new();
-        k.insert(
-            "max_batch_size".into(),
-            Domain::Int {
-                min: 1,
-                max: 128,
-                scale: Scale::Log,
-            },
-        );
+        k.insert("max_batch_size".into(), log_int(1, 128));
         k.insert(
             "batch_wait_timeout".into(),
             Domain::Duration {
@@ -159,30 +161,9 @@ impl Space {
                 scale: Scale::Log,
             },
         );
-        k.insert(
-            "max_concurrent_batches".into(),
-            Domain::Int {
-                min: 1,
-                max: 8,
-                scale: Scale::Log,
-            },
-        );
-        k.insert(
-            "max_queue_size".into(),
-            Domain::Int {
-                min: 16,
-                max: 4096,
-                scale: Scale::Log,
-            },
-        );
-        k.insert(
-            "max_batch_tokens".into(),
-            Domain::Int {
-                min: 1024,
-                max: 65536,
-                scale: Scale::Log,
-            },
-        );
+        k.insert("max_concurrent_batches".into(), log_int(1, 8));
+        k.insert("max_queue_size".into(), log_int(16, 4096));
+        k.insert("max_batch_tokens".into(), log_int(1024, 65536));
         Space { knobs: k }
     }
 
@@ -190,14 +171,9 @@ impl Space {
     /// per step, the batch wait, the KV budget and the queue size.
     pub fn generation_space() -> Space {
         let mut k = BTreeMap::new();
-        let int = |min, max| Domain::Int {
-            min,
-            max,
-            scale: Scale::Log,
-        };
-        k.insert("max_batch_size".into(), int(1, 64));
+        k.insert("max_batch_size".into(), log_int(1, 64));
         // At least the default max_input_tokens (512): the profile's rule that one prompt fits.
-        k.insert("max_batch_tokens".into(), int(512, 8192));
+        k.insert("max_batch_tokens".into(), log_int(512, 8192));
         k.insert(
             "batch_wait_timeout".into(),
             Domain::Duration {
@@ -206,8 +182,8 @@ impl Space {
                 scale: Scale::Log,
             },
         );
-        k.insert("kv_cache_tokens".into(), int(1024, 65536));
-        k.insert("max_queue_size".into(), int(16, 1024));
+        k.insert("kv_cache_tokens".into(), log_int(1024, 65536));
+        k.insert("max_queue_size".into(), log_int(16, 1024));
         Space { knobs: k }
     }
 

@@ -601,9 +601,6 @@ fn failure(f: GenFailure, p: &Profile) -> ApiError {
             format_duration(p.request_timeout)
         )),
         GenFailure::Step(m) => ApiError::Internal(m),
-        GenFailure::Shutdown => {
-            ApiError::Unavailable("server stopped before finishing the request".into())
-        }
     }
 }
 
@@ -704,7 +701,6 @@ fn stream(
                     let msg = match f {
                         GenFailure::Step(m) => m,
                         GenFailure::Expired => "expired".into(),
-                        GenFailure::Shutdown => "server stopped".into(),
                     };
                     s.done = true;
                     Bytes::from(format!(

@@ -78,8 +78,6 @@ pub enum GenFailure {
     Expired,
     /// Its step failed (the message names the device).
     Step(String),
-    /// The server stopped first.
-    Shutdown,
 }
 
 /// What the engine tells a request, in order: `Started`, `Text`…, then `Done` or `Failed`.
