@@ -186,7 +186,7 @@ pub fn raw_decode(
     dtype: Dtype,
     o: &DecodeOptions,
 ) -> Result<Vec<DecodePoint>, ModelError> {
-    use crate::model::llama::{argmax, Chunk};
+    use crate::model::llama::{argmax, greedy, Chunk};
     let m = model::lm::load(spec, &[device.to_string()], dtype)?;
     let model = &m.replicas[0].1;
     let err = |e: candle_core::Error| ModelError::Load {
@@ -229,13 +229,11 @@ pub fn raw_decode(
                     logits: true,
                 })
                 .collect();
+            // Timed as the engine runs a step: forward, then greedy ids taken on the device.
             let t = Instant::now();
-            let logits = model.step(&mut chunks).map_err(err)?;
+            let logits = model.forward(&mut chunks).map_err(err)?;
+            last = greedy(&logits.expect("asked for logits")).map_err(err)?;
             times.push(t.elapsed().as_secs_f64());
-            last = logits
-                .iter()
-                .map(|l| argmax(l.as_ref().expect("asked for logits")))
-                .collect();
         }
         let total: f64 = times.iter().sum();
         times.sort_by(f64::total_cmp);

@@ -9,8 +9,9 @@ use super::sampling::{check_stops, Sampler, SamplingParams, StopCheck};
 use super::scheduler::{Limits, NewSeq, Plan, Scheduler, SeqId};
 use crate::admission::QueueSpace;
 use crate::metrics::{DeviceLabel, FinishLabel, GenMetrics};
-use crate::model::llama::{Chunk, Llama, SeqCache};
+use crate::model::llama::{greedy, Chunk, Llama, SeqCache};
 use crate::model::lm_tokenizer::LmTokenizer;
+use candle_core::Tensor;
 use profiles::Profile;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -336,7 +337,7 @@ impl Engine {
                 })
                 .collect();
             let model = &self.ctx.model;
-            std::panic::catch_unwind(AssertUnwindSafe(|| model.step(&mut chunks)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut chunks)))
         };
         let prefill_tokens: usize = plan.prefill.iter().map(|c| c.len).sum();
         let dev = DeviceLabel {
@@ -374,10 +375,16 @@ impl Engine {
                 );
             }
         };
-        for ((id, _, _), l) in order.iter().zip(logits) {
-            if let Some(l) = l {
-                self.advance(*id, &l);
+        let rows: Vec<SeqId> = order.iter().filter(|o| o.2).map(|o| o.0).collect();
+        let tokens = match logits.map(|l| self.pick(&rows, &l)).transpose() {
+            Ok(t) => t.unwrap_or_default(),
+            Err(err) => {
+                let msg = format!("sampling on {} failed: {err}", self.ctx.label);
+                return self.fail_step(&order, msg);
             }
+        };
+        for (id, t) in rows.into_iter().zip(tokens) {
+            self.advance(id, t);
         }
         self.publish_gauges();
     }
@@ -389,13 +396,31 @@ impl Engine {
         }
     }
 
-    /// Samples a sequence's next token, streams the text it makes final, and ends the sequence
+    /// The next token of each of `rows` (in the logits' row order). Greedy rows take their
+    /// argmax on the device; only the rows of sampling requests come to the host whole.
+    fn pick(&mut self, rows: &[SeqId], logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+        let is_greedy = |id: &SeqId| self.seqs.get(id).is_none_or(|s| s.sampler.is_greedy());
+        let mut tokens = if rows.iter().any(is_greedy) {
+            greedy(logits)?
+        } else {
+            vec![0; rows.len()]
+        };
+        for (i, id) in rows.iter().enumerate() {
+            if let Some(s) = self.seqs.get_mut(id) {
+                if !s.sampler.is_greedy() {
+                    tokens[i] = s.sampler.sample(&logits.get(i)?.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// Appends a sequence's next token, streams the text it makes final, and ends the sequence
     /// at EOS, a stop string or `max_tokens`.
-    fn advance(&mut self, id: SeqId, logits: &[f32]) {
+    fn advance(&mut self, id: SeqId, t: u32) {
         let Some(s) = self.seqs.get_mut(&id) else {
             return;
         };
-        let t = s.sampler.sample(logits);
         let now = Instant::now();
         if s.first_token.is_none() {
             s.first_token = Some(now);

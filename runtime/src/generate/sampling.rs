@@ -41,6 +41,12 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// True when the next token is the argmax (temperature 0), which needs no host copy of the
+    /// logits.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0
+    }
+
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {

@@ -7,20 +7,32 @@
 //!
 //! One [`Llama::step`] takes a list of chunks, one per sequence: a decode step is a chunk of one
 //! token, a prefill is a chunk of (part of) the prompt. All tokens of the step go through the
-//! projections and the MLP as one `[tokens, hidden]` matrix (where batching pays), and attention
-//! runs per sequence against that sequence's own cache (where lengths differ). Nothing is padded,
-//! so a sequence's result does not depend on who shares its step.
+//! projections and the MLP as one `[tokens, hidden]` matrix (where batching pays). Attention
+//! for every one-token chunk (the decodes) runs as one batched chain of kernels per layer: each
+//! sequence's keys and values are gathered from the pool into a `[sequences, longest, head_dim]`
+//! block and the positions past a sequence's own length are masked to −∞, so they weigh exactly
+//! zero and a sequence's result does not depend on who shares its step. Longer prefill chunks
+//! attend one sequence at a time (they are few per step, and a causal mask is needed inside
+//! them). The first version attended every sequence separately: on a GPU that was ~15 small
+//! kernels per sequence and layer, ~3 ms per sequence per step, all of it launch overhead
+//! (`results/generate-h200/`).
 //!
-//! KV memory: each sequence owns, per layer, a K and a V tensor `[kv_heads, capacity, head_dim]`
-//! allocated when it starts, with capacity = prompt + `max_tokens`: `2 × layers × kv_heads ×
-//! head_dim × dtype size` bytes per token (SmolLM2-135M in f32: 46,080 bytes, 45 KiB; Qwen2.5-0.5B
-//! in bf16: 12,288 bytes). Reserving the whole capacity up front wastes what early-stopping
-//! sequences never use, but the budget can never be exceeded mid-generation, so nothing is
-//! preempted (vLLM's paged blocks avoid the waste at the price of preemption and a block table).
+//! KV memory: a pool per replica, per layer a K and a V tensor `[kv_heads, rows, head_dim]`,
+//! handed out in blocks of [`KV_BLOCK`] positions (vLLM's paged layout without its kernels:
+//! candle's `index_select` gathers a step's rows, `scatter_set` writes the new ones). A sequence
+//! reserves prompt + `max_tokens` positions when it starts, rounded up to whole blocks, and gives
+//! them back when its [`SeqCache`] is dropped: `2 × layers × kv_heads × head_dim × dtype size`
+//! bytes per position (SmolLM2-135M in f32: 46,080 bytes, 45 KiB; Qwen2.5-0.5B in bf16: 12,288
+//! bytes). Reserving the whole capacity up front wastes what early-stopping sequences never use,
+//! but the budget can never be exceeded mid-generation, so nothing is preempted. The pool grows
+//! (doubling, one copy) when a reservation does not fit and never shrinks: its size is the
+//! high-water mark of what the scheduler's `kv_cache_tokens` budget let run at once.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The subset of a Hugging Face `config.json` a Llama/Qwen2 decoder needs.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -221,6 +233,11 @@ struct Layer {
     down: Linear,
 }
 
+/// Positions per KV block: the unit a sequence's reservation is rounded up to. Small enough
+/// that rounding wastes little (< 16 positions a sequence), large enough that the free list and
+/// block tables stay short.
+pub const KV_BLOCK: usize = 16;
+
 /// A loaded decoder replica on one device.
 pub struct Llama {
     embed: Embedding,
@@ -235,14 +252,32 @@ pub struct Llama {
     interleaved: bool,
     device: Device,
     dtype: DType,
+    pool: Arc<Mutex<KvPool>>,
 }
 
-/// One sequence's keys and values, per layer, and how many positions hold data.
-pub struct SeqCache {
+/// The replica's KV memory: per layer `[kv_heads, blocks × KV_BLOCK, head_dim]` for K and V,
+/// and which blocks are free.
+struct KvPool {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    blocks: usize,
+    /// Lowest first, so a new sequence's blocks tend to be adjacent.
+    free: BTreeSet<u32>,
+}
+
+/// Locks the pool; a panic inside a step (caught by the engine) must not make every later
+/// step fail, and the pool's tensors are valid whatever a panicking step left in them.
+fn lock(pool: &Mutex<KvPool>) -> MutexGuard<'_, KvPool> {
+    pool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One sequence's reserved KV blocks and how many positions hold data. Dropping it gives the
+/// blocks back to its replica's pool.
+pub struct SeqCache {
+    blocks: Vec<u32>,
     len: usize,
     capacity: usize,
+    pool: Arc<Mutex<KvPool>>,
 }
 
 impl SeqCache {
@@ -260,6 +295,17 @@ impl SeqCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// The pool row holding position `p`.
+    fn row(&self, p: usize) -> u32 {
+        self.blocks[p / KV_BLOCK] * KV_BLOCK as u32 + (p % KV_BLOCK) as u32
+    }
+}
+
+impl Drop for SeqCache {
+    fn drop(&mut self) {
+        lock(&self.pool).free.extend(self.blocks.drain(..));
+    }
 }
 
 /// One sequence's part of a step: its next tokens and its cache.
@@ -270,6 +316,26 @@ pub struct Chunk<'a> {
     pub cache: &'a mut SeqCache,
     /// Return the logits after the last token (false for a prefill chunk that is not the last).
     pub logits: bool,
+}
+
+/// Where a step's one-token chunks read their keys: pool rows `[sequences × longest]` and the
+/// additive mask that hides each sequence's padding.
+struct DecodeGather {
+    rows: Tensor,
+    mask: Tensor,
+    seqs: usize,
+    longest: usize,
+}
+
+/// Where one longer chunk reads its keys.
+struct PrefillGather {
+    /// Offset of the chunk's tokens in the step.
+    offset: usize,
+    tokens: usize,
+    /// Positions cached before the chunk.
+    start: usize,
+    /// Pool rows of positions `0 .. start + tokens`.
+    rows: Tensor,
 }
 
 fn rms(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
@@ -329,6 +395,12 @@ impl Llama {
             sin: freqs.sin()?.to_dtype(dtype)?,
             cfg: cfg.clone(),
             interleaved,
+            pool: Arc::new(Mutex::new(KvPool {
+                k: Vec::new(),
+                v: Vec::new(),
+                blocks: 0,
+                free: BTreeSet::new(),
+            })),
             device,
             dtype,
         })
@@ -344,55 +416,139 @@ impl Llama {
         self.device.is_cuda()
     }
 
-    /// An empty cache for a sequence of at most `capacity` positions (allocated now, in full).
+    /// An empty cache for a sequence of at most `capacity` positions: reserves its blocks in
+    /// the pool now (growing the pool if they do not fit), so the sequence can never run out.
     pub fn new_cache(&self, capacity: usize) -> candle_core::Result<SeqCache> {
-        let shape = (self.cfg.kv_heads(), capacity, self.cfg.head_dim());
-        let mut k = Vec::with_capacity(self.layers.len());
-        let mut v = Vec::with_capacity(self.layers.len());
-        for _ in &self.layers {
-            k.push(Tensor::zeros(shape, self.dtype, &self.device)?);
-            v.push(Tensor::zeros(shape, self.dtype, &self.device)?);
+        let need = capacity.div_ceil(KV_BLOCK).max(1);
+        let mut pool = lock(&self.pool);
+        if pool.free.len() < need {
+            let missing = need - pool.free.len();
+            let blocks = (pool.blocks + missing).max(2 * pool.blocks);
+            self.grow(&mut pool, blocks)?;
         }
+        let blocks = (0..need)
+            .map(|_| pool.free.pop_first().expect("grown to fit"))
+            .collect();
         Ok(SeqCache {
-            k,
-            v,
+            blocks,
             len: 0,
             capacity,
+            pool: self.pool.clone(),
         })
+    }
+
+    /// KV positions the pool holds now (reserved or free): its memory is this times
+    /// [`LlamaConfig::kv_bytes_per_token`].
+    pub fn kv_pool_positions(&self) -> usize {
+        lock(&self.pool).blocks * KV_BLOCK
+    }
+
+    /// Re-allocates every layer's K and V with room for `blocks` blocks, keeping the rows
+    /// already there (sequences hold row numbers, so nothing moves).
+    fn grow(&self, pool: &mut KvPool, blocks: usize) -> candle_core::Result<()> {
+        let shape = (self.cfg.kv_heads(), blocks * KV_BLOCK, self.cfg.head_dim());
+        let bigger = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
+            let t = Tensor::zeros(shape, self.dtype, &self.device)?;
+            if let Some(old) = old {
+                t.slice_set(old, 1, 0)?;
+            }
+            Ok(t)
+        };
+        let mut k = Vec::with_capacity(self.layers.len());
+        let mut v = Vec::with_capacity(self.layers.len());
+        for l in 0..self.layers.len() {
+            k.push(bigger(pool.k.get(l))?);
+            v.push(bigger(pool.v.get(l))?);
+        }
+        (pool.k, pool.v) = (k, v);
+        pool.free.extend(pool.blocks as u32..blocks as u32);
+        pool.blocks = blocks;
+        Ok(())
     }
 
     /// Runs one step over every chunk; returns, per chunk, the f32 logits after its last token
     /// when it asked for them.
     pub fn step(&self, chunks: &mut [Chunk<'_>]) -> candle_core::Result<Vec<Option<Vec<f32>>>> {
+        let mut out = vec![None; chunks.len()];
+        let Some(logits) = self.forward(chunks)? else {
+            return Ok(out);
+        };
+        let mut rows = logits.to_vec2::<f32>()?.into_iter();
+        for (slot, c) in out.iter_mut().zip(chunks.iter()) {
+            if c.logits {
+                *slot = rows.next();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one step over every chunk and leaves the logits on the device: `[k, vocab]` f32,
+    /// one row per chunk that asked for logits, in chunk order (`None` when none asked).
+    /// Sampling can then run where the logits are ([`greedy`]) instead of copying
+    /// `k × vocab` floats to the host every step.
+    pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> candle_core::Result<Option<Tensor>> {
+        // One-token chunks first: their attention is batched, and contiguous rows of the
+        // step's matrices are one narrow away.
+        let mut order: Vec<usize> = (0..chunks.len())
+            .filter(|&i| chunks[i].tokens.len() == 1)
+            .collect();
+        let seqs = order.len();
+        order.extend((0..chunks.len()).filter(|&i| chunks[i].tokens.len() != 1));
         let mut ids = Vec::new();
         let mut positions = Vec::new();
-        for c in chunks.iter() {
+        let mut writes = Vec::new();
+        for &i in &order {
+            let c = &chunks[i];
             if c.tokens.is_empty() {
                 candle_core::bail!("a chunk with no tokens");
             }
+            if !Arc::ptr_eq(&c.cache.pool, &self.pool) {
+                candle_core::bail!("a sequence's cache belongs to another replica");
+            }
             let start = c.cache.len;
-            if start + c.tokens.len() > c.cache.capacity {
+            let end = start + c.tokens.len();
+            if end > c.cache.capacity {
                 candle_core::bail!(
-                    "sequence needs {} positions; its cache holds {}",
-                    start + c.tokens.len(),
+                    "sequence needs {end} positions; its cache holds {}",
                     c.cache.capacity
                 );
             }
-            if start + c.tokens.len() > self.cfg.max_position_embeddings {
+            if end > self.cfg.max_position_embeddings {
                 candle_core::bail!(
-                    "position {} is past max_position_embeddings {}",
-                    start + c.tokens.len(),
+                    "position {end} is past max_position_embeddings {}",
                     self.cfg.max_position_embeddings
                 );
             }
             ids.extend_from_slice(c.tokens);
-            positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
+            positions.extend((start..end).map(|p| p as u32));
+            writes.extend((start..end).map(|p| c.cache.row(p)));
         }
         let t = ids.len();
+        let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
+        let decode = self.decode_gather(chunks, &order[..seqs])?;
+        let mut prefills = Vec::new();
+        let mut offset = seqs;
+        for &i in &order[seqs..] {
+            let c = &chunks[i];
+            let (start, n) = (c.cache.len, c.tokens.len());
+            let rows: Vec<u32> = (0..start + n).map(|p| c.cache.row(p)).collect();
+            prefills.push(PrefillGather {
+                offset,
+                tokens: n,
+                start,
+                rows: Tensor::from_vec(rows, start + n, &self.device)?,
+            });
+            offset += n;
+        }
+        // scatter_set wants an index per element of the source `[kv_heads, t, head_dim]`.
+        let writes = Tensor::from_vec(writes, (1, t, 1), &self.device)?
+            .broadcast_as((kvh, t, hd))?
+            .contiguous()?;
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
+        let pool = lock(&self.pool);
         let mut x = self.embed.forward(&ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
@@ -402,63 +558,105 @@ impl Llama {
                 &cos,
                 &sin,
             )?;
-            let k = self.heads(&layer.k.forward(&h)?, self.cfg.kv_heads(), &cos, &sin)?;
+            let k = self.heads(&layer.k.forward(&h)?, kvh, &cos, &sin)?;
             let v = layer
                 .v
                 .forward(&h)?
-                .reshape((t, self.cfg.kv_heads(), self.cfg.head_dim()))?
-                .transpose(0, 1)?;
-            let mut outs = Vec::with_capacity(chunks.len());
-            let mut off = 0;
-            for c in chunks.iter_mut() {
-                let n = c.tokens.len();
-                outs.push(self.attend(
-                    l,
-                    c.cache,
-                    &q.narrow(1, off, n)?,
-                    &k.narrow(1, off, n)?,
-                    &v.narrow(1, off, n)?,
+                .reshape((t, kvh, hd))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            pool.k[l].scatter_set(&writes, &k, 1)?;
+            pool.v[l].scatter_set(&writes, &v, 1)?;
+            let mut outs = Vec::with_capacity(1 + prefills.len());
+            if let Some(d) = &decode {
+                outs.push(self.attend_decodes(
+                    &q.narrow(1, 0, seqs)?,
+                    &pool.k[l],
+                    &pool.v[l],
+                    d,
                 )?);
-                off += n;
             }
-            let att = Tensor::cat(&outs, 0)?;
+            for p in &prefills {
+                outs.push(self.attend_prefill(
+                    &q.narrow(1, p.offset, p.tokens)?,
+                    &pool.k[l].index_select(&p.rows, 1)?,
+                    &pool.v[l].index_select(&p.rows, 1)?,
+                    p.start,
+                )?);
+            }
+            let att = if outs.len() == 1 {
+                outs.pop().expect("one")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + layer.o.forward(&att)?)?;
             let h = layer.mlp_norm.forward(&x)?;
             let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
             let mlp = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
-        let mut rows = Vec::new();
+        drop(pool);
+        // Row of each chunk's last token in the step's (reordered) matrix.
+        let mut last_row = vec![0usize; chunks.len()];
         let mut off = 0;
-        for c in chunks.iter_mut() {
-            off += c.tokens.len();
+        for &i in &order {
+            off += chunks[i].tokens.len();
+            last_row[i] = off - 1;
+        }
+        let mut rows = Vec::new();
+        for (i, c) in chunks.iter_mut().enumerate() {
             c.cache.len += c.tokens.len();
             if c.logits {
-                rows.push((off - 1) as u32);
+                rows.push(last_row[i] as u32);
             }
         }
-        let mut out = vec![None; chunks.len()];
         if rows.is_empty() {
-            return Ok(out);
+            return Ok(None);
         }
-        let rows = Tensor::from_vec(
-            rows,
-            chunks.iter().filter(|c| c.logits).count(),
-            &self.device,
-        )?;
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, &self.device)?;
         let last = self.norm.forward(&x.index_select(&rows, 0)?)?;
-        let logits = self
-            .head
-            .forward(&last)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-        let mut it = logits.into_iter();
-        for (slot, c) in out.iter_mut().zip(chunks.iter()) {
-            if c.logits {
-                *slot = it.next();
+        Ok(Some(self.head.forward(&last)?.to_dtype(DType::F32)?))
+    }
+
+    /// The pool rows and padding mask for the one-token chunks `which` (`None` when there are
+    /// none). Padding points at the sequence's own first row: any finite value would do, as
+    /// its weight is exactly zero after the −∞ mask.
+    fn decode_gather(
+        &self,
+        chunks: &[Chunk<'_>],
+        which: &[usize],
+    ) -> candle_core::Result<Option<DecodeGather>> {
+        if which.is_empty() {
+            return Ok(None);
+        }
+        let longest = which
+            .iter()
+            .map(|&i| chunks[i].cache.len + 1)
+            .max()
+            .unwrap_or(1);
+        let mut rows = Vec::with_capacity(which.len() * longest);
+        let mut mask = Vec::with_capacity(which.len() * longest);
+        for &i in which {
+            let c = &chunks[i].cache;
+            for p in 0..longest {
+                if p <= c.len {
+                    rows.push(c.row(p));
+                    mask.push(0f32);
+                } else {
+                    rows.push(c.row(0));
+                    mask.push(f32::NEG_INFINITY);
+                }
             }
         }
-        Ok(out)
+        let seqs = which.len();
+        Ok(Some(DecodeGather {
+            rows: Tensor::from_vec(rows, seqs * longest, &self.device)?,
+            mask: Tensor::from_vec(mask, (1, seqs, 1, longest), &self.device)?
+                .to_dtype(self.dtype)?,
+            seqs,
+            longest,
+        }))
     }
 
     /// `[t, heads × head_dim]` → `[heads, t, head_dim]` with RoPE applied at each row's position.
@@ -483,51 +681,72 @@ impl Llama {
         r.squeeze(0)
     }
 
-    /// One sequence's attention for its `n` new positions: writes their keys and values into
-    /// the cache, then attends over everything cached (causal within the chunk). Returns
-    /// `[n, heads × head_dim]`.
-    fn attend(
+    /// Attention of every one-token chunk at once. `q` is `[heads, seqs, head_dim]`; returns
+    /// `[seqs, heads × head_dim]`. Query head h reads KV head h / groups, so the query heads
+    /// are grouped by their KV head and one batched matmul per (KV head, sequence) serves them
+    /// all, without repeating K and V.
+    fn attend_decodes(
         &self,
-        layer: usize,
-        cache: &mut SeqCache,
         q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        d: &DecodeGather,
+    ) -> candle_core::Result<Tensor> {
+        let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
+        let groups = self.cfg.num_attention_heads / kvh;
+        let (b, l) = (d.seqs, d.longest);
+        let keys = k_pool.index_select(&d.rows, 1)?.reshape((kvh * b, l, hd))?;
+        let values = v_pool.index_select(&d.rows, 1)?.reshape((kvh * b, l, hd))?;
+        let q = q
+            .reshape((kvh, groups, b, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((kvh * b, groups, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&keys.t()?)? * scale)?
+            .reshape((kvh, b, groups, l))?
+            .broadcast_add(&d.mask)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((kvh * b, groups, l))?;
+        att.matmul(&values)?
+            .reshape((kvh, b, groups, hd))?
+            .transpose(0, 1)?
+            .reshape((b, kvh * groups * hd))
+    }
+
+    /// One sequence's attention for its `n` new positions over its gathered `keys` and
+    /// `values` (`[kv_heads, start + n, head_dim]`, the new positions already written), causal
+    /// within the chunk. `q` is `[heads, n, head_dim]`; returns `[n, heads × head_dim]`.
+    fn attend_prefill(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        start: usize,
     ) -> candle_core::Result<Tensor> {
         let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
         let groups = self.cfg.num_attention_heads / kvh;
         let n = q.dim(1)?;
-        let start = cache.len;
         let total = start + n;
-        cache.k[layer].slice_set(&k.contiguous()?, 1, start)?;
-        cache.v[layer].slice_set(&v.contiguous()?, 1, start)?;
-        let keys = cache.k[layer].narrow(1, 0, total)?.contiguous()?;
-        let values = cache.v[layer].narrow(1, 0, total)?.contiguous()?;
-        // Query head h reads KV head h / groups: grouping the query heads by their KV head lets
-        // one batched matmul per KV head serve all of them, without copying K and V.
         let q = q.contiguous()?.reshape((kvh, groups * n, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&keys.t()?)? * scale)?;
-        if n > 1 {
-            let mask: Vec<f32> = (0..n)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j > start + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j > start + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
                 })
-                .collect();
-            let mask = Tensor::from_vec(mask, (n, total), &self.device)?.to_dtype(att.dtype())?;
-            att = att
-                .reshape((kvh, groups, n, total))?
-                .broadcast_add(&mask)?
-                .reshape((kvh, groups * n, total))?;
-        }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, total), &self.device)?.to_dtype(self.dtype)?;
+        let att = (q.matmul(&keys.t()?)? * scale)?
+            .reshape((kvh, groups, n, total))?
+            .broadcast_add(&mask)?
+            .reshape((kvh, groups * n, total))?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        att.matmul(&values)?
+        att.matmul(values)?
             .reshape((kvh * groups, n, hd))?
             .transpose(0, 1)?
             .reshape((n, kvh * groups * hd))
@@ -560,6 +779,12 @@ impl Llama {
         }
         Ok((sum, ids.len().saturating_sub(1)))
     }
+}
+
+/// Greedy tokens of every row of `[k, vocab]` logits, computed where the logits are: on a GPU
+/// this copies `k` ids to the host instead of `k × vocab` floats.
+pub fn greedy(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    logits.argmax(1)?.to_vec1::<u32>()
 }
 
 /// Largest logit's index (first on ties): greedy decoding.
@@ -667,6 +892,86 @@ mod tests {
             }
         }
         assert_eq!(outs, expect);
+    }
+
+    #[test]
+    fn freed_blocks_are_reused_and_scattered_blocks_decode_the_same() {
+        let m = tiny();
+        let prompt: Vec<u32> = (50..90).collect();
+        let n = 10;
+        let expect = alone(&m, &prompt, n);
+        // Fragment the pool: three sequences, the middle one freed, so the next reservation
+        // takes its blocks first and then blocks past the third one's.
+        let a = m.new_cache(2 * KV_BLOCK).unwrap();
+        let b = m.new_cache(KV_BLOCK).unwrap();
+        let c = m.new_cache(KV_BLOCK).unwrap();
+        let before = m.kv_pool_positions();
+        drop(b);
+        let mut cache = m.new_cache(prompt.len() + n).unwrap();
+        assert_eq!(cache.blocks[0], 2, "the freed block is taken first");
+        assert!(
+            cache.blocks.windows(2).any(|w| w[1] != w[0] + 1),
+            "{:?}",
+            cache.blocks
+        );
+        assert!(m.kv_pool_positions() > before, "the pool grew for the rest");
+        let mut out = Vec::new();
+        let mut next = prompt.clone();
+        for _ in 0..n {
+            let l = m
+                .step(&mut [Chunk {
+                    tokens: &next,
+                    cache: &mut cache,
+                    logits: true,
+                }])
+                .unwrap();
+            let t = argmax(l[0].as_ref().unwrap());
+            out.push(t);
+            next = vec![t];
+        }
+        assert_eq!(out, expect);
+        drop((a, c, cache));
+        let p = lock(&m.pool);
+        assert_eq!(p.free.len(), p.blocks, "every block is back");
+    }
+
+    #[test]
+    fn greedy_on_the_device_matches_argmax_on_the_host() {
+        let m = tiny();
+        let mut caches: Vec<SeqCache> = (0..3).map(|_| m.new_cache(8).unwrap()).collect();
+        let toks = [[5u32], [6], [7]];
+        let mut chunks: Vec<Chunk<'_>> = toks
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(t, cache)| Chunk {
+                tokens: t,
+                cache,
+                logits: true,
+            })
+            .collect();
+        let logits = m.forward(&mut chunks).unwrap().unwrap();
+        let host: Vec<u32> = logits
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| argmax(r))
+            .collect();
+        assert_eq!(greedy(&logits).unwrap(), host);
+    }
+
+    #[test]
+    fn a_cache_of_another_replica_is_refused() {
+        let (m1, m2) = (tiny(), tiny());
+        let mut c = m1.new_cache(4).unwrap();
+        let e = m2
+            .step(&mut [Chunk {
+                tokens: &[1],
+                cache: &mut c,
+                logits: true,
+            }])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("another replica"), "{e}");
     }
 
     #[test]
