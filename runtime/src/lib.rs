@@ -17,6 +17,7 @@ pub mod model;
 use admission::{Admission, QueueSpace};
 use api::generate::GenEngine;
 use api::{AppState, EmbedEngine, Engine, Family};
+use axum::serve::ListenerExt;
 use embed::batcher::Batcher;
 use embed::EmbedService;
 use generate::{GenerateOptions, GenerateService};
@@ -255,6 +256,14 @@ impl Server {
         let task = tokio::spawn(async move {
             let mut rx2 = shutdown_rx.clone();
             let st = state.clone();
+            // Without TCP_NODELAY a streamed token written while the previous one is
+            // unacknowledged waits for the client's delayed ACK (up to 40 ms on Linux): every
+            // SSE stream's TTFT and inter-token gaps would carry it.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(err) = tcp.set_nodelay(true) {
+                    tracing::debug!("TCP_NODELAY on an accepted connection: {err}");
+                }
+            });
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = rx2.wait_for(|v| *v).await;
                 st.draining.store(true, Ordering::Release);

@@ -5,12 +5,14 @@
 //! [`Llama::step`], samples, streams text to each request, and tells the scheduler which
 //! sequences ended. A failed or panicking step fails only the sequences in it.
 
-use super::sampling::{check_stops, Sampler, SamplingParams, StopCheck};
+use super::sampling::{
+    check_stops, sample_on_device, Placement, Sampler, SamplingParams, StopCheck,
+};
 use super::scheduler::{Limits, NewSeq, Plan, Scheduler, SeqId};
 use crate::admission::QueueSpace;
 use crate::metrics::{DeviceLabel, FinishLabel, GenMetrics};
-use crate::model::llama::{greedy, Chunk, Llama, SeqCache};
-use crate::model::lm_tokenizer::LmTokenizer;
+use crate::model::llama::{Chunk, Llama, SeqCache};
+use crate::model::lm_tokenizer::{Detokenizer, LmTokenizer};
 use candle_core::Tensor;
 use profiles::Profile;
 use std::collections::HashMap;
@@ -136,6 +138,8 @@ struct Seq {
     sampler: Sampler,
     cache: Option<SeqCache>,
     out: Vec<u32>,
+    /// The output's text, decoded a few tokens at a time.
+    detok: Detokenizer,
     /// Bytes of the output text already sent.
     sent: usize,
     queue_time: Duration,
@@ -230,6 +234,7 @@ impl Engine {
                         sampler,
                         cache: None,
                         out: Vec::new(),
+                        detok: Detokenizer::default(),
                         sent: 0,
                         queue_time: Duration::ZERO,
                         first_token: None,
@@ -396,19 +401,33 @@ impl Engine {
         }
     }
 
-    /// The next token of each of `rows` (in the logits' row order). Greedy rows take their
-    /// argmax on the device; only the rows of sampling requests come to the host whole.
+    /// The next token of each of `rows` (in the logits' row order). Greedy and plain
+    /// temperature rows are drawn on the device; only seeded or nucleus rows come to the host,
+    /// in one copy.
     fn pick(&mut self, rows: &[SeqId], logits: &Tensor) -> candle_core::Result<Vec<u32>> {
-        let is_greedy = |id: &SeqId| self.seqs.get(id).is_none_or(|s| s.sampler.is_greedy());
-        let mut tokens = if rows.iter().any(is_greedy) {
-            greedy(logits)?
+        let placement: Vec<Placement> = rows
+            .iter()
+            .map(|id| {
+                self.seqs
+                    .get(id)
+                    .map_or(Placement::Greedy, |s| s.sampler.placement())
+            })
+            .collect();
+        let host: Vec<u32> = (0..rows.len() as u32)
+            .filter(|&i| placement[i as usize] == Placement::Host)
+            .collect();
+        let mut tokens = if host.len() < rows.len() {
+            sample_on_device(logits, &placement)?
         } else {
             vec![0; rows.len()]
         };
-        for (i, id) in rows.iter().enumerate() {
-            if let Some(s) = self.seqs.get_mut(id) {
-                if !s.sampler.is_greedy() {
-                    tokens[i] = s.sampler.sample(&logits.get(i)?.to_vec1::<f32>()?);
+        if !host.is_empty() {
+            let n = host.len();
+            let idx = Tensor::from_vec(host.clone(), n, logits.device())?;
+            let copied = logits.index_select(&idx, 0)?.to_vec2::<f32>()?;
+            for (i, row) in host.into_iter().zip(copied) {
+                if let Some(s) = self.seqs.get_mut(&rows[i as usize]) {
+                    tokens[i as usize] = s.sampler.sample(&row);
                 }
             }
         }
@@ -429,8 +448,9 @@ impl Engine {
                 .ttft
                 .observe(now.duration_since(s.req.arrived).as_secs_f64());
         }
+        let tok = &self.ctx.tokenizer;
         if !s.req.ignore_eos && self.ctx.eos.contains(&t) {
-            let text = self.ctx.tokenizer.decode(&s.out).unwrap_or_default();
+            let text = s.detok.text(tok, &s.out).unwrap_or_default();
             let rest = text.get(s.sent..).unwrap_or_default().to_string();
             if !rest.is_empty() {
                 let _ = s.events.send(GenEvent::Token { delta: rest });
@@ -439,7 +459,7 @@ impl Engine {
         }
         s.out.push(t);
         self.ctx.metrics.output_tokens.inc();
-        let text = self.ctx.tokenizer.decode(&s.out).unwrap_or_default();
+        let text = s.detok.text(tok, &s.out).unwrap_or_default();
         let at_limit = s.out.len() >= s.req.max_tokens;
         let (upto, end) = match check_stops(&text, &s.req.stop) {
             StopCheck::Stopped(at) => (at, Some(FinishReason::Stop)),
