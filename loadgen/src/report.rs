@@ -91,6 +91,12 @@ pub struct Report {
     pub latency_histogram: String,
     /// Service-time histogram, same encoding.
     pub service_histogram: String,
+    /// Streaming only: time-to-first-token histogram, same encoding.
+    #[serde(default)]
+    pub ttft_histogram: Option<String>,
+    /// Streaming only: time-per-output-token histogram, same encoding.
+    #[serde(default)]
+    pub tpot_histogram: Option<String>,
     /// In-memory histograms, for `.hgrm`/`.hlog` (not serialized).
     #[serde(skip)]
     pub histos: Option<Histos>,
@@ -197,6 +203,8 @@ impl Report {
             stopped_early,
             latency_histogram: record::encode_hist(&col.histos.latency),
             service_histogram: record::encode_hist(&col.histos.service),
+            ttft_histogram: streamed.then(|| record::encode_hist(&col.histos.ttft)),
+            tpot_histogram: streamed.then(|| record::encode_hist(&col.histos.tpot)),
             interval_hists: col.windows.iter().map(|w| w.0.clone()).collect(),
             histos: Some(col.histos),
         }
@@ -442,6 +450,9 @@ impl Report {
             latency_histogram: self.latency_histogram.clone(),
             drift_slope: self.latency_drift.map_or(f64::NAN, |d| d.slope),
             drift_stderr: self.latency_drift.map_or(f64::NAN, |d| d.stderr),
+            ttft_histogram: self.ttft_histogram.clone().unwrap_or_default(),
+            tpot_histogram: self.tpot_histogram.clone().unwrap_or_default(),
+            output_tokens_per_s: self.output_tokens_per_s.unwrap_or(f64::NAN),
         }
     }
 }

@@ -135,6 +135,22 @@ pub fn latency_throughput(
     title: &str,
     curves: &[Curve],
 ) -> Result<Vec<PathBuf>, String> {
+    latency_against(
+        stem,
+        title,
+        ("offered rate (requests/s)", "latency (s)"),
+        curves,
+    )
+}
+
+/// (1b) The same chart with other axis names: a curve's first value is the x axis (e.g.
+/// output tokens/s) and the three others a latency's p50, p95 and p99 (e.g. TTFT, TPOT).
+pub fn latency_against(
+    stem: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    curves: &[Curve],
+) -> Result<Vec<PathBuf>, String> {
     let x_max = curves
         .iter()
         .flat_map(|c| c.points.iter().map(|p| p.0))
@@ -153,8 +169,8 @@ pub fn latency_throughput(
                 .map_err(e)?;
             chart
                 .configure_mesh()
-                .x_desc("offered rate (requests/s)")
-                .y_desc("latency (s)")
+                .x_desc(x_desc)
+                .y_desc(y_desc)
                 .label_style((FONT, 14))
                 .draw()
                 .map_err(e)?;

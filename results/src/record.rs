@@ -75,6 +75,15 @@ pub struct RunRecord {
     pub drift_slope: f64,
     /// Standard error of [`RunRecord::drift_slope`]; NaN when not measured.
     pub drift_stderr: f64,
+    /// Streaming generation: time-to-first-token histogram (same encoding as
+    /// [`RunRecord::latency_histogram`]); empty for runs that did not stream.
+    pub ttft_histogram: String,
+    /// Streaming generation: time-per-output-token histogram (one value per request); empty
+    /// for runs that did not stream.
+    pub tpot_histogram: String,
+    /// Streaming generation: output tokens of the phase's successes per second; NaN when the
+    /// run did not stream.
+    pub output_tokens_per_s: f64,
 }
 
 /// Where a run happened and under which configuration: the part a loadgen report does not know.
@@ -104,5 +113,18 @@ impl RunRecord {
     /// The run's latency histogram (microseconds).
     pub fn histogram(&self) -> Result<hdrhistogram::Histogram<u64>, String> {
         crate::hist::decode_hist(&self.latency_histogram)
+    }
+
+    /// The run's time-to-first-token and time-per-output-token histograms (microseconds);
+    /// `None` for a run that did not stream.
+    pub fn token_histograms(
+        &self,
+    ) -> Option<(hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>)> {
+        if self.ttft_histogram.is_empty() || self.tpot_histogram.is_empty() {
+            return None;
+        }
+        let ttft = crate::hist::decode_hist(&self.ttft_histogram).ok()?;
+        let tpot = crate::hist::decode_hist(&self.tpot_histogram).ok()?;
+        Some((ttft, tpot))
     }
 }

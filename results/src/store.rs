@@ -57,6 +57,7 @@ macro_rules! columns {
     (@put text, $v:expr) => { $v.as_str() };
     (@put float, $v:expr) => { *$v };
     (@put later_float, $v:expr) => { *$v };
+    (@put later_text, $v:expr) => { $v.as_str() };
     (@put count, $v:expr) => { *$v };
     (@put small, $v:expr) => { *$v };
     (@put flag, $v:expr) => { *$v };
@@ -74,6 +75,14 @@ macro_rules! columns {
             Ok(c) => c.f64().map_err(|e| format!("{}: {e}", $name))?
                 .into_iter().map(|v| v.unwrap_or(f64::NAN)).collect::<Vec<f64>>(),
             Err(_) => vec![f64::NAN; $n],
+        }
+    };
+    // Likewise for text: absent reads as empty.
+    (@get later_text, $df:expr, $name:expr, $n:expr) => {
+        match $df.column($name) {
+            Ok(c) => c.str().map_err(|e| format!("{}: {e}", $name))?
+                .into_iter().map(|v| v.unwrap_or_default().to_string()).collect::<Vec<String>>(),
+            Err(_) => vec![String::new(); $n],
         }
     };
     (@get count, $df:expr, $name:expr, $n:expr) => {
@@ -102,7 +111,8 @@ columns! {
     duration_s: float, scheduled: count, ok: count, errors: count, error_rate: float,
     achieved_rps: float, mean_s: float, p50_s: float, p90_s: float, p95_s: float, p99_s: float,
     p999_s: float, max_s: float, valid: flag, latency_histogram: text,
-    drift_slope: later_float, drift_stderr: later_float,
+    drift_slope: later_float, drift_stderr: later_float, ttft_histogram: later_text,
+    tpot_histogram: later_text, output_tokens_per_s: later_float,
 }
 
 /// Reads every record of a store; a missing file is an empty store.
@@ -229,6 +239,9 @@ mod tests {
             drift_stderr: 0.002,
             valid: i != 3,
             latency_histogram: "HISTEwAAAAMAAAAAAAAAAwAAAAAAAAAB".into(),
+            ttft_histogram: "HISTEwAAAAMAAAAAAAAAAwAAAAAAAAAC".into(),
+            tpot_histogram: String::new(),
+            output_tokens_per_s: 12.5 * i as f64,
         }
     }
 
@@ -272,17 +285,23 @@ mod tests {
     }
 
     #[test]
-    fn a_store_from_before_the_drift_columns_reads_them_as_unknown() {
+    fn a_store_from_before_the_drift_and_token_columns_reads_them_as_unknown() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.parquet");
-        let mut df = to_frame(&[record(1)])
-            .unwrap()
-            .drop_many(["drift_slope", "drift_stderr"]);
+        let mut df = to_frame(&[record(1)]).unwrap().drop_many([
+            "drift_slope",
+            "drift_stderr",
+            "ttft_histogram",
+            "tpot_histogram",
+            "output_tokens_per_s",
+        ]);
         ParquetWriter::new(std::fs::File::create(&path).unwrap())
             .finish(&mut df)
             .unwrap();
         let back = read(&path).unwrap();
         assert!(back[0].drift_slope.is_nan() && back[0].drift_stderr.is_nan());
+        assert!(back[0].output_tokens_per_s.is_nan());
+        assert!(back[0].ttft_histogram.is_empty() && back[0].tpot_histogram.is_empty());
         assert_eq!(back[0].p95_s, record(1).p95_s);
     }
 

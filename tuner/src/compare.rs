@@ -278,8 +278,22 @@ type Hist = hdrhistogram::Histogram<u64>;
 /// Repeated runs at one rate, seen as one observation: percentiles from the merged histogram.
 struct Merged {
     hist: hdrhistogram::Histogram<u64>,
+    /// Merged TTFT and TPOT histograms, for token targets (streamed runs only).
+    tokens: Option<(Hist, Hist)>,
     achieved: f64,
     errors: f64,
+}
+
+/// The merged TTFT and TPOT histograms of repeated streamed runs (`None` unless every run
+/// streamed).
+fn merged_tokens(runs: &[&RunRecord]) -> Option<(Hist, Hist)> {
+    let pairs: Vec<(Hist, Hist)> = runs
+        .iter()
+        .map(|r| r.token_histograms())
+        .collect::<Option<_>>()?;
+    let ttft: Vec<&Hist> = pairs.iter().map(|p| &p.0).collect();
+    let tpot: Vec<&Hist> = pairs.iter().map(|p| &p.1).collect();
+    (!pairs.is_empty()).then(|| (stats::merge(&ttft), stats::merge(&tpot)))
 }
 
 impl loadgen::slo::Observed for Merged {
@@ -298,6 +312,17 @@ impl loadgen::slo::Observed for Merged {
     fn throughput(&self) -> f64 {
         self.achieved
     }
+    fn token_quantile(&self, m: loadgen::slo::TokenMetric, q: f64) -> Option<f64> {
+        use loadgen::slo::TokenMetric as T;
+        let (ttft, tpot) = self.tokens.as_ref()?;
+        let h = match m {
+            T::Ttft => ttft,
+            T::Tpot => tpot,
+            // Per-gap and end-to-end token timings are not stored per run.
+            _ => return None,
+        };
+        Some(h.value_at_quantile(q) as f64 / 1e6)
+    }
 }
 
 /// A rate passes when errors stay under 1%, every target holds on the merged histogram, and the
@@ -308,6 +333,7 @@ impl loadgen::slo::Observed for Merged {
 fn passes(runs: &[&RunRecord], merged: Hist, targets: &[Target]) -> bool {
     let m = Merged {
         hist: merged,
+        tokens: merged_tokens(runs),
         achieved: runs.iter().map(|r| r.achieved_rps).sum::<f64>() / runs.len() as f64,
         errors: runs.iter().map(|r| r.error_rate).fold(0.0, f64::max),
     };
@@ -354,6 +380,9 @@ pub fn draw(
         }
     }
     let boot = Bootstrap::default();
+    // Generation runs carry token histograms: they get TTFT/TPOT columns and charts.
+    let generation = runs.iter().any(|r| r.token_histograms().is_some());
+    let (mut ttft_curves, mut tpot_curves) = (Vec::new(), Vec::new());
     let mut curves = Vec::new();
     let mut table = String::new();
     let target_text = if targets.is_empty() {
@@ -371,14 +400,23 @@ pub fn draw(
     table.push_str(&format!(
         "Sustainable = highest offered rate where {target_text}. Intervals: 95% bootstrap over \
          repeated runs (zero width with one run per rate); percentiles from merged histograms.\n\n\
-         | profile | knobs | sustainable (req/s) | achieved there (req/s) | p50 | p95 | p99 | runs |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|\n"
+         | profile | knobs | sustainable (req/s) | achieved there (req/s) | p50 | p95 | p99 |{} runs |\n\
+         |---|---|---:|---:|---:|---:|---:|{}---:|\n",
+        if generation {
+            " TTFT p95 | TPOT p95 | output tokens/s |"
+        } else {
+            ""
+        },
+        if generation { "---:|---:|---:|" } else { "" }
     ));
     let mut best_hist: Vec<(String, hdrhistogram::Histogram<u64>, f64)> = Vec::new();
     for label in &labels {
         let mine = store::by_label(runs, label);
         let by_rate = store::by_rate(&mine);
         let mut pts = Vec::new();
+        let (mut ttft_pts, mut tpot_pts) = (Vec::new(), Vec::new());
+        // Per rate: TTFT p95, TPOT p95 and output tokens/s (the table's token columns).
+        let mut token_cols: BTreeMap<u64, String> = BTreeMap::new();
         // Histograms are decoded once per rate and kept for the best rate's intervals.
         let mut best: Option<(f64, &Vec<&RunRecord>, Vec<Hist>)> = None;
         for (rate, rs) in &by_rate {
@@ -390,6 +428,24 @@ pub fn draw(
             let m = stats::merge(&refs);
             let q = |p: f64| m.value_at_quantile(p) as f64 / 1e6;
             pts.push((*rate, q(0.5), q(0.95), q(0.99)));
+            if let Some((ttft, tpot)) = merged_tokens(rs) {
+                let tokens_per_s =
+                    rs.iter().map(|r| r.output_tokens_per_s).sum::<f64>() / rs.len() as f64;
+                let qs = |h: &Hist| {
+                    let at = |p: f64| h.value_at_quantile(p) as f64 / 1e6;
+                    (tokens_per_s, at(0.5), at(0.95), at(0.99))
+                };
+                ttft_pts.push(qs(&ttft));
+                tpot_pts.push(qs(&tpot));
+                token_cols.insert(
+                    rate.to_bits(),
+                    format!(
+                        " {} | {} | {tokens_per_s:.0} |",
+                        loadgen::slo::format_secs(qs(&ttft).2),
+                        loadgen::slo::format_secs(qs(&tpot).2)
+                    ),
+                );
+            }
             if passes(rs, m, targets) {
                 best = Some((*rate, rs, hists));
             }
@@ -398,6 +454,24 @@ pub fn draw(
             label: label.clone(),
             points: pts,
         });
+        if !ttft_pts.is_empty() {
+            // Achieved output tokens/s is the x axis: sort by it, not by offered rate.
+            ttft_pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            tpot_pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            ttft_curves.push(plot::Curve {
+                label: label.clone(),
+                points: ttft_pts,
+            });
+            tpot_curves.push(plot::Curve {
+                label: label.clone(),
+                points: tpot_pts,
+            });
+        }
+        let tokens_at = |rate: f64| match (generation, token_cols.get(&rate.to_bits())) {
+            (false, _) => String::new(),
+            (true, Some(c)) => c.clone(),
+            (true, None) => " – | – | – |".into(),
+        };
         let knobs = mine
             .first()
             .map(|r| short_knobs(&r.knobs_json))
@@ -425,16 +499,18 @@ pub fn draw(
                     format!("{:.1}", ach.estimate)
                 };
                 table.push_str(&format!(
-                    "| {label} | {knobs} | {rate:.1} | {ach_text} | {} | {} | {} | {} |\n",
+                    "| {label} | {knobs} | {rate:.1} | {ach_text} | {} | {} | {} |{} {} |\n",
                     fmt(stats::quantile_ci(&refs, 0.5, boot)),
                     fmt(stats::quantile_ci(&refs, 0.95, boot)),
                     fmt(stats::quantile_ci(&refs, 0.99, boot)),
+                    tokens_at(rate),
                     mine.len()
                 ));
                 best_hist.push((label.clone(), stats::merge(&refs), rate));
             }
             None => table.push_str(&format!(
-                "| {label} | {knobs} | none of the rates | – | – | – | – | {} |\n",
+                "| {label} | {knobs} | none of the rates | – | – | – | – |{} {} |\n",
+                if generation { " – | – | – |" } else { "" },
                 mine.len()
             )),
         }
@@ -448,6 +524,32 @@ pub fn draw(
         )
         .map_err(anyhow::Error::msg)?,
     );
+    for (stem, title, y, cs) in [
+        (
+            "ttft-throughput",
+            "Time to first token against output tokens/s (p50 thin, p95 medium, p99 thick)",
+            "time to first token (s)",
+            &ttft_curves,
+        ),
+        (
+            "tpot-throughput",
+            "Time per output token against output tokens/s (p50 thin, p95 medium, p99 thick)",
+            "time per output token (s)",
+            &tpot_curves,
+        ),
+    ] {
+        if !cs.is_empty() {
+            files.extend(
+                plot::latency_against(
+                    &out_dir.join(stem),
+                    title,
+                    ("achieved output tokens/s", y),
+                    cs,
+                )
+                .map_err(anyhow::Error::msg)?,
+            );
+        }
+    }
     if !best_hist.is_empty() {
         let series: Vec<(String, &hdrhistogram::Histogram<u64>)> = best_hist
             .iter()
@@ -476,6 +578,9 @@ fn short_knobs(json: &str) -> String {
         ("batch_wait_timeout", "wait"),
         ("max_concurrent_batches", "conc"),
         ("max_queue_size", "queue"),
+        ("max_batch_tokens", "prefill"),
+        ("kv_cache_tokens", "kv"),
+        ("scheduling", "sched"),
     ]
     .iter()
     .filter_map(|(k, short)| {

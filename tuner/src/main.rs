@@ -131,6 +131,8 @@ struct CompareArgs {
     /// model, token targets such as ttft_p95<2s), or a FILE.jsonl of request bodies.
     #[arg(long, default_value = "embeddings")]
     workload: String,
+    #[command(flatten)]
+    texts: TextArgs,
     /// No per-run lines.
     #[arg(short, long)]
     quiet: bool,
@@ -167,6 +169,37 @@ struct ReplayArgs {
     /// Output stem: writes STEM.json and STEM.md.
     #[arg(long, default_value = "results/search-efficiency")]
     out: String,
+}
+
+/// How request bodies are drawn: shared by `search` and `compare`, so both measure the same
+/// workload from the same flags.
+#[derive(clap::Args)]
+struct TextArgs {
+    /// Generation workloads (completions, chat): max_tokens per request, N, fixed:N,
+    /// uniform:A:B or lognormal:MEDIAN:SIGMA.
+    #[arg(long, env = "TUNER_OUTPUT_TOKENS", default_value = "64")]
+    output_tokens: String,
+    /// Generation workloads: let the model stop at EOS instead of forcing every request to its
+    /// max_tokens (forced lengths make trials comparable; the default forces them).
+    #[arg(long, env = "TUNER_ALLOW_EOS")]
+    allow_eos: bool,
+    /// Inputs per embeddings request.
+    #[arg(long, env = "TUNER_INPUTS_PER_REQUEST", default_value_t = 1)]
+    inputs_per_request: usize,
+}
+
+impl TextArgs {
+    /// The workload named by `spec` with these bodies.
+    fn workload(&self, spec: &str) -> anyhow::Result<Workload> {
+        let opts = TextOptions {
+            inputs_per_request: self.inputs_per_request.max(1),
+            output_tokens: loadgen::workload::Lengths::parse(&self.output_tokens)
+                .map_err(|e| anyhow::anyhow!("--output-tokens: {e}"))?,
+            ignore_eos: !self.allow_eos,
+            ..TextOptions::default()
+        };
+        Workload::from_spec(spec, &opts).map_err(|e| anyhow::anyhow!("--workload: {e}"))
+    }
 }
 
 #[derive(clap::Args)]
@@ -234,17 +267,8 @@ struct SearchArgs {
     /// Strategy seed.
     #[arg(long, env = "TUNER_SEED", default_value_t = 1)]
     seed: u64,
-    /// Generation workloads (completions, chat): max_tokens per request, N, fixed:N,
-    /// uniform:A:B or lognormal:MEDIAN:SIGMA.
-    #[arg(long, env = "TUNER_OUTPUT_TOKENS", default_value = "64")]
-    output_tokens: String,
-    /// Generation workloads: let the model stop at EOS instead of forcing every request to its
-    /// max_tokens (forced lengths make trials comparable; the default forces them).
-    #[arg(long, env = "TUNER_ALLOW_EOS")]
-    allow_eos: bool,
-    /// Inputs per embeddings request.
-    #[arg(long, env = "TUNER_INPUTS_PER_REQUEST", default_value_t = 1)]
-    inputs_per_request: usize,
+    #[command(flatten)]
+    texts: TextArgs,
     /// Sends `Authorization: Bearer KEY`.
     #[arg(long, env = "TUNER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -367,8 +391,7 @@ fn run_compare(a: CompareArgs) -> anyhow::Result<Vec<PathBuf>> {
         profiles::Profile::load(p)
             .map_err(|e| anyhow::anyhow!("--profiles {}: {e}", p.display()))?;
     }
-    let workload = Workload::from_spec(&a.workload, &TextOptions::default())
-        .map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+    let workload = a.texts.workload(&a.workload)?;
     let opts = tuner::compare::CompareOptions {
         profiles: a.profiles.clone(),
         rates: tuner::compare::parse_rates(&a.rates).map_err(anyhow::Error::msg)?,
@@ -533,15 +556,7 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     if shard.is_some() && strategy != Strategy::Grid {
         anyhow::bail!("--shard splits a grid: it needs --strategy grid");
     }
-    let opts = TextOptions {
-        inputs_per_request: a.inputs_per_request.max(1),
-        output_tokens: loadgen::workload::Lengths::parse(&a.output_tokens)
-            .map_err(|e| anyhow::anyhow!("--output-tokens: {e}"))?,
-        ignore_eos: !a.allow_eos,
-        ..TextOptions::default()
-    };
-    let workload =
-        Workload::from_spec(&a.workload, &opts).map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+    let workload = a.texts.workload(&a.workload)?;
     // Generation: requests take seconds, so the defaults change with the workload: the
     // generation space, the embedded generation model, probes long enough for several requests
     // per latency bound, and rates well below 1 request/s worth probing.
