@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Generation on one GPU after batched decode attention (run on the lent H200 through the device
+# tool; binaries in .gpu/bin as scripts/gpu/common.sh expects). Phases, in one call or several:
+#   raw     the engine's raw batched-decode ceiling (runtime bench, bf16, both synthetic shapes)
+#           and HF transformers `generate` with whole-request batches on the Qwen2.5 shape
+#   served  loadgen closed loops against the runtime at one batch cap (served ÷ raw)
+#   tune    tuner search for a completions workload, then tuner compare: the tuned profile,
+#           continuous vs static at the same cap, and the seed presets (GPU-ised)
+# Usage (device): bash scripts/gpu/generate-batched-h200.sh OUT raw,served,tune
+set -uo pipefail
+OUT="${1:?output folder}"
+PHASES="${2:-raw}"
+source scripts/gpu/common.sh
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+has() { [[ ",$PHASES," == *",$1,"* ]]; }
+if has raw; then
+  for m in synthetic:smollm2-135m synthetic:qwen2.5-0.5b; do
+    n=${m#synthetic:}
+    timeout 150 $B/runtime bench --model $m --device cuda:0 --dtype bf16 --sizes 1,8,32,64,128,256 \
+      --steps 16 --context-tokens 110 > "$OUT/raw-$n.jsonl" 2>> "$OUT/log.txt"
+    echo "== raw $n"; cat "$OUT/raw-$n.jsonl"
+  done
+  echo "== HF transformers generate, whole-request batches"
+  timeout 240 python3 scripts/gpu/hf_generate.py --sizes 1,8,32,64,128,256 --prompt-tokens 46 \
+    --new-tokens 64 > "$OUT/hf.jsonl" 2>> "$OUT/log.txt"
+  cat "$OUT/hf.jsonl"
+fi
+# A generation profile for this GPU from any profile: the Qwen2.5-0.5B shape in bf16 on cuda:0,
+# rate limit off, the KV budget raised to what the GPU holds for the cap.
+gen_profile() { # src dst
+  sed -n '/^\[provenance\]/q;p' "$1" | grep -v -E '^(model|devices|dtype|rate_limit|kv_cache_tokens|request_timeout|queue_timeout) *=' > "$2"
+  printf 'model = "synthetic:qwen2.5-0.5b"\ndevices = ["cuda:0"]\ndtype = "bf16"\nrate_limit = 0.0\nkv_cache_tokens = 262144\nrequest_timeout = "120s"\nqueue_timeout = "120s"\n' >> "$2"
+}
+WORK="--output-tokens uniform:16:128"
+mkdir -p "$OUT/p"
+if has served; then
+  gen_profile profiles/llm-default.toml "$OUT/p/served.toml"
+  sed -i 's/^max_batch_size = .*/max_batch_size = 256/' "$OUT/p/served.toml"
+  $B/runtime serve --profile "$OUT/p/served.toml" --addr 127.0.0.1:9400 > "$OUT/server.log" 2>&1 &
+  srv=$!
+  if wait_up http://127.0.0.1:9400; then
+    for c in 64 256; do
+      timeout 60 $B/loadgen --url http://127.0.0.1:9400 --workload completions --output-tokens 64 --ignore-eos \
+        --concurrency $c --duration 20s --warmup 5s --timeout 60s --quiet --json "$OUT/served-$c.json" \
+        > "$OUT/served-$c.txt" 2>&1
+      echo "== served qwen2.5-0.5b, $c clients"; cat "$OUT/served-$c.txt"
+    done
+  fi
+  python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9400/metrics').read().decode())" \
+    | grep -E '^batchtune_(engine_steps|step_sequences_(sum|count)|output_tokens|prefill_tokens)' | tee "$OUT/served-metrics.txt"
+  kill $srv 2>/dev/null; wait $srv 2>/dev/null
+fi
+if has hf; then
+  # HF transformers behind the seeds' llm_model design (scripts/gpu/hf_llm_server.py), swept by
+  # hand (loadgen JSON reports, imported into the comparison afterwards): the seed 001
+  # aggressive .env, and the best whole-request setting tried (one worker, batches of 64).
+  mkdir -p "$OUT/hf"
+  for cfg in "seed001-aggressive 8 8 0.1 ${HF_RATES_A:-0.25 0.5 1 2 4}" "batch64 1 64 0.1 ${HF_RATES_B:-2 4 8 16 24 32}"; do
+    set -- $cfg; name=$1; w=$2; bs=$3; wait_s=$4; shift 4
+    MAX_CONCURRENT_GENERATIONS=$w MAX_INFERENCE_BATCH_SIZE=$bs BATCH_WAIT_TIMEOUT=$wait_s MAX_INFERENCE_QUEUE_SIZE=4000 \
+      python3 scripts/gpu/hf_llm_server.py --port 9500 > "$OUT/hf/server-$name.log" 2>&1 &
+    hf=$!
+    if wait_up http://127.0.0.1:9500; then
+      sat=0
+      for r in "$@"; do
+        timeout 60 $B/loadgen --url http://127.0.0.1:9500 --workload completions $WORK --ignore-eos --no-stream \
+          --rps $r --duration 12s --warmup 3s --timeout 60s --quiet --json "$OUT/hf/hf-$name-$r.json" > /dev/null 2>&1
+        a=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(round(d['achieved_rps'],2), round(d['latency']['p95'],3))" "$OUT/hf/hf-$name-$r.json")
+        echo "hf $name rate $r: achieved, p95 = $a"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d['achieved_rps'] < 0.8*float(sys.argv[2]) or d['latency']['p95'] > 20 else 1)" "$OUT/hf/hf-$name-$r.json" $r && sat=$((sat+1)) || sat=0
+        [ $sat -ge 2 ] && break
+      done
+    fi
+    kill $hf 2>/dev/null; wait $hf 2>/dev/null
+  done
+fi
+if has tune; then
+  gen_profile profiles/llm-default.toml "$OUT/p/base.toml"
+  timeout ${TUNE_LIMIT:-260} $B/tuner search --workload completions $WORK --target 'p95<4s' --space scripts/gpu/gen-space-h200.toml \
+    --spawn "$B/runtime serve --profile $OUT/p/base.toml" --time ${TUNE_TIME:-2m} --out "$OUT/h200-llm.toml" \
+    --journal-dir "$OUT/searches" --quiet 2>&1 | tail -25
+fi
+if has compare; then
+  gen_profile profiles/llm-aggressive.toml "$OUT/p/seed001-aggressive.toml"
+  gen_profile profiles/llm-default.toml "$OUT/p/continuous-64.toml"
+  sed -i 's/^max_batch_size = .*/max_batch_size = 64/' "$OUT/p/continuous-64.toml"
+  list="$OUT/p/seed001-aggressive.toml,$OUT/p/continuous-64.toml"
+  # The tuned profile as written (its KV budget and rate limit are part of what was tuned).
+  TUNED=${TUNED:-$OUT/h200-llm.toml}; [ -f "$TUNED" ] && list="$list,$TUNED"
+  timeout ${COMPARE_LIMIT:-330} $B/tuner compare --profiles "$list" --workload completions $WORK --target 'p95<4s' \
+    --rates ${RATES:-8,16,32,48,64,96,128} --duration 10s --warmup 3s --name generate-h200-compare \
+    --results-dir "$OUT" 2>&1 | tail -30
+  cat "$OUT/generate-h200-compare/table.md"
+fi
+tail -5 "$OUT/log.txt" 2>/dev/null
+tar czf /tmp/all.tgz -C "$OUT" . && mv /tmp/all.tgz "$OUT/all.tgz"
