@@ -71,6 +71,10 @@ struct Cli {
     /// its max_tokens (vLLM's and batchtune's `ignore_eos`).
     #[arg(long, env = "LOADGEN_IGNORE_EOS")]
     ignore_eos: bool,
+    /// Generation workloads: send this `temperature` with every request (0 = greedy); by
+    /// default none is sent and the server's default applies (1 under OpenAI's API).
+    #[arg(long, env = "LOADGEN_TEMPERATURE", value_parser = loadgen::workload::parse_temperature)]
+    temperature: Option<f64>,
     /// Generation workloads: whole responses instead of SSE streams (no TTFT/ITL/TPOT then).
     #[arg(long, env = "LOADGEN_NO_STREAM")]
     no_stream: bool,
@@ -201,6 +205,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         output_tokens,
         ignore_eos: cli.ignore_eos,
         stream: !cli.no_stream,
+        temperature: cli.temperature,
         ..TextOptions::default()
     };
     let workload = match &cli.body_template {

@@ -37,6 +37,10 @@ pub struct TextOptions {
     pub ignore_eos: bool,
     /// Stream the response (SSE): needed for time to first token and inter-token latency.
     pub stream: bool,
+    /// Generation: the `temperature` every request sends (`None` sends none, so the server's
+    /// default applies: 1 under OpenAI's API). Pinning it makes runs against different servers
+    /// sample the same way (0 is greedy).
+    pub temperature: Option<f64>,
     /// Seed of the text generator.
     pub seed: u64,
 }
@@ -109,6 +113,7 @@ impl Default for TextOptions {
             output_tokens: Lengths::Fixed(64),
             ignore_eos: false,
             stream: true,
+            temperature: None,
             seed: 7,
         }
     }
@@ -286,6 +291,16 @@ const WORDS: &[&str] = &[
     "balance",
 ];
 
+/// Parses a `--temperature` value: a number in OpenAI's range, 0 to 2.
+pub fn parse_temperature(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(t) if (0.0..=2.0).contains(&t) => Ok(t),
+        _ => Err(format!(
+            "`{text}` is not a temperature: give a number between 0 and 2 (0 is greedy)"
+        )),
+    }
+}
+
 /// The built-in generation workloads: prompts from [`texts`], `max_tokens` drawn from
 /// `output_tokens`, streamed with the final usage chunk (output tokens counted by the server).
 fn generation(chat: bool, o: &TextOptions) -> Workload {
@@ -301,6 +316,9 @@ fn generation(chat: bool, o: &TextOptions) -> Workload {
             body["max_tokens"] = o.output_tokens.sample(&mut rng).into();
             if o.ignore_eos {
                 body["ignore_eos"] = true.into();
+            }
+            if let Some(t) = o.temperature {
+                body["temperature"] = t.into();
             }
             if o.stream {
                 body["stream"] = true.into();
@@ -492,5 +510,28 @@ mod tests {
         std::fs::remove_file(&f).ok();
         let t = Workload::from_template("{\"q\": \"{{text}}\"}", "/search", &o).unwrap();
         assert!(serde_json::from_slice::<serde_json::Value>(&t.bodies[0]).is_ok());
+    }
+
+    #[test]
+    fn generation_bodies_send_a_temperature_only_when_pinned() {
+        let first = |o: &TextOptions| -> serde_json::Value {
+            let w = Workload::from_spec("completions", o).unwrap();
+            serde_json::from_slice(&w.bodies[0]).unwrap()
+        };
+        assert!(first(&TextOptions::default()).get("temperature").is_none());
+        let pinned = TextOptions {
+            temperature: Some(0.0),
+            ..TextOptions::default()
+        };
+        assert_eq!(first(&pinned)["temperature"], 0.0);
+    }
+
+    #[test]
+    fn temperatures_outside_the_api_range_are_refused() {
+        assert_eq!(parse_temperature("0.7"), Ok(0.7));
+        for bad in ["-1", "2.5", "hot", "NaN"] {
+            let e = parse_temperature(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains("0 and 2"), "{e}");
+        }
     }
 }

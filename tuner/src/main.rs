@@ -183,6 +183,10 @@ struct TextArgs {
     /// max_tokens (forced lengths make trials comparable; the default forces them).
     #[arg(long, env = "TUNER_ALLOW_EOS")]
     allow_eos: bool,
+    /// Generation workloads: send this `temperature` with every request (0 = greedy); by
+    /// default none is sent and the server's default applies.
+    #[arg(long, env = "TUNER_TEMPERATURE", value_parser = loadgen::workload::parse_temperature)]
+    temperature: Option<f64>,
     /// Inputs per embeddings request.
     #[arg(long, env = "TUNER_INPUTS_PER_REQUEST", default_value_t = 1)]
     inputs_per_request: usize,
@@ -196,6 +200,7 @@ impl TextArgs {
             output_tokens: loadgen::workload::Lengths::parse(&self.output_tokens)
                 .map_err(|e| anyhow::anyhow!("--output-tokens: {e}"))?,
             ignore_eos: !self.allow_eos,
+            temperature: self.temperature,
             ..TextOptions::default()
         };
         Workload::from_spec(spec, &opts).map_err(|e| anyhow::anyhow!("--workload: {e}"))
