@@ -220,15 +220,7 @@ pub fn raw_decode(
                 times.clear();
             }
             let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-            let mut chunks: Vec<Chunk<'_>> = tokens
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(t, cache)| Chunk {
-                    tokens: t,
-                    cache,
-                    logits: true,
-                })
-                .collect();
+            let mut chunks = Chunk::decodes(&tokens, &mut caches);
             // Timed as the engine runs a step: forward, then greedy ids taken on the device.
             let t = Instant::now();
             let logits = model.forward(&mut chunks).map_err(err)?;

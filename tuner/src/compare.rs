@@ -330,10 +330,15 @@ impl loadgen::slo::Observed for Merged {
 /// the tuner's probes, `loadgen::record::DriftFit::queue_growing`). Runs recorded before the drift
 /// was measured fall back to "≥ 95% of the scheduled requests completed inside the run", which
 /// counts what is normally in flight at the end as a shortfall and so reads low.
-fn passes(runs: &[&RunRecord], merged: Hist, targets: &[Target]) -> bool {
+fn passes(
+    runs: &[&RunRecord],
+    merged: Hist,
+    tokens: Option<(Hist, Hist)>,
+    targets: &[Target],
+) -> bool {
     let m = Merged {
         hist: merged,
-        tokens: merged_tokens(runs),
+        tokens,
         achieved: runs.iter().map(|r| r.achieved_rps).sum::<f64>() / runs.len() as f64,
         errors: runs.iter().map(|r| r.error_rate).fold(0.0, f64::max),
     };
@@ -428,25 +433,26 @@ pub fn draw(
             let m = stats::merge(&refs);
             let q = |p: f64| m.value_at_quantile(p) as f64 / 1e6;
             pts.push((*rate, q(0.5), q(0.95), q(0.99)));
-            if let Some((ttft, tpot)) = merged_tokens(rs) {
+            let tokens = merged_tokens(rs);
+            if let Some((ttft, tpot)) = &tokens {
                 let tokens_per_s =
                     rs.iter().map(|r| r.output_tokens_per_s).sum::<f64>() / rs.len() as f64;
                 let qs = |h: &Hist| {
                     let at = |p: f64| h.value_at_quantile(p) as f64 / 1e6;
                     (tokens_per_s, at(0.5), at(0.95), at(0.99))
                 };
-                ttft_pts.push(qs(&ttft));
-                tpot_pts.push(qs(&tpot));
+                ttft_pts.push(qs(ttft));
+                tpot_pts.push(qs(tpot));
                 token_cols.insert(
                     rate.to_bits(),
                     format!(
                         " {} | {} | {tokens_per_s:.0} |",
-                        loadgen::slo::format_secs(qs(&ttft).2),
-                        loadgen::slo::format_secs(qs(&tpot).2)
+                        loadgen::slo::format_secs(qs(ttft).2),
+                        loadgen::slo::format_secs(qs(tpot).2)
                     ),
                 );
             }
-            if passes(rs, m, targets) {
+            if passes(rs, m, tokens, targets) {
                 best = Some((*rate, rs, hists));
             }
         }

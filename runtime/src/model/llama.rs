@@ -318,6 +318,21 @@ pub struct Chunk<'a> {
     pub logits: bool,
 }
 
+impl<'a> Chunk<'a> {
+    /// One decode chunk per sequence: token `tokens[i]` appended to `caches[i]`, logits asked.
+    pub fn decodes(tokens: &'a [[u32; 1]], caches: &'a mut [SeqCache]) -> Vec<Chunk<'a>> {
+        tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(t, cache)| Chunk {
+                tokens: t,
+                cache,
+                logits: true,
+            })
+            .collect()
+    }
+}
+
 /// Where a step's one-token chunks read their keys: pool rows `[sequences × longest]` and the
 /// additive mask that hides each sequence's padding.
 struct DecodeGather {
@@ -336,6 +351,8 @@ struct PrefillGather {
     start: usize,
     /// Pool rows of positions `0 .. start + tokens`.
     rows: Tensor,
+    /// Causal mask `[tokens, start + tokens]` (0 or −∞), the same in every layer.
+    mask: Tensor,
 }
 
 fn rms(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
@@ -537,6 +554,7 @@ impl Llama {
                 tokens: n,
                 start,
                 rows: Tensor::from_vec(rows, start + n, &self.device)?,
+                mask: self.causal_mask(start, n)?,
             });
             offset += n;
         }
@@ -581,7 +599,7 @@ impl Llama {
                     &q.narrow(1, p.offset, p.tokens)?,
                     &pool.k[l].index_select(&p.rows, 1)?,
                     &pool.v[l].index_select(&p.rows, 1)?,
-                    p.start,
+                    p,
                 )?);
             }
             let att = if outs.len() == 1 {
@@ -713,22 +731,10 @@ impl Llama {
             .reshape((b, kvh * groups * hd))
     }
 
-    /// One sequence's attention for its `n` new positions over its gathered `keys` and
-    /// `values` (`[kv_heads, start + n, head_dim]`, the new positions already written), causal
-    /// within the chunk. `q` is `[heads, n, head_dim]`; returns `[n, heads × head_dim]`.
-    fn attend_prefill(
-        &self,
-        q: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        start: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
-        let groups = self.cfg.num_attention_heads / kvh;
-        let n = q.dim(1)?;
+    /// The additive causal mask of a chunk of `n` new positions after `start` cached ones:
+    /// row i sees positions `0 ..= start + i`.
+    fn causal_mask(&self, start: usize, n: usize) -> candle_core::Result<Tensor> {
         let total = start + n;
-        let q = q.contiguous()?.reshape((kvh, groups * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let mask: Vec<f32> = (0..n)
             .flat_map(|i| {
                 (0..total).map(move |j| {
@@ -740,10 +746,27 @@ impl Llama {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (n, total), &self.device)?.to_dtype(self.dtype)?;
+        Tensor::from_vec(mask, (n, total), &self.device)?.to_dtype(self.dtype)
+    }
+
+    /// One sequence's attention for its new positions over its gathered `keys` and `values`
+    /// (`[kv_heads, start + n, head_dim]`, the new positions already written) under `p`'s causal
+    /// mask. `q` is `[heads, n, head_dim]`; returns `[n, heads × head_dim]`.
+    fn attend_prefill(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        p: &PrefillGather,
+    ) -> candle_core::Result<Tensor> {
+        let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
+        let groups = self.cfg.num_attention_heads / kvh;
+        let (n, total) = (p.tokens, p.start + p.tokens);
+        let q = q.contiguous()?.reshape((kvh, groups * n, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&keys.t()?)? * scale)?
             .reshape((kvh, groups, n, total))?
-            .broadcast_add(&mask)?
+            .broadcast_add(&p.mask)?
             .reshape((kvh, groups * n, total))?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         att.matmul(values)?
@@ -816,14 +839,18 @@ mod tests {
 
     /// Greedy continuation of `prompt` run alone, prompt in one chunk.
     fn alone(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
-        let mut cache = m.new_cache(prompt.len() + n).unwrap();
+        alone_in(m, &mut m.new_cache(prompt.len() + n).unwrap(), prompt, n)
+    }
+
+    /// The same in a cache the caller reserved.
+    fn alone_in(m: &Llama, cache: &mut SeqCache, prompt: &[u32], n: usize) -> Vec<u32> {
         let mut out = Vec::new();
         let mut next = prompt.to_vec();
         for _ in 0..n {
             let l = m
                 .step(&mut [Chunk {
                     tokens: &next,
-                    cache: &mut cache,
+                    cache,
                     logits: true,
                 }])
                 .unwrap();
@@ -915,21 +942,7 @@ mod tests {
             cache.blocks
         );
         assert!(m.kv_pool_positions() > before, "the pool grew for the rest");
-        let mut out = Vec::new();
-        let mut next = prompt.clone();
-        for _ in 0..n {
-            let l = m
-                .step(&mut [Chunk {
-                    tokens: &next,
-                    cache: &mut cache,
-                    logits: true,
-                }])
-                .unwrap();
-            let t = argmax(l[0].as_ref().unwrap());
-            out.push(t);
-            next = vec![t];
-        }
-        assert_eq!(out, expect);
+        assert_eq!(alone_in(&m, &mut cache, &prompt, n), expect);
         drop((a, c, cache));
         let p = lock(&m.pool);
         assert_eq!(p.free.len(), p.blocks, "every block is back");
@@ -940,15 +953,7 @@ mod tests {
         let m = tiny();
         let mut caches: Vec<SeqCache> = (0..3).map(|_| m.new_cache(8).unwrap()).collect();
         let toks = [[5u32], [6], [7]];
-        let mut chunks: Vec<Chunk<'_>> = toks
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(t, cache)| Chunk {
-                tokens: t,
-                cache,
-                logits: true,
-            })
-            .collect();
+        let mut chunks = Chunk::decodes(&toks, &mut caches);
         let logits = m.forward(&mut chunks).unwrap().unwrap();
         let host: Vec<u32> = logits
             .to_vec2::<f32>()
