@@ -31,6 +31,9 @@ pub struct Exchange {
     pub token_times: Vec<Duration>,
     /// Streaming workloads: output tokens, from the final `usage` when the server sent one.
     pub usage_tokens: Option<u64>,
+    /// Streaming workloads: an `{"error": …}` event arrived. The status (200) was sent before
+    /// the generation failed, so this is the only sign of the failure.
+    pub stream_error: bool,
 }
 
 struct Conn {
@@ -173,12 +176,25 @@ impl Client {
                     x.token_times.extend(std::iter::repeat_n(at, n));
                 }
                 x.usage_tokens = sse.completion_tokens;
+                x.stream_error = sse.error;
             }
         };
         let mut pos = head_end;
         match framing {
             Framing::Length(len) => {
-                while c.buf.len() < pos + len {
+                // A stream may come with a length too (a server or proxy that buffers it):
+                // its events are parsed as they arrive all the same.
+                let mut fed = pos;
+                loop {
+                    let upto = c.buf.len().min(pos + len);
+                    if upto > fed {
+                        let data = c.buf[fed..upto].to_vec();
+                        mark(&mut x, &data);
+                        fed = upto;
+                    }
+                    if c.buf.len() >= pos + len {
+                        break;
+                    }
                     if read_more(&mut c)
                         .await
                         .map_err(|_| (true, ExchangeError::Io))?

@@ -189,6 +189,7 @@ impl Sender {
                 Err(_) => Outcome::Timeout,
                 Ok(Err(http1::ExchangeError::Connect)) => Outcome::Connect,
                 Ok(Err(http1::ExchangeError::Io)) => Outcome::Io,
+                Ok(Ok(x)) if x.stream_error => Outcome::StreamError,
                 Ok(Ok(x)) if (200..300).contains(&x.status) => Outcome::Ok {
                     tokens: self.stream.then(|| record::Tokens {
                         output: x.usage_tokens.unwrap_or(x.token_times.len() as u64),

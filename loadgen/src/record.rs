@@ -30,6 +30,9 @@ pub enum Outcome {
     Connect,
     /// Any other transport failure.
     Io,
+    /// A 2xx stream that carried an error event (the generation failed after its headers
+    /// were sent; OpenAI-style servers report it in the stream, not in the status).
+    StreamError,
     /// Not sent: the in-flight safety cap was reached (the generator, not the server, gave up).
     Dropped,
 }
@@ -43,6 +46,7 @@ impl Outcome {
             Outcome::Timeout => Some("timeout".into()),
             Outcome::Connect => Some("connect".into()),
             Outcome::Io => Some("io".into()),
+            Outcome::StreamError => Some("stream_error".into()),
             Outcome::Dropped => Some("dropped".into()),
         }
     }

@@ -354,6 +354,40 @@ async fn streaming_responses_record_time_to_first_token_and_gaps() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_in_an_error_event_is_an_error_not_a_success() {
+    use axum::body::Body;
+    // Every other stream fails after one token, as a generation server reports a failed step
+    // once its 200 is sent: an error event, then [DONE].
+    let n = Arc::new(AtomicU64::new(0));
+    let addr = serve(Router::new().route(
+        "/v1/completions",
+        post(move || {
+            let fail = n.fetch_add(1, Ordering::Relaxed) % 2 == 1;
+            async move {
+                let mut body =
+                    String::from("data: {\"choices\": [{\"index\": 0, \"text\": \" a\"}]}\n\n");
+                if fail {
+                    body += "data: {\"error\": {\"message\": \"step failed\", \"code\": 500}}\n\n";
+                }
+                body += "data: [DONE]\n\n";
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from(body))
+                    .unwrap()
+            }
+        }),
+    ))
+    .await;
+    let w = Workload::from_spec("completions", &TextOptions::default()).unwrap();
+    let mut cfg = open(addr, 50.0, 1.0);
+    cfg.workload = w;
+    cfg.warmup = Duration::ZERO;
+    let r = loadgen::run(cfg).await.unwrap();
+    assert_eq!(r.errors.get("stream_error"), Some(&25), "{:?}", r.errors);
+    assert_eq!(r.ok, 25);
+}
+
 fn futures_stream() -> impl futures_core::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send
 {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
