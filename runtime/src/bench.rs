@@ -175,6 +175,9 @@ pub struct DecodeOptions {
     pub context_tokens: usize,
     /// Decode steps timed per batch size (after 2 untimed ones).
     pub steps: usize,
+    /// Sampling temperature of every sequence: 0 is greedy; above 0 samples on the device
+    /// as the engine does for plain temperature requests, so the difference is sampling's cost.
+    pub temperature: f32,
 }
 
 /// Times decode steps of `b` sequences at once, each with `context_tokens` already cached, for
@@ -186,7 +189,8 @@ pub fn raw_decode(
     dtype: Dtype,
     o: &DecodeOptions,
 ) -> Result<Vec<DecodePoint>, ModelError> {
-    use crate::model::llama::{argmax, greedy, Chunk};
+    use crate::generate::sampling::{sample_on_device, Placement};
+    use crate::model::llama::{argmax, Chunk};
     let m = model::lm::load(spec, &[device.to_string()], dtype)?;
     let model = &m.replicas[0].1;
     let err = |e: candle_core::Error| ModelError::Load {
@@ -214,6 +218,16 @@ pub fn raw_decode(
                 .map_err(err)?;
             last.push(argmax(l[0].as_ref().expect("asked for logits")));
         }
+        let placement = vec![
+            if o.temperature > 0.0 {
+                Placement::Device {
+                    temperature: o.temperature,
+                }
+            } else {
+                Placement::Greedy
+            };
+            b
+        ];
         let mut times = Vec::new();
         for step in 0..o.steps + 2 {
             if step == 2 {
@@ -221,10 +235,10 @@ pub fn raw_decode(
             }
             let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
             let mut chunks = Chunk::decodes(&tokens, &mut caches);
-            // Timed as the engine runs a step: forward, then greedy ids taken on the device.
+            // Timed as the engine runs a step: forward, then the ids drawn on the device.
             let t = Instant::now();
             let logits = model.forward(&mut chunks).map_err(err)?;
-            last = greedy(&logits.expect("asked for logits")).map_err(err)?;
+            last = sample_on_device(&logits.expect("asked for logits"), &placement).map_err(err)?;
             times.push(t.elapsed().as_secs_f64());
         }
         let total: f64 = times.iter().sum();

@@ -83,6 +83,10 @@ enum Cmd {
         /// Generation: decode steps timed per batch size.
         #[arg(long, default_value_t = 16)]
         steps: usize,
+        /// Generation: sampling temperature of every sequence (0 = greedy; above 0 = drawn on
+        /// the device as the server does, so the difference is sampling's cost).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
         /// Also write the texts used, one per line (so another stack can embed the same inputs).
         #[arg(long)]
         dump_texts: Option<PathBuf>,
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
             dump_texts,
             context_tokens,
             steps,
+            temperature,
         } => {
             let mut p = Profile::default();
             if let Err(e) = p.set_knob("dtype", &dtype) {
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
                     sizes,
                     context_tokens,
                     steps,
+                    temperature,
                 };
                 return print_points(runtime::bench::raw_decode(&model, &device, p.dtype, &o));
             }

@@ -40,6 +40,17 @@ pub struct FinishLabel {
     pub reason: String,
 }
 
+/// Label set for the parts of an engine step.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// Replica label.
+    pub device: String,
+    /// `schedule` (plan, KV reservations), `model` (forward and sampling, until the sampled
+    /// ids are on the host: on a GPU the only point where the host waits for the device), or
+    /// `engine` (appending tokens, detokenizing, stop strings, streaming to the requests).
+    pub phase: String,
+}
+
 /// Generation series (registered only when a decoder is served).
 pub struct GenMetrics {
     /// Arrival to first output token.
@@ -64,6 +75,8 @@ pub struct GenMetrics {
     pub step_sequences: Family<DeviceLabel, Histogram>,
     /// Generations ended, by reason.
     pub finished: Family<FinishLabel, Counter>,
+    /// Time per step by phase: where a served step's time goes beyond the model's own.
+    pub step_phase: Family<PhaseLabel, Histogram>,
 }
 
 fn time_hist() -> Histogram {
@@ -210,6 +223,7 @@ impl Metrics {
             steps: Family::default(),
             step_sequences: Family::new_with_constructor(size_hist as fn() -> Histogram),
             finished: Family::default(),
+            step_phase: Family::new_with_constructor(time_hist as fn() -> Histogram),
         };
         let mut r = self.registry.lock().expect("metrics registry poisoned");
         r.register(
@@ -261,6 +275,11 @@ impl Metrics {
             "batchtune_step_sequences",
             "Sequences advanced per step",
             g.step_sequences.clone(),
+        );
+        r.register(
+            "batchtune_step_phase_seconds",
+            "Engine step time by phase: schedule, model (forward and sampling), engine (tokens to requests)",
+            g.step_phase.clone(),
         );
         r.register(
             "batchtune_generations_finished",

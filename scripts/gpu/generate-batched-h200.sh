@@ -3,7 +3,9 @@
 # tool; binaries in .gpu/bin as scripts/gpu/common.sh expects). Phases, in one call or several:
 #   raw     the engine's raw batched-decode ceiling (runtime bench, bf16, both synthetic shapes)
 #           and HF transformers `generate` with whole-request batches on the Qwen2.5 shape
-#   served  loadgen closed loops against the runtime at one batch cap (served ÷ raw)
+#   sample  the raw decode step greedy (temperature 0) and sampled on the device (temperature 1)
+#   served  loadgen closed loops against the runtime at one batch cap (served ÷ raw); with
+#           RUNTIMES="name:binary …" each binary in turn (an A/B of two builds in one call)
 #   tune    tuner search for a completions workload, then tuner compare: the tuned profile,
 #           continuous vs static at the same cap, and the seed presets (GPU-ised)
 # Usage (device): bash scripts/gpu/generate-batched-h200.sh OUT raw,served,tune
@@ -15,16 +17,23 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 has() { [[ ",$PHASES," == *",$1,"* ]]; }
 if has raw; then
-  for m in synthetic:smollm2-135m synthetic:qwen2.5-0.5b; do
+  for m in ${RAW_MODELS:-synthetic:smollm2-135m synthetic:qwen2.5-0.5b}; do
     n=${m#synthetic:}
     timeout 150 $B/runtime bench --model $m --device cuda:0 --dtype bf16 --sizes 1,8,32,64,128,256 \
       --steps 16 --context-tokens 110 > "$OUT/raw-$n.jsonl" 2>> "$OUT/log.txt"
     echo "== raw $n"; cat "$OUT/raw-$n.jsonl"
   done
-  echo "== HF transformers generate, whole-request batches"
+  [ -n "${NO_HF:-}" ] || { echo "== HF transformers generate, whole-request batches"
   timeout 240 python3 scripts/gpu/hf_generate.py --sizes 1,8,32,64,128,256 --prompt-tokens 46 \
     --new-tokens 64 > "$OUT/hf.jsonl" 2>> "$OUT/log.txt"
-  cat "$OUT/hf.jsonl"
+  cat "$OUT/hf.jsonl"; }
+fi
+if has sample; then
+  for t in 0 1; do
+    timeout 120 $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 1,64,256 \
+      --steps 32 --context-tokens 110 --temperature $t > "$OUT/sample-t$t.jsonl" 2>> "$OUT/log.txt"
+    echo "== raw qwen2.5-0.5b, temperature $t"; cat "$OUT/sample-t$t.jsonl"
+  done
 fi
 # A generation profile for this GPU from any profile: the Qwen2.5-0.5B shape in bf16 on cuda:0,
 # rate limit off, the KV budget raised to what the GPU holds for the cap.
@@ -37,19 +46,29 @@ mkdir -p "$OUT/p"
 if has served; then
   gen_profile profiles/llm-default.toml "$OUT/p/served.toml"
   sed -i 's/^max_batch_size = .*/max_batch_size = 256/' "$OUT/p/served.toml"
-  $B/runtime serve --profile "$OUT/p/served.toml" --addr 127.0.0.1:9400 > "$OUT/server.log" 2>&1 &
-  srv=$!
-  if wait_up http://127.0.0.1:9400; then
-    for c in 64 256; do
-      timeout 60 $B/loadgen --url http://127.0.0.1:9400 --workload completions --output-tokens 64 --ignore-eos \
-        --concurrency $c --duration 20s --warmup 5s --timeout 60s --quiet --json "$OUT/served-$c.json" \
-        > "$OUT/served-$c.txt" 2>&1
-      echo "== served qwen2.5-0.5b, $c clients"; cat "$OUT/served-$c.txt"
-    done
-  fi
-  python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9400/metrics').read().decode())" \
-    | grep -E '^batchtune_(engine_steps|step_sequences_(sum|count)|output_tokens|prefill_tokens)' | tee "$OUT/served-metrics.txt"
-  kill $srv 2>/dev/null; wait $srv 2>/dev/null
+  for rt in ${RUNTIMES:-new:$B/runtime}; do
+    name=${rt%%:*}; bin=${rt#*:}
+    $bin serve --profile "$OUT/p/served.toml" --addr 127.0.0.1:9400 > "$OUT/server-$name.log" 2>&1 &
+    srv=$!
+    if wait_up http://127.0.0.1:9400; then
+      # SERVED_TEMPS: "default" sends no temperature (1, the OpenAI default: sampled on the
+      # device); 0 is greedy, as the raw bench runs.
+      for temp in ${SERVED_TEMPS:-default}; do
+        for c in ${SERVED_CLIENTS:-64 256}; do
+          t=""; [ "$temp" = default ] || t="--temperature $temp"
+          tag=$name-$c; [ "$temp" = default ] || tag=$tag-t$temp
+          timeout 60 $B/loadgen --url http://127.0.0.1:9400 --workload completions --output-tokens 64 --ignore-eos $t \
+            --concurrency $c --duration 20s --warmup 5s --timeout 60s --quiet --json "$OUT/served-$tag.json" \
+            > "$OUT/served-$tag.txt" 2>&1
+          echo "== served qwen2.5-0.5b, runtime $name, $c clients, temperature $temp"; cat "$OUT/served-$tag.txt"
+          python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9400/metrics').read().decode())" \
+            | grep -E '^batchtune_(engine_steps|step_sequences_(sum|count)|output_tokens|prefill_tokens|step_phase_seconds_(sum|count))' \
+            > "$OUT/served-$tag-metrics.txt"
+        done
+      done
+    fi
+    kill $srv 2>/dev/null; wait $srv 2>/dev/null
+  done
 fi
 if has hf; then
   # HF transformers behind the seeds' llm_model design (scripts/gpu/hf_llm_server.py), swept by
@@ -83,9 +102,11 @@ if has tune; then
 fi
 if has compare; then
   gen_profile profiles/llm-aggressive.toml "$OUT/p/seed001-aggressive.toml"
+  gen_profile profiles/llm-production.toml "$OUT/p/seed003-production.toml"
   gen_profile profiles/llm-default.toml "$OUT/p/continuous-64.toml"
   sed -i 's/^max_batch_size = .*/max_batch_size = 64/' "$OUT/p/continuous-64.toml"
-  list="$OUT/p/seed001-aggressive.toml,$OUT/p/continuous-64.toml"
+  list=""
+  for p in ${COMPARE_PROFILES:-seed001-aggressive continuous-64}; do list="$list${list:+,}$OUT/p/$p.toml"; done
   # The tuned profile as written (its KV budget and rate limit are part of what was tuned).
   TUNED=${TUNED:-$OUT/h200-llm.toml}; [ -f "$TUNED" ] && list="$list,$TUNED"
   timeout ${COMPARE_LIMIT:-330} $B/tuner compare --profiles "$list" --workload completions $WORK --target 'p95<4s' \

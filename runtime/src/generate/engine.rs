@@ -10,7 +10,7 @@ use super::sampling::{
 };
 use super::scheduler::{Limits, NewSeq, Plan, Scheduler, SeqId};
 use crate::admission::QueueSpace;
-use crate::metrics::{DeviceLabel, FinishLabel, GenMetrics};
+use crate::metrics::{DeviceLabel, FinishLabel, GenMetrics, PhaseLabel};
 use crate::model::llama::{Chunk, Llama, SeqCache};
 use crate::model::lm_tokenizer::{Detokenizer, LmTokenizer};
 use candle_core::Tensor;
@@ -193,9 +193,10 @@ pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
             }
         }
         e.sweep_cancelled();
+        let t0 = Instant::now();
         let plan = e.plan();
         wake = plan.wake_at;
-        e.run_step(plan);
+        e.run_step(plan, t0);
     }
     // Leave the shared gauges as if this engine had never run.
     e.publish_gauges();
@@ -302,11 +303,13 @@ impl Engine {
         plan
     }
 
-    fn run_step(&mut self, plan: Plan) {
+    /// Runs the planned step; `t0` is when planning began (the step's phase times start there).
+    fn run_step(&mut self, plan: Plan, t0: Instant) {
         self.publish_gauges();
         if plan.is_idle() {
             return;
         }
+        let t1 = Instant::now();
         // Take each planned sequence's cache out of the map for the forward.
         let mut order: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
         for c in &plan.prefill {
@@ -388,10 +391,26 @@ impl Engine {
                 return self.fail_step(&order, msg);
             }
         };
+        let t2 = Instant::now();
         for (id, t) in rows.into_iter().zip(tokens) {
             self.advance(id, t);
         }
         self.publish_gauges();
+        let t3 = Instant::now();
+        for (phase, d) in [
+            ("schedule", t1 - t0),
+            ("model", t2 - t1),
+            ("engine", t3 - t2),
+        ] {
+            self.ctx
+                .metrics
+                .step_phase
+                .get_or_create(&PhaseLabel {
+                    device: self.ctx.label.clone(),
+                    phase: phase.into(),
+                })
+                .observe(d.as_secs_f64());
+        }
     }
 
     fn fail_step(&mut self, order: &[(SeqId, Vec<u32>, bool)], msg: String) {

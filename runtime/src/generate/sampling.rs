@@ -56,20 +56,50 @@ pub fn sample_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core
         return crate::model::llama::greedy(logits);
     }
     let (rows, dev) = (placement.len(), logits.device());
-    let (inv_t, noisy): (Vec<f32>, Vec<f32>) = placement
+    let temps: Vec<Option<f32>> = placement
         .iter()
         .map(|p| match p {
-            Placement::Device { temperature } => (1.0 / temperature, 1.0),
-            _ => (1.0, 0.0),
+            Placement::Device { temperature } => Some(*temperature),
+            _ => None,
         })
-        .unzip();
-    let inv_t = Tensor::from_vec(inv_t, (rows, 1), dev)?;
-    let noisy = Tensor::from_vec(noisy, (rows, 1), dev)?;
-    // G = −ln(−ln U): U = 0 gives −∞ (never chosen), and U < 1 always.
+        .collect();
+    // The common step (every row sampled at one temperature, usually 1) skips the per-row
+    // scale and mask: each is a pass over `rows × vocab` floats.
+    let one_temp = temps
+        .iter()
+        .all(|t| *t == temps[0])
+        .then_some(temps[0])
+        .flatten();
+    let scaled = match one_temp {
+        Some(1.0) => logits.clone(),
+        Some(t) => (logits * (1.0 / t as f64))?,
+        None => {
+            let inv_t: Vec<f32> = temps.iter().map(|t| t.map_or(1.0, |t| 1.0 / t)).collect();
+            logits.broadcast_mul(&Tensor::from_vec(inv_t, (rows, 1), dev)?)?
+        }
+    };
     let u = Tensor::rand(0f32, 1f32, logits.shape(), dev)?;
-    let gumbel = u.log()?.neg()?.log()?.neg()?;
-    let scores = (logits.broadcast_mul(&inv_t)? + gumbel.broadcast_mul(&noisy)?)?;
-    crate::model::llama::greedy(&scores)
+    let minus_g = minus_gumbel(&u)?;
+    let minus_g = match one_temp {
+        Some(_) => minus_g,
+        None => {
+            let noisy: Vec<f32> = temps.iter().map(|t| t.map_or(0.0, |_| 1.0)).collect();
+            minus_g.broadcast_mul(&Tensor::from_vec(noisy, (rows, 1), dev)?)?
+        }
+    };
+    crate::model::llama::greedy(&(scaled - minus_g)?)
+}
+
+/// `ln(−ln U)`, the negated standard Gumbel draw for uniform `u`, finite for every `u` a
+/// backend's generator returns. cuRAND's uniforms lie in (0, 1], the CPU's in [0, 1): left as
+/// they are, U = 1 gives a Gumbel of +∞, so that row takes a uniformly random token instead of
+/// a sample. In f32 that U comes once in 2^24 draws, that is about twice a step at 256
+/// sequences of Qwen2.5's 151,936-token vocabulary. Clamping to [2^-64, 1 − 2^-24] bounds the
+/// noise to about [−3.8, 16.6]; the mass moved is below f32 resolution.
+fn minus_gumbel(u: &Tensor) -> candle_core::Result<Tensor> {
+    const LO: f64 = 5.421_010_862_427_522e-20; // 2^-64
+    const HI: f64 = 1.0 - 5.960_464_477_539_063e-8; // 1 − 2^-24, the largest f32 below 1
+    u.clamp(LO, HI)?.log()?.neg()?.log()
 }
 
 /// One sequence's sampler: its parameters and random generator.
@@ -203,6 +233,41 @@ mod tests {
         )
         .unwrap();
         assert!(cold[..n].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn gumbel_noise_is_finite_at_both_ends_of_the_uniform_range() {
+        // 0 (the CPU generator's lower end) and 1 (cuRAND's upper end) included.
+        let u = Tensor::new(&[0f32, 1e-30, 0.5, 0.999_999_9, 1.0], &Device::Cpu).unwrap();
+        let g: Vec<f32> = minus_gumbel(&u).unwrap().to_vec1().unwrap();
+        assert!(g.iter().all(|x| x.is_finite()), "{g:?}");
+        // Monotone: a larger uniform is a larger Gumbel draw, a smaller ln(−ln U).
+        assert!(g.windows(2).all(|w| w[0] >= w[1]), "{g:?}");
+    }
+
+    #[test]
+    fn rows_at_different_temperatures_share_a_step() {
+        // One row at 1 (p = 0.7 / 0.3), one near 0 (always the argmax), one greedy.
+        let n = 2000;
+        let mut flat: Vec<f32> = Vec::new();
+        let mut place = Vec::new();
+        for _ in 0..n {
+            flat.extend([0.7f32.ln(), 0.3f32.ln()]);
+            place.push(Placement::Device { temperature: 1.0 });
+            flat.extend([0.7f32.ln(), 0.3f32.ln()]);
+            place.push(Placement::Device { temperature: 0.02 });
+            flat.extend([0.0, 0.5]);
+            place.push(Placement::Greedy);
+        }
+        let logits = Tensor::from_vec(flat, (3 * n, 2), &Device::Cpu).unwrap();
+        let t = sample_on_device(&logits, &place).unwrap();
+        let warm = (0..n).filter(|i| t[3 * i] == 0).count() as f64 / n as f64;
+        // σ = √(0.21 / 2000) ≈ 0.01: ±0.05 is 5σ.
+        assert!(
+            (warm - 0.7).abs() < 0.05,
+            "share of token 0 at T = 1: {warm}"
+        );
+        assert!((0..n).all(|i| t[3 * i + 1] == 0 && t[3 * i + 2] == 1));
     }
 
     #[test]

@@ -8,14 +8,16 @@
 //! One [`Llama::step`] takes a list of chunks, one per sequence: a decode step is a chunk of one
 //! token, a prefill is a chunk of (part of) the prompt. All tokens of the step go through the
 //! projections and the MLP as one `[tokens, hidden]` matrix (where batching pays). Attention
-//! for every one-token chunk (the decodes) runs as one batched chain of kernels per layer: each
-//! sequence's keys and values are gathered from the pool into a `[sequences, longest, head_dim]`
-//! block and the positions past a sequence's own length are masked to −∞, so they weigh exactly
-//! zero and a sequence's result does not depend on who shares its step. Longer prefill chunks
-//! attend one sequence at a time (they are few per step, and a causal mask is needed inside
-//! them). The first version attended every sequence separately: on a GPU that was ~15 small
-//! kernels per sequence and layer, ~3 ms per sequence per step, all of it launch overhead
-//! (`results/generate-h200/`).
+//! runs in groups ([`group_chunks`]), one batched chain of kernels per group and layer: each
+//! chunk's keys and values are gathered from the pool into a `[chunks, span, head_dim]` block,
+//! its queries padded to the group's widest chunk, and every position a query must not see
+//! (later in its own chunk, past its sequence's length, padding) is masked to −∞, so it weighs
+//! exactly zero and a sequence's result does not depend on who shares its step. All decodes
+//! of a step are one group; prefill chunks of similar size share another, so a step costs a
+//! chain of launches per group rather than per sequence. The first version attended every
+//! sequence separately: on a GPU that was ~15 small kernels per sequence and layer, ~3 ms per
+//! sequence per step, all of it launch overhead (`results/generate-h200/`); the second batched
+//! only the decodes, and prefill chunks still attended one at a time.
 //!
 //! KV memory: a pool per replica, per layer a K and a V tensor `[kv_heads, rows, head_dim]`,
 //! handed out in blocks of [`KV_BLOCK`] positions (vLLM's paged layout without its kernels:
@@ -333,26 +335,60 @@ impl<'a> Chunk<'a> {
     }
 }
 
-/// Where a step's one-token chunks read their keys: pool rows `[sequences × longest]` and the
-/// additive mask that hides each sequence's padding.
-struct DecodeGather {
-    rows: Tensor,
-    mask: Tensor,
+/// One batched attention over several chunks of a step: each chunk's new tokens padded to
+/// `width` query rows and its keys to `span` pool rows, so one chain of kernels per layer serves
+/// them all. One-token decodes form such a group with `width` 1; prefill chunks of similar
+/// shape form others (see [`group_chunks`]).
+struct AttnGroup {
+    /// First row of the group's tokens in the step's matrices (its rows are contiguous).
+    offset: usize,
+    /// Real tokens in the group.
+    tokens: usize,
     seqs: usize,
-    longest: usize,
+    width: usize,
+    span: usize,
+    /// Pool rows `[seqs × span]`; padding reads the chunk's own position 0.
+    rows: Tensor,
+    /// Additive mask `[1, seqs, 1, width, span]`: 0 where a query may look, −∞ elsewhere
+    /// (causal within the chunk, past its length, and on padded keys).
+    mask: Tensor,
+    /// Only when some chunk is shorter than `width`: the step's rows that fill the padded
+    /// `[seqs × width]` query layout, and where the real rows sit in that layout.
+    pad: Option<(Tensor, Tensor)>,
 }
 
-/// Where one longer chunk reads its keys.
-struct PrefillGather {
-    /// Offset of the chunk's tokens in the step.
-    offset: usize,
-    tokens: usize,
-    /// Positions cached before the chunk.
-    start: usize,
-    /// Pool rows of positions `0 .. start + tokens`.
-    rows: Tensor,
-    /// Causal mask `[tokens, start + tokens]` (0 or −∞), the same in every layer.
-    mask: Tensor,
+/// Splits a step's chunks, given as `(new tokens, cached positions)`, into attention groups:
+/// returns chunk indices per group, in the order their rows are laid out. Chunks are taken
+/// longest first and a chunk joins the open group when that adds no more padded cells than
+/// twice its own work (or no more than `free`): batching saves a chain of launches per group,
+/// padding costs compute and memory, and a short prompt beside a long one would otherwise cost
+/// as much as the long one. `free` is the padding (query × key cells) that costs less than a
+/// group's launches: large on a GPU, where a launch costs microseconds whatever its size,
+/// small on a CPU, where every padded cell is computed.
+pub(crate) fn group_chunks(shapes: &[(usize, usize)], free: usize) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..shapes.len()).collect();
+    idx.sort_by_key(|&i| {
+        let (n, start) = shapes[i];
+        (std::cmp::Reverse(n), std::cmp::Reverse(start + n))
+    });
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let (mut width, mut span) = (0, 0);
+    for i in idx {
+        let (n, start) = shapes[i];
+        let cells = n * (start + n);
+        if let Some(g) = groups.last_mut() {
+            let (w, s) = (width.max(n), span.max(start + n));
+            let added = (g.len() + 1) * w * s - g.len() * width * span;
+            if added <= (2 * cells).max(free) {
+                g.push(i);
+                (width, span) = (w, s);
+                continue;
+            }
+        }
+        groups.push(vec![i]);
+        (width, span) = (n, start + n);
+    }
+    groups
 }
 
 fn rms(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
@@ -504,21 +540,24 @@ impl Llama {
     /// Sampling can then run where the logits are ([`greedy`]) instead of copying
     /// `k × vocab` floats to the host every step.
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> candle_core::Result<Option<Tensor>> {
-        // One-token chunks first: their attention is batched, and contiguous rows of the
-        // step's matrices are one narrow away.
-        let mut order: Vec<usize> = (0..chunks.len())
-            .filter(|&i| chunks[i].tokens.len() == 1)
+        for c in chunks.iter() {
+            if c.tokens.is_empty() {
+                candle_core::bail!("a chunk with no tokens");
+            }
+        }
+        // Rows are laid out group by group, so each group's tokens are one narrow away.
+        let shapes: Vec<(usize, usize)> = chunks
+            .iter()
+            .map(|c| (c.tokens.len(), c.cache.len))
             .collect();
-        let seqs = order.len();
-        order.extend((0..chunks.len()).filter(|&i| chunks[i].tokens.len() != 1));
+        let free = if self.on_gpu() { 1 << 16 } else { 1 << 10 };
+        let groups = group_chunks(&shapes, free);
+        let order: Vec<usize> = groups.iter().flatten().copied().collect();
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut writes = Vec::new();
         for &i in &order {
             let c = &chunks[i];
-            if c.tokens.is_empty() {
-                candle_core::bail!("a chunk with no tokens");
-            }
             if !Arc::ptr_eq(&c.cache.pool, &self.pool) {
                 candle_core::bail!("a sequence's cache belongs to another replica");
             }
@@ -542,21 +581,12 @@ impl Llama {
         }
         let t = ids.len();
         let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
-        let decode = self.decode_gather(chunks, &order[..seqs])?;
-        let mut prefills = Vec::new();
-        let mut offset = seqs;
-        for &i in &order[seqs..] {
-            let c = &chunks[i];
-            let (start, n) = (c.cache.len, c.tokens.len());
-            let rows: Vec<u32> = (0..start + n).map(|p| c.cache.row(p)).collect();
-            prefills.push(PrefillGather {
-                offset,
-                tokens: n,
-                start,
-                rows: Tensor::from_vec(rows, start + n, &self.device)?,
-                mask: self.causal_mask(start, n)?,
-            });
-            offset += n;
+        let mut offset = 0;
+        let mut attn = Vec::with_capacity(groups.len());
+        for g in &groups {
+            let group = self.attn_group(chunks, g, offset)?;
+            offset += group.tokens;
+            attn.push(group);
         }
         // scatter_set wants an index per element of the source `[kv_heads, t, head_dim]`.
         let writes = Tensor::from_vec(writes, (1, t, 1), &self.device)?
@@ -585,22 +615,9 @@ impl Llama {
                 .contiguous()?;
             pool.k[l].scatter_set(&writes, &k, 1)?;
             pool.v[l].scatter_set(&writes, &v, 1)?;
-            let mut outs = Vec::with_capacity(1 + prefills.len());
-            if let Some(d) = &decode {
-                outs.push(self.attend_decodes(
-                    &q.narrow(1, 0, seqs)?,
-                    &pool.k[l],
-                    &pool.v[l],
-                    d,
-                )?);
-            }
-            for p in &prefills {
-                outs.push(self.attend_prefill(
-                    &q.narrow(1, p.offset, p.tokens)?,
-                    &pool.k[l].index_select(&p.rows, 1)?,
-                    &pool.v[l].index_select(&p.rows, 1)?,
-                    p,
-                )?);
+            let mut outs = Vec::with_capacity(attn.len());
+            for g in &attn {
+                outs.push(self.attend(&q, &pool.k[l], &pool.v[l], g)?);
             }
             let att = if outs.len() == 1 {
                 outs.pop().expect("one")
@@ -637,44 +654,62 @@ impl Llama {
         Ok(Some(self.head.forward(&last)?.to_dtype(DType::F32)?))
     }
 
-    /// The pool rows and padding mask for the one-token chunks `which` (`None` when there are
-    /// none). Padding points at the sequence's own first row: any finite value would do, as
-    /// its weight is exactly zero after the −∞ mask.
-    fn decode_gather(
+    /// The pool rows, mask and padding of the chunks `which` (one group of
+    /// [`group_chunks`]), whose tokens start at row `offset` of the step.
+    fn attn_group(
         &self,
         chunks: &[Chunk<'_>],
         which: &[usize],
-    ) -> candle_core::Result<Option<DecodeGather>> {
-        if which.is_empty() {
-            return Ok(None);
-        }
-        let longest = which
+        offset: usize,
+    ) -> candle_core::Result<AttnGroup> {
+        let shape = |i: usize| (chunks[i].tokens.len(), chunks[i].cache.len);
+        let width = which.iter().map(|&i| shape(i).0).max().unwrap_or(1);
+        let span = which
             .iter()
-            .map(|&i| chunks[i].cache.len + 1)
+            .map(|&i| shape(i).0 + shape(i).1)
             .max()
             .unwrap_or(1);
-        let mut rows = Vec::with_capacity(which.len() * longest);
-        let mut mask = Vec::with_capacity(which.len() * longest);
-        for &i in which {
+        let seqs = which.len();
+        let mut rows = Vec::with_capacity(seqs * span);
+        let mut mask = Vec::with_capacity(seqs * width * span);
+        let (mut gather, mut real) = (Vec::new(), Vec::new());
+        let mut row = offset;
+        for (b, &i) in which.iter().enumerate() {
+            let (n, start) = shape(i);
             let c = &chunks[i].cache;
-            for p in 0..longest {
-                if p <= c.len {
-                    rows.push(c.row(p));
-                    mask.push(0f32);
-                } else {
-                    rows.push(c.row(0));
-                    mask.push(f32::NEG_INFINITY);
+            rows.extend((0..span).map(|p| c.row(if p < start + n { p } else { 0 })));
+            for j in 0..width {
+                // Query j sees positions 0 ..= start + j; a padded query (j ≥ n) sees only
+                // position 0, so its softmax stays finite; its output is dropped.
+                let sees = if j < n { start + j } else { 0 };
+                mask.extend((0..span).map(|p| if p <= sees { 0f32 } else { f32::NEG_INFINITY }));
+                gather.push((row + j.min(n - 1)) as u32);
+                if j < n {
+                    real.push((b * width + j) as u32);
                 }
             }
+            row += n;
         }
-        let seqs = which.len();
-        Ok(Some(DecodeGather {
-            rows: Tensor::from_vec(rows, seqs * longest, &self.device)?,
-            mask: Tensor::from_vec(mask, (1, seqs, 1, longest), &self.device)?
-                .to_dtype(self.dtype)?,
+        let tokens = row - offset;
+        let pad = if tokens == seqs * width {
+            None
+        } else {
+            Some((
+                Tensor::from_vec(gather, seqs * width, &self.device)?,
+                Tensor::from_vec(real, tokens, &self.device)?,
+            ))
+        };
+        Ok(AttnGroup {
+            offset,
+            tokens,
             seqs,
-            longest,
-        }))
+            width,
+            span,
+            rows: Tensor::from_vec(rows, seqs * span, &self.device)?,
+            mask: Tensor::from_vec(mask, (1, seqs, 1, width, span), &self.device)?
+                .to_dtype(self.dtype)?,
+            pad,
+        })
     }
 
     /// `[t, heads × head_dim]` → `[heads, t, head_dim]` with RoPE applied at each row's position.
@@ -699,80 +734,46 @@ impl Llama {
         r.squeeze(0)
     }
 
-    /// Attention of every one-token chunk at once. `q` is `[heads, seqs, head_dim]`; returns
-    /// `[seqs, heads × head_dim]`. Query head h reads KV head h / groups, so the query heads
+    /// One group's attention. `q` is the step's `[heads, t, head_dim]`; returns the group's
+    /// `[tokens, heads × head_dim]`. Query head h reads KV head h / groups, so the query heads
     /// are grouped by their KV head and one batched matmul per (KV head, sequence) serves them
     /// all, without repeating K and V.
-    fn attend_decodes(
+    fn attend(
         &self,
         q: &Tensor,
         k_pool: &Tensor,
         v_pool: &Tensor,
-        d: &DecodeGather,
+        g: &AttnGroup,
     ) -> candle_core::Result<Tensor> {
         let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
         let groups = self.cfg.num_attention_heads / kvh;
-        let (b, l) = (d.seqs, d.longest);
-        let keys = k_pool.index_select(&d.rows, 1)?.reshape((kvh * b, l, hd))?;
-        let values = v_pool.index_select(&d.rows, 1)?.reshape((kvh * b, l, hd))?;
+        let (b, w, l) = (g.seqs, g.width, g.span);
+        // Gathered from the whole (contiguous) `q`: CUDA's index_select refuses a narrowed view.
+        let q = match &g.pad {
+            Some((gather, _)) => q.index_select(gather, 1)?,
+            None => q.narrow(1, g.offset, g.tokens)?,
+        };
+        let keys = k_pool.index_select(&g.rows, 1)?.reshape((kvh * b, l, hd))?;
+        let values = v_pool.index_select(&g.rows, 1)?.reshape((kvh * b, l, hd))?;
         let q = q
-            .reshape((kvh, groups, b, hd))?
+            .reshape((kvh, groups, b, w, hd))?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((kvh * b, groups, hd))?;
+            .reshape((kvh * b, groups * w, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&keys.t()?)? * scale)?
-            .reshape((kvh, b, groups, l))?
-            .broadcast_add(&d.mask)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((kvh * b, groups, l))?;
-        att.matmul(&values)?
-            .reshape((kvh, b, groups, hd))?
-            .transpose(0, 1)?
-            .reshape((b, kvh * groups * hd))
-    }
-
-    /// The additive causal mask of a chunk of `n` new positions after `start` cached ones:
-    /// row i sees positions `0 ..= start + i`.
-    fn causal_mask(&self, start: usize, n: usize) -> candle_core::Result<Tensor> {
-        let total = start + n;
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j > start + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_vec(mask, (n, total), &self.device)?.to_dtype(self.dtype)
-    }
-
-    /// One sequence's attention for its new positions over its gathered `keys` and `values`
-    /// (`[kv_heads, start + n, head_dim]`, the new positions already written) under `p`'s causal
-    /// mask. `q` is `[heads, n, head_dim]`; returns `[n, heads × head_dim]`.
-    fn attend_prefill(
-        &self,
-        q: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        p: &PrefillGather,
-    ) -> candle_core::Result<Tensor> {
-        let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
-        let groups = self.cfg.num_attention_heads / kvh;
-        let (n, total) = (p.tokens, p.start + p.tokens);
-        let q = q.contiguous()?.reshape((kvh, groups * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&keys.t()?)? * scale)?
-            .reshape((kvh, groups, n, total))?
-            .broadcast_add(&p.mask)?
-            .reshape((kvh, groups * n, total))?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        att.matmul(values)?
-            .reshape((kvh * groups, n, hd))?
-            .transpose(0, 1)?
-            .reshape((n, kvh * groups * hd))
+            .reshape((kvh, b, groups, w, l))?
+            .broadcast_add(&g.mask)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((kvh * b, groups * w, l))?;
+        let out = att
+            .matmul(&values)?
+            .reshape((kvh, b, groups, w, hd))?
+            .permute((1, 3, 0, 2, 4))?
+            .reshape((b * w, kvh * groups * hd))?;
+        match &g.pad {
+            Some((_, real)) => out.index_select(real, 0),
+            None => Ok(out),
+        }
     }
 
     /// Sum of the negative log-likelihood of `ids[1..]` given their prefixes, and the count:
@@ -919,6 +920,29 @@ mod tests {
             }
         }
         assert_eq!(outs, expect);
+    }
+
+    #[test]
+    fn chunks_of_similar_shape_share_a_group_and_a_long_prompt_does_not_pad_short_ones() {
+        // Decodes at similar lengths: one group, whatever their number.
+        let decodes: Vec<(usize, usize)> = (0..64).map(|i| (1, 100 + i)).collect();
+        assert_eq!(group_chunks(&decodes, 0).len(), 1);
+        // Prompts of 30..40 tokens: one group.
+        let prompts = [(30, 0), (35, 0), (40, 0), (33, 0)];
+        let g = group_chunks(&prompts, 0);
+        assert_eq!(g, vec![vec![2, 1, 3, 0]], "longest first");
+        // A 2,000-token prompt beside them and beside decodes: on its own.
+        let mixed = [(30, 0), (1, 50), (2000, 0), (35, 0), (1, 60)];
+        let g = group_chunks(&mixed, 0);
+        assert_eq!(g[0], vec![2]);
+        assert!(g.iter().skip(1).all(|g| !g.contains(&2)));
+        // Every chunk is in exactly one group.
+        let mut all: Vec<usize> = g.concat();
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2, 3, 4]);
+        // With free padding (a GPU) small decodes join a small prefill's group.
+        assert_eq!(group_chunks(&[(8, 0), (1, 20), (1, 30)], 1 << 16).len(), 1);
+        assert_eq!(group_chunks(&[(8, 0), (1, 20), (1, 30)], 0).len(), 2);
     }
 
     #[test]
