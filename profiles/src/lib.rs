@@ -41,6 +41,9 @@ pub enum ProfileError {
     RestartRequired(Vec<String>),
 }
 
+/// The smallest rate limit other than 0 (off): one request per 1000 s.
+pub const MIN_RATE_LIMIT: f64 = 0.001;
+
 /// One knob breaking one rule: names the knob, the value and the rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -469,11 +472,13 @@ impl Profile {
             d(self.request_timeout),
             "must be between 1ms and 1h",
         );
+        // Below one request per 1000 s the limiter's period overflows what its clock can hold
+        // (and no one means it): such a value once passed and made every request panic.
         check(
-            self.rate_limit.is_finite() && (0.0..=1e6).contains(&self.rate_limit),
+            self.rate_limit == 0.0 || (MIN_RATE_LIMIT..=1e6).contains(&self.rate_limit),
             "rate_limit",
             self.rate_limit.to_string(),
-            "must be between 0 (off) and 1000000 requests/s",
+            "must be 0 (off) or between 0.001 and 1000000 requests/s",
         );
         check(
             (1..=65_536).contains(&self.max_inputs_per_request),
@@ -548,6 +553,30 @@ impl Profile {
                 )));
             }
             target.insert(k.clone(), val.clone());
+        }
+        // A wrong type (`-1`, `1.5`, `"16"`, `null` for a count) names its knob: each patched
+        // knob is tried alone on the current profile, so every bad one is listed.
+        let current = serde_json::to_value(self).expect("a Profile always serializes");
+        let wrong: Vec<Violation> = obj
+            .iter()
+            .filter(|(k, _)| k.as_str() != "provenance")
+            .filter_map(|(k, val)| {
+                let mut probe = current.clone();
+                probe
+                    .as_object_mut()
+                    .expect("a Profile is an object")
+                    .insert(k.clone(), val.clone());
+                serde_json::from_value::<Profile>(probe)
+                    .err()
+                    .map(|e| Violation {
+                        knob: k.clone(),
+                        value: val.to_string(),
+                        rule: format!("wrong type or format ({e})"),
+                    })
+            })
+            .collect();
+        if !wrong.is_empty() {
+            return Err(ProfileError::Invalid(wrong));
         }
         let next: Profile =
             serde_json::from_value(merged).map_err(|e| ProfileError::Parse(e.to_string()))?;
@@ -625,6 +654,60 @@ mod tests {
         let text = p.to_toml_string();
         assert!(text.contains("batch_wait_timeout = \"5ms\""), "{text}");
         assert_eq!(Profile::from_toml_str(&text).unwrap(), p);
+    }
+
+    #[test]
+    fn a_tiny_or_odd_rate_limit_is_refused_not_accepted() {
+        for bad in [5e-11, 1e-4, -1.0, f64::NAN, f64::INFINITY, 2e6] {
+            let p = Profile {
+                rate_limit: bad,
+                ..Profile::default()
+            };
+            let msg = p.validate().unwrap_err().to_string();
+            assert!(msg.contains("rate_limit"), "{bad}: {msg}");
+        }
+        for ok in [0.0, 0.001, 1.0, 1e6] {
+            let p = Profile {
+                rate_limit: ok,
+                ..Profile::default()
+            };
+            p.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_patch_of_the_wrong_type_names_its_knob() {
+        let p = Profile::default();
+        for (patch, knob) in [
+            (serde_json::json!({"max_batch_size": -1}), "max_batch_size"),
+            (serde_json::json!({"max_batch_size": 1.5}), "max_batch_size"),
+            (
+                serde_json::json!({"max_queue_size": "16"}),
+                "max_queue_size",
+            ),
+            (serde_json::json!({"rate_limit": null}), "rate_limit"),
+            (
+                serde_json::json!({"batch_wait_timeout": 5}),
+                "batch_wait_timeout",
+            ),
+        ] {
+            match p.patched(&patch) {
+                Err(ProfileError::Invalid(v)) => {
+                    assert_eq!(v.len(), 1, "{v:?}");
+                    assert_eq!(v[0].knob, knob);
+                }
+                other => panic!("{patch}: {other:?}"),
+            }
+        }
+        // Two bad knobs: both named.
+        let e = p
+            .patched(&serde_json::json!({"max_batch_size": "x", "rate_limit": "y"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_batch_size") && e.contains("rate_limit"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum RuntimeError {
     /// The server failed while running.
     #[error("server error: {0}")]
     Serve(String),
+    /// `--api-key ""`: an empty key would make an empty `X-API-Key` header a valid one.
+    #[error("the API key is empty (give a non-empty --api-key, or none to serve without one)")]
+    EmptyApiKey,
 }
 
 /// Everything `runtime serve` needs.
@@ -142,6 +145,9 @@ impl Server {
     }
 
     async fn start_with_loader(opts: ServeOptions, loader: Loader) -> Result<Server, RuntimeError> {
+        if opts.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return Err(RuntimeError::EmptyApiKey);
+        }
         let listener = tokio::net::TcpListener::bind(opts.addr)
             .await
             .map_err(|source| RuntimeError::Bind {

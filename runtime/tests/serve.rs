@@ -197,7 +197,7 @@ async fn bad_requests_get_4xx_json_naming_the_problem() {
         assert!(msg.contains(needle), "{body}: {msg}");
     }
     let r = request(&c, "GET", a, "/nope", "").await;
-    assert_eq!(r.status, 400);
+    assert_eq!(r.status, 404);
     stop(server).await;
 }
 
@@ -260,6 +260,19 @@ async fn hot_reload_changes_batch_size_live_and_invalid_reload_keeps_profile() {
     )
     .await;
     assert_eq!(restart.status, 409);
+    let wrong = request(
+        &c,
+        "PUT",
+        a,
+        "/config",
+        json!({"max_batch_size": -1}).to_string(),
+    )
+    .await;
+    assert_eq!(wrong.status, 422, "{}", wrong.text);
+    assert!(wrong.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_batch_size = -1"));
     assert!(restart.body["error"]["message"]
         .as_str()
         .unwrap()
@@ -297,7 +310,74 @@ async fn api_key_guards_embeddings_and_config() {
         )))
         .unwrap();
     assert_eq!(c.request(req).await.unwrap().status(), 200);
+    let with = |name: &str, value: &str, body: bytes::Bytes| {
+        hyper::Request::post(format!("http://{}/v1/embeddings", server.addr))
+            .header(name, value)
+            .body(http_body_util::Full::new(body))
+            .unwrap()
+    };
+    let hi = bytes::Bytes::from(json!({"input": "hi"}).to_string());
+    // The scheme is case-insensitive (RFC 9110); X-API-Key works too; a prefix of the key or
+    // the key with a byte more does not.
+    for (name, value, want) in [
+        ("authorization", "bearer s3cret", 200),
+        ("authorization", "BEARER s3cret", 200),
+        ("x-api-key", "s3cret", 200),
+        ("x-api-key", "s3cre", 401),
+        ("x-api-key", "s3cret!", 401),
+        ("authorization", "Basic s3cret", 401),
+        ("x-api-key", "", 401),
+    ] {
+        let r = c.request(with(name, value, hi.clone())).await.unwrap();
+        assert_eq!(r.status(), want, "{name}: {value}");
+    }
+    // Refused before the body is read: headers announcing 50 MB and no body sent get their
+    // 401 at once (a server that read the body first would wait for it).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nX-API-Key: wrong\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            50 << 20
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("401 before the body")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    }
+    // GET /config and /health stay open; unknown routes are 404, wrong methods 405, both JSON.
+    assert_eq!(
+        request(&c, "GET", server.addr, "/config", "").await.status,
+        200
+    );
+    let r = request(&c, "GET", server.addr, "/v2/nothing", "").await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no such route"));
+    let r = request(&c, "DELETE", server.addr, "/config", "").await;
+    assert_eq!(r.status, 405, "{}", r.text);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not allowed"));
     stop(server).await;
+
+    // An empty key is refused at start.
+    let opts = ServeOptions {
+        api_key: Some(String::new()),
+        ..ServeOptions::new(tiny(Profile::default()), "127.0.0.1:0".parse().unwrap())
+    };
+    let e = Server::start(opts)
+        .await
+        .err()
+        .expect("an empty key is refused");
+    assert!(e.to_string().contains("API key is empty"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -525,6 +605,34 @@ async fn hugging_face_folder_loads_and_serves() {
     assert_eq!(vec_of(&r, 0).len(), 32);
     // [CLS] hello world [SEP] + [CLS] [UNK] [SEP]
     assert_eq!(r.body["usage"]["prompt_tokens"], 7);
+    stop(server).await;
+
+    // The folder's sentence-transformers max_seq_length (6 here) is the limit served, below
+    // the position table's: 7 tokens are refused, naming the limit, 6 are embedded.
+    std::fs::write(
+        dir.path().join("sentence_bert_config.json"),
+        r#"{"max_seq_length": 6, "do_lower_case": false}"#,
+    )
+    .unwrap();
+    let p = Profile {
+        model: dir.path().display().to_string(),
+        ..Profile::default()
+    };
+    let (server, c) = start(p).await;
+    let r = embed(
+        &c,
+        server.addr,
+        json!({"input": "hello world hello world hello"}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(
+        r.text.contains("has 7 tokens") && r.text.contains("at most 6"),
+        "{}",
+        r.text
+    );
+    let r = embed(&c, server.addr, json!({"input": "hello world hello world"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
     stop(server).await;
 }
 

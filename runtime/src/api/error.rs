@@ -23,6 +23,12 @@ pub enum ApiError {
     /// Body larger than the server accepts (413).
     #[error("{0}")]
     TooLarge(String),
+    /// No such route (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not with this method (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// Wrong content type (415).
     #[error("{0}")]
     UnsupportedMedia(String),
@@ -62,6 +68,8 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -75,9 +83,11 @@ impl ApiError {
 
     fn kind(&self) -> &'static str {
         match self {
-            ApiError::BadRequest { .. } | ApiError::TooLarge(_) | ApiError::UnsupportedMedia(_) => {
-                "invalid_request_error"
-            }
+            ApiError::BadRequest { .. }
+            | ApiError::TooLarge(_)
+            | ApiError::UnsupportedMedia(_)
+            | ApiError::NotFound(_)
+            | ApiError::MethodNotAllowed(_) => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::InvalidConfig(_) | ApiError::Conflict(_) => "invalid_config",
             ApiError::Admission(AdmissionError::RateLimited { .. }) => "rate_limit_exceeded",

@@ -17,7 +17,7 @@ use crate::model::lm_tokenizer::LmTokenizer;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use profiles::{format_duration, Profile};
@@ -346,29 +346,22 @@ fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(state, headers, body, Kind::Completion).await
+    handle(state, body, Kind::Completion).await
 }
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(state, headers, body, Kind::Chat).await
+    handle(state, body, Kind::Chat).await
 }
 
-async fn handle(
-    state: Arc<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    kind: Kind,
-) -> Response {
+async fn handle(state: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Response {
     let arrived = Instant::now();
-    let resp = match generate(&state, &headers, body, kind, arrived).await {
+    let resp = match generate(&state, body, kind, arrived).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -390,12 +383,11 @@ async fn handle(
 
 async fn generate(
     state: &Arc<AppState>,
-    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     kind: Kind,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let engine = ready_engine(state, headers)?;
+    let engine = ready_engine(state)?;
     let Family::Generate(g) = &engine.family else {
         return Err(ApiError::bad(
             "model",

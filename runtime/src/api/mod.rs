@@ -65,7 +65,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
 }
 
-/// The router with every route and the body limit.
+/// Every route, for the 404 and 405 answers.
+const ROUTES: &str = "POST /v1/embeddings, POST /v1/completions, POST /v1/chat/completions, GET /health, GET|PUT /config, GET /metrics";
+
+/// The router with every route, the API key check and the body limit.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
@@ -75,18 +78,40 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/config", get(get_config).put(put_config))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError::BadRequest {
-                message: "no such route; routes are POST /v1/embeddings, POST /v1/completions, POST /v1/chat/completions, GET /health, GET|PUT /config, GET /metrics".into(),
-                param: None,
-            }
-            .into_response()
-            .map(|b| b)
+        // OpenAI and TEI answer an unknown route 404 and a wrong method 405, with a JSON body.
+        .fallback(|| async { ApiError::NotFound(format!("no such route; routes are {ROUTES}")) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed(format!("method not allowed; routes are {ROUTES}"))
         })
         .layer(DefaultBodyLimit::max(limit))
+        // Outermost: the key is checked before any body is read, so an unauthenticated client
+        // cannot make the server read (up to the body limit of) its upload.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ))
         .with_state(state)
 }
 
+/// Refuses a request to a guarded route (`/v1/*`, `PUT /config`) without the key, before its
+/// body is read.
+async fn require_key(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let guarded = req.uri().path().starts_with("/v1/")
+        || (req.uri().path() == "/config" && req.method() == axum::http::Method::PUT);
+    if guarded {
+        if let Err(e) = check_key(&state, req.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The key from `Authorization: Bearer <key>` (the scheme in any case, as RFC 9110 says) or
+/// `X-API-Key: <key>`, compared in constant time.
 fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &state.api_key else {
         return Ok(());
@@ -94,13 +119,27 @@ fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, k)| k.trim());
     let plain = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    if bearer == Some(key.as_str()) || plain == Some(key.as_str()) {
+    let matches = |given: Option<&str>| given.is_some_and(|g| same_secret(g, key));
+    if matches(bearer) | matches(plain) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
     }
+}
+
+/// Equality whose time does not depend on where the first differing byte is (only on the
+/// lengths), so the key cannot be guessed a byte at a time from response times.
+fn same_secret(given: &str, key: &str) -> bool {
+    let (a, b) = (given.as_bytes(), key.as_bytes());
+    let diff = a
+        .iter()
+        .zip(b.iter().cycle())
+        .fold((a.len() != b.len()) as u8, |d, (x, y)| d | (x ^ y));
+    std::hint::black_box(diff) == 0 && !b.is_empty()
 }
 
 pub(crate) fn read_body(
@@ -206,11 +245,10 @@ pub(crate) fn type_name(v: &Value) -> &'static str {
 
 async fn embeddings(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let resp = match embed_request(&state, &headers, body, arrived).await {
+    let resp = match embed_request(&state, body, arrived).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -224,11 +262,10 @@ async fn embeddings(
 
 async fn embed_request(
     state: &AppState,
-    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let engine = ready_engine(state, headers)?;
+    let engine = ready_engine(state)?;
     let Family::Embed(emb) = &engine.family else {
         return Err(ApiError::bad(
             "model",
@@ -259,7 +296,7 @@ async fn embed_request(
             format!("max_input_tokens is {}", p.max_input_tokens)
         } else {
             format!(
-                "the model accepts at most {} (max_position_embeddings)",
+                "the model accepts at most {} (its max_seq_length or max_position_embeddings)",
                 emb.max_positions
             )
         };
@@ -289,9 +326,9 @@ async fn embed_request(
     Ok(resp)
 }
 
-/// The loaded engine, after the API key and drain checks every model route makes.
-fn ready_engine<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Engine, ApiError> {
-    check_key(state, headers)?;
+/// The loaded engine, after the drain check every model route makes (the key was checked
+/// before the body was read: [`require_key`]).
+fn ready_engine(state: &AppState) -> Result<&Engine, ApiError> {
     if state.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("server is shutting down".into()));
     }
@@ -333,11 +370,9 @@ async fn get_config(State(state): State<Arc<AppState>>) -> Response {
 
 async fn put_config(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let r = (|| {
-        check_key(&state, &headers)?;
         let patch = read_body(&state, body)?;
         let current = state.profile.borrow().clone();
         let next = current.patched(&patch).map_err(|e| match e {

@@ -167,7 +167,8 @@ pub struct LoadedModel {
     pub replicas: Vec<(String, Arc<dyn Backend>)>,
     /// Embedding width.
     pub dim: usize,
-    /// Longest input, in tokens, the position table allows.
+    /// Longest input, in tokens: the position table's size, or the folder's sentence-transformers
+    /// `max_seq_length` when that is smaller.
     pub max_positions: usize,
     /// Model name reported in responses.
     pub name: String,
@@ -366,6 +367,10 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
         model: spec.to_string(),
         reason,
     };
+    // sentence-transformers cuts inputs at the folder's `max_seq_length` (256 for
+    // all-MiniLM-L6-v2, whose position table holds 512): past it the runtime would embed text
+    // the reference never saw and answer a different vector, so that is the limit served.
+    let mut seq_limit = None;
     let (config, tokenizer, weights): (
         BertConfig,
         Arc<dyn Tokenize>,
@@ -388,6 +393,7 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
                 serde_json::from_str(&text).map_err(|e| lerr(format!("config.json: {e}")))?;
             let tok =
                 HfTokenizer::load(&dir.join("tokenizer.json")).map_err(|e| lerr(e.to_string()))?;
+            seq_limit = sentence_max_seq_length(dir).map_err(lerr)?;
             (c, Arc::new(tok), None)
         }
     };
@@ -441,9 +447,33 @@ pub fn load(spec: &str, devices: &[String], dtype: Dtype) -> Result<LoadedModel,
         tokenizer,
         replicas,
         dim: config.hidden_size,
-        max_positions: config.max_position_embeddings,
+        max_positions: seq_limit.map_or(config.max_position_embeddings, |l: usize| {
+            l.min(config.max_position_embeddings)
+        }),
         name: spec.to_string(),
     })
+}
+
+/// `max_seq_length` from a folder's `sentence_bert_config.json`, when it has one.
+fn sentence_max_seq_length(dir: &std::path::Path) -> Result<Option<usize>, String> {
+    let path = dir.join("sentence_bert_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("sentence_bert_config.json: {e}"))?;
+    match v.get("max_seq_length") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(n) => n
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| {
+                format!(
+                    "sentence_bert_config.json: max_seq_length must be a positive integer, got {n}"
+                )
+            }),
+    }
 }
 
 #[cfg(test)]
