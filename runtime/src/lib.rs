@@ -196,6 +196,7 @@ impl Server {
                                 tokenizer: m.tokenizer,
                                 service: EmbedService::new(b.clone(), admission),
                                 max_positions: m.max_positions,
+                                dim: m.dim,
                             }),
                         });
                         *slot.lock().unwrap() = Some(Running::Embed(b, h));

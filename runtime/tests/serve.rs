@@ -22,6 +22,10 @@ fn vec_of(r: &Resp, i: usize) -> Vec<f32> {
         .collect()
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn minilm_vectors_are_unit_norm_and_padding_invariant() {
     let (server, c) = start(Profile::default()).await;
@@ -43,14 +47,33 @@ async fn minilm_vectors_are_unit_norm_and_padding_invariant() {
     let batch = embed(&c, server.addr, json!({"input": [long, short, long]})).await;
     assert_eq!(batch.status, 200);
     assert_eq!(batch.body["data"][1]["index"], 1);
-    let w = vec_of(&batch, 1);
-    let diff = v
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let diff = max_abs_diff(&v, &vec_of(&batch, 1));
     assert!(diff < 1e-4, "padded batch changed the vector by {diff}");
     assert!(metric(&c, server.addr, "batchtune_batch_size_inputs_sum").await >= 4.0);
+
+    // What the official openai client asks for by default: base64 of the little-endian f32
+    // bytes, the same vector as the float form.
+    let b64 = embed(
+        &c,
+        server.addr,
+        json!({"input": short, "encoding_format": "base64", "dimensions": 384}),
+    )
+    .await;
+    assert_eq!(b64.status, 200, "{}", b64.text);
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.body["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(decoded.len(), 384);
+    let diff = max_abs_diff(&v, &decoded);
+    assert!(diff < 1e-4, "base64 vector differs by {diff}");
+    let r = embed(&c, server.addr, json!({"input": short, "dimensions": 128})).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "dimensions");
     stop(server).await;
 }
 

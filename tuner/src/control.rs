@@ -78,6 +78,7 @@ impl Target {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         );
         c.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        die_with_this_process(&mut c);
         let mut child = c
             .spawn()
             .map_err(|e| ControlError::Spawn(format!("cannot start `{}`: {e}", cmd.join(" "))))?;
@@ -242,6 +243,33 @@ impl Target {
 impl Drop for Target {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Puts the child in its own process group and, on Linux, has the kernel send it SIGTERM when
+/// the tuner dies, however it dies: Drop stops children on a normal exit, but not on SIGKILL
+/// or an unhandled SIGTERM, which left a server listening with an unfinished trial's knobs.
+/// The signal follows the thread that spawned the child; spawns run on the async runtime's
+/// worker threads, which live as long as the tuner.
+fn die_with_this_process(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    c.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        // SAFETY: between fork and exec only async-signal-safe calls are made (prctl, getppid).
+        unsafe {
+            c.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The tuner may have died before the prctl: then nobody would signal us.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the tuner exited"));
+                }
+                Ok(())
+            });
+        }
     }
 }
 

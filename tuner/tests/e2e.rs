@@ -294,3 +294,77 @@ fn a_generation_search_tunes_token_targets_and_records_them() {
     // Goodput counts requests meeting both per-request bounds: at most the achieved rate.
     assert!(prov["goodput_rps"].as_float().is_some());
 }
+
+/// The spawned servers of a tuner that is killed (SIGKILL: no Drop, no handler) die with it.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_tuner_leaves_no_server_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("start.toml");
+    std::fs::write(&profile, "model = \"synthetic:tiny\"\n").unwrap();
+    let spawn = format!(
+        "{} serve --profile {}",
+        runtime_bin().display(),
+        profile.display()
+    );
+    let mut tuner = Command::new(env!("CARGO_BIN_EXE_tuner"))
+        .args([
+            "search",
+            "--target",
+            "p95<500ms",
+            "--time",
+            "120s",
+            "--spawn",
+            &spawn,
+        ])
+        .arg("--out")
+        .arg(dir.path().join("tuned.toml"))
+        .arg("--journal-dir")
+        .arg(dir.path().join("searches"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The tuner's children, from every one of its threads.
+    let children = |pid: u32| -> Vec<u32> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return vec![];
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let server = loop {
+        if let Some(&c) = children(tuner.id()).first() {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tuner never started a server"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    tuner.kill().unwrap();
+    tuner.wait().unwrap();
+    // Gone (or a zombie about to be reaped by init) within a few seconds.
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while alive(server) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server {server} outlived its killed tuner"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

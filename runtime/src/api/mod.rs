@@ -47,6 +47,8 @@ pub struct EmbedEngine {
     pub service: EmbedService,
     /// Longest input the position table allows.
     pub max_positions: usize,
+    /// Embedding width (the only `dimensions` a request may ask for).
+    pub dim: usize,
 }
 
 /// Shared state of one server.
@@ -165,20 +167,59 @@ pub(crate) fn read_body(
     })
 }
 
+/// How an embeddings response carries its vectors (OpenAI's `encoding_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodingFormat {
+    /// A JSON array of numbers.
+    Float,
+    /// A base64 string of the little-endian f32 bytes: the official `openai` Python client
+    /// asks for it unless told otherwise (then decodes it), and it is ~4× smaller than JSON.
+    Base64,
+}
+
+impl EncodingFormat {
+    /// The `embedding` field for one vector.
+    pub fn encode(self, v: Vec<f32>) -> Value {
+        match self {
+            EncodingFormat::Float => json!(v),
+            EncodingFormat::Base64 => {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+        }
+    }
+}
+
+/// `encoding_format` and `dimensions` of an embeddings request. `dimensions` is accepted only
+/// when it is the model's width: the OpenAI API refuses it for models that were not trained to
+/// be truncated, and cutting a MiniLM vector would not be a valid embedding.
+pub fn parse_format(body: &Value, dim: usize) -> Result<EncodingFormat, ApiError> {
+    if let Some(d) = body.get("dimensions").filter(|d| !d.is_null()) {
+        if d.as_u64() != Some(dim as u64) {
+            return Err(ApiError::bad(
+                "dimensions",
+                format!("dimensions {d} is not supported: this model's embeddings have {dim} dimensions and cannot be shortened"),
+            ));
+        }
+    }
+    match body.get("encoding_format") {
+        None | Some(Value::Null) => Ok(EncodingFormat::Float),
+        Some(f) if f == "float" => Ok(EncodingFormat::Float),
+        Some(f) if f == "base64" => Ok(EncodingFormat::Base64),
+        Some(f) => Err(ApiError::bad(
+            "encoding_format",
+            format!("encoding_format {f} is not supported; use \"float\" or \"base64\""),
+        )),
+    }
+}
+
 /// Pulls the list of texts out of an embeddings request, naming the first problem precisely.
 pub fn parse_inputs(body: &Value, p: &Profile) -> Result<Vec<String>, ApiError> {
     let obj = body.as_object().ok_or_else(|| ApiError::BadRequest {
         message: "body must be a JSON object".into(),
         param: None,
     })?;
-    if let Some(f) = obj.get("encoding_format") {
-        if f != "float" {
-            return Err(ApiError::bad(
-                "encoding_format",
-                format!("encoding_format {f} is not supported; use \"float\""),
-            ));
-        }
-    }
     let input = obj.get("input").ok_or_else(|| {
         ApiError::bad(
             "input",
@@ -278,6 +319,7 @@ async fn embed_request(
     let p = state.profile.borrow().clone();
     let body = read_body(state, body)?;
     let texts = parse_inputs(&body, &p)?;
+    let format = parse_format(&body, emb.dim)?;
 
     // Tokenization is CPU work: keep it off the async workers that serve sockets.
     let tok = emb.tokenizer.clone();
@@ -311,7 +353,7 @@ async fn embed_request(
         .embeddings
         .into_iter()
         .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": format.encode(v)}))
         .collect();
     let body = json!({
         "object": "list",
@@ -425,7 +467,28 @@ mod tests {
         assert!(msg(json!({"input": ["a", "b", "c"]}))
             .contains("input has 3 items; max_inputs_per_request is 2"));
         assert!(msg(json!({"input": ["a", " "]})).contains("input[1] is empty"));
-        assert!(msg(json!({"input": "a", "encoding_format": "base64"})).contains("encoding_format"));
         assert!(msg(json!([1])).contains("JSON object"));
+    }
+
+    #[test]
+    fn base64_is_little_endian_f32_and_odd_formats_are_named() {
+        let f = |v: Value| parse_format(&v, 3);
+        assert_eq!(f(json!({})).unwrap(), EncodingFormat::Float);
+        assert_eq!(
+            f(json!({"encoding_format": "base64", "dimensions": 3})).unwrap(),
+            EncodingFormat::Base64
+        );
+        let e = f(json!({"encoding_format": "hex"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("encoding_format \"hex\""), "{e}");
+        let e = f(json!({"dimensions": 2})).unwrap_err().to_string();
+        assert!(
+            e.contains("dimensions 2") && e.contains("3 dimensions"),
+            "{e}"
+        );
+        // 1.0 = 0x3f800000, -2.0 = 0xc0000000, little-endian: 00 00 80 3f 00 00 00 c0.
+        let b = EncodingFormat::Base64.encode(vec![1.0, -2.0]);
+        assert_eq!(b, json!("AACAPwAAAMA="));
     }
 }
