@@ -85,6 +85,10 @@ impl ServeOptions {
     }
 }
 
+/// After the drain timeout: how long refused requests' answers and the devices' last batches get
+/// before the server stops (so it exits within `drain_timeout` + 2 × this).
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A running server. Dropping it does not stop it: call [`Server::shutdown`] then [`Server::wait`].
 pub struct Server {
     /// The bound address (with the real port when 0 was asked for).
@@ -261,8 +265,6 @@ impl Server {
         let drain_timeout = opts.profile.drain_timeout;
         let app = api::router(state.clone());
         let task = tokio::spawn(async move {
-            let mut rx2 = shutdown_rx.clone();
-            let st = state.clone();
             // Without TCP_NODELAY a streamed token written while the previous one is
             // unacknowledged waits for the client's delayed ACK (up to 40 ms on Linux): every
             // SSE stream's TTFT and inter-token gaps would carry it.
@@ -271,35 +273,65 @@ impl Server {
                     tracing::debug!("TCP_NODELAY on an accepted connection: {err}");
                 }
             });
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = rx2.wait_for(|v| *v).await;
-                st.draining.store(true, Ordering::Release);
+            // The listener stays open while the engine drains, so a request that arrives then
+            // is answered 503 "shutting down" (a load balancer retries it elsewhere) instead of
+            // meeting a refused connection.
+            let (close_tx, mut close_rx) = watch::channel(false);
+            let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = close_rx.wait_for(|v| *v).await;
             });
-            let drained = tokio::select! {
-                r = serve => r.map_err(|e| RuntimeError::Serve(e.to_string())).map(|_| true),
-                _ = async {
-                    let _ = shutdown_rx.wait_for(|v| *v).await;
-                    tokio::time::sleep(drain_timeout).await;
-                } => Ok(false),
-            }?;
-            if !drained {
-                tracing::warn!(
-                    "drain_timeout ({:?}) passed with requests still open; stopping",
-                    drain_timeout
-                );
+            let mut serve = tokio::spawn(async move { graceful.await });
+            tokio::select! {
+                r = &mut serve => {
+                    return match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(RuntimeError::Serve(e.to_string())),
+                        Err(e) => Err(RuntimeError::Serve(e.to_string())),
+                    };
+                }
+                _ = shutdown_rx.wait_for(|v| *v) => {}
             }
+            state.draining.store(true, Ordering::Release);
+            let deadline = tokio::time::Instant::now() + drain_timeout;
             let r = running.lock().unwrap().take();
-            match r {
-                Some(Running::Embed(b, h)) => {
+            let drained = match r {
+                Some(Running::Embed(b, mut h)) => {
                     b.shutdown();
-                    let _ = tokio::time::timeout(drain_timeout, h).await;
+                    if tokio::time::timeout_at(deadline, &mut h).await.is_ok() {
+                        true
+                    } else {
+                        b.abort();
+                        let _ = tokio::time::timeout(ABORT_GRACE, h).await;
+                        false
+                    }
                 }
                 Some(Running::Generate(g)) => {
                     g.shutdown();
-                    let join = tokio::task::spawn_blocking(move || g.join());
-                    let _ = tokio::time::timeout(drain_timeout, join).await;
+                    let g2 = g.clone();
+                    let mut join = tokio::task::spawn_blocking(move || g2.join());
+                    if tokio::time::timeout_at(deadline, &mut join).await.is_ok() {
+                        true
+                    } else {
+                        g.abort();
+                        let _ = tokio::time::timeout(ABORT_GRACE, join).await;
+                        false
+                    }
                 }
-                None => {}
+                None => true,
+            };
+            if drained {
+                tracing::info!("drained: every accepted request was answered");
+            } else {
+                tracing::warn!(
+                    "drain_timeout ({}) passed: requests still queued or generating were answered 503",
+                    profiles::format_duration(drain_timeout)
+                );
+            }
+            // Every accepted request has its answer; let the connections write them, then close.
+            let _ = close_tx.send(true);
+            if tokio::time::timeout(ABORT_GRACE, &mut serve).await.is_err() {
+                tracing::warn!("connections still open after the drain; closing them");
+                serve.abort();
             }
             if let Some(e) = load_error.lock().unwrap().take() {
                 return Err(e);
@@ -313,8 +345,10 @@ impl Server {
         })
     }
 
-    /// Starts a graceful shutdown: stop accepting, finish queued and in-flight requests (bounded by
-    /// `drain_timeout`), then stop the batcher and workers.
+    /// Starts a graceful shutdown. Model routes answer 503 from now on (the listener stays open
+    /// meanwhile); everything accepted is computed until `drain_timeout`; what is still queued
+    /// or generating then gets 503 (a stream gets an error event), never a silent close; the
+    /// connections then finish writing and the server stops, within `drain_timeout` + 4 s.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
     }

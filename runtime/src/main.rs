@@ -264,7 +264,7 @@ fn serve(
             stopper.stop();
         });
         server.wait().await?;
-        tracing::info!("stopped cleanly");
+        tracing::info!("stopped");
         Ok(())
     })
 }

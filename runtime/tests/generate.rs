@@ -493,3 +493,71 @@ async fn two_cpu_replicas_share_the_sequences() {
     }
     stop(server).await;
 }
+
+/// The shutdown contract for generation: sequences still running or waiting when the drain
+/// timeout passes are answered 503 (a stream ends with an error event saying so, then
+/// [DONE]); none is closed silently; a request after the shutdown began gets 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_answers_running_and_waiting_generations_with_503() {
+    let (server, c) = start(llm(Profile {
+        max_new_tokens: 2000,
+        max_batch_size: 1,
+        drain_timeout: Duration::from_millis(300),
+        ..Profile::default()
+    }))
+    .await;
+    let a = server.addr;
+    let long = json!({"prompt": "go on forever", "max_tokens": 2000, "ignore_eos": true});
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    let stream = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            request(&c, "POST", a, "/v1/completions", streamed.to_string()).await
+        })
+    };
+    let mut waiting = Vec::new();
+    for _ in 0..8 {
+        let (c, body) = (c.clone(), long.clone());
+        waiting.push(tokio::spawn(async move { complete(&c, a, body).await }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&c, a, "batchtune_waiting_sequences").await < 8.0 {
+        assert!(Instant::now() < deadline, "requests never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let late = complete(&c, a, json!({"prompt": "late", "max_tokens": 2})).await;
+    assert_eq!(late.status, 503, "{}", late.text);
+    server.wait().await.unwrap();
+    let mut refused = 0;
+    for w in waiting {
+        let r = w.await.unwrap();
+        assert!(
+            r.status == 200 || r.status == 503,
+            "{}: {}",
+            r.status,
+            r.text
+        );
+        if r.status == 503 {
+            assert!(r.text.contains("shutting down"), "{}", r.text);
+            refused += 1;
+        }
+    }
+    assert!(refused >= 4, "{refused} of 8 waiting requests refused");
+    // The stream either started (200, then cut with an error event) or was still waiting (503
+    // before any byte, as a queued request is answered).
+    let s = stream.await.unwrap();
+    assert!(s.status == 200 || s.status == 503, "{}", s.status);
+    if s.status == 200 {
+        assert!(s.text.trim_end().ends_with("data: [DONE]"), "{}", s.text);
+    }
+    if s.status == 503 || s.text.contains("\"error\"") {
+        assert!(
+            s.text.contains("shutting down") && s.text.contains("503"),
+            "{}",
+            s.text
+        );
+    }
+}

@@ -23,7 +23,10 @@ fn vec_of(r: &Resp, i: usize) -> Vec<f32> {
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -685,4 +688,76 @@ fn write_tiny_hf_folder(dir: &std::path::Path) {
         "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab}
     });
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+/// The real tiny model, each batch held for `ms` first: a device slower than the drain timeout.
+struct Slow {
+    inner: Arc<dyn Backend>,
+    ms: u64,
+}
+
+impl Backend for Slow {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, runtime::model::BackendError> {
+        std::thread::sleep(Duration::from_millis(self.ms));
+        self.inner.embed(batch)
+    }
+}
+
+/// The shutdown contract: after `shutdown`, new requests get 503 (not a refused connection),
+/// every accepted request gets an answer (200 if computed by the drain timeout, else 503; none
+/// is closed silently), and the server stops within drain_timeout + 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_answers_every_accepted_request_and_refuses_new_ones_with_503() {
+    let mut m: LoadedModel =
+        model::load("synthetic:tiny", &["cpu".into()], profiles::Dtype::F32).unwrap();
+    let inner = m.replicas[0].1.clone();
+    m.replicas[0].1 = Arc::new(Slow { inner, ms: 150 });
+    let p = tiny(Profile {
+        max_batch_size: 1,
+        max_concurrent_batches: 1,
+        drain_timeout: Duration::from_secs(1),
+        ..Profile::default()
+    });
+    let (server, c) = start_with(p, m).await;
+    let a = server.addr;
+    // 30 requests of 150 ms each, one at a time: 4.5 s of work against a 1 s drain.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            embed(&c, a, json!({"input": format!("text {i}")}))
+                .await
+                .status
+        }));
+    }
+    // All admitted before the shutdown starts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&c, a, "batchtune_queue_depth_inputs").await < 25.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t0 = std::time::Instant::now();
+    server.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = embed(&c, a, json!({"input": "late"})).await;
+    assert_eq!(late.status, 503, "{}", late.text);
+    assert!(late.text.contains("shutting down"), "{}", late.text);
+    server.wait().await.unwrap();
+    let took = t0.elapsed();
+    let mut by_status = std::collections::BTreeMap::new();
+    for t in tasks {
+        *by_status.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    let ok = by_status.get(&200).copied().unwrap_or(0);
+    let refused = by_status.get(&503).copied().unwrap_or(0);
+    assert_eq!(
+        ok + refused,
+        30,
+        "every accepted request answered: {by_status:?}"
+    );
+    assert!(ok >= 3 && refused >= 10, "{by_status:?}");
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
 }

@@ -593,8 +593,13 @@ fn failure(f: GenFailure, p: &Profile) -> ApiError {
             format_duration(p.request_timeout)
         )),
         GenFailure::Step(m) => ApiError::Internal(m),
+        GenFailure::Shutdown => ApiError::Unavailable(SHUTDOWN_MESSAGE.into()),
     }
 }
+
+/// What a generation cut short by the drain timeout is told (503, or the stream's error event).
+const SHUTDOWN_MESSAGE: &str =
+    "the server is shutting down and its drain_timeout passed before this generation finished; retry on another replica";
 
 impl Meta {
     /// One SSE chunk with this request's envelope.
@@ -690,14 +695,15 @@ fn stream(
                     Bytes::from(b)
                 }
                 Some(GenEvent::Failed(f)) => {
-                    let msg = match f {
-                        GenFailure::Step(m) => m,
-                        GenFailure::Expired => "expired".into(),
+                    let (msg, kind, code) = match f {
+                        GenFailure::Step(m) => (m, "server_error", 500),
+                        GenFailure::Expired => ("expired".into(), "timeout", 504),
+                        GenFailure::Shutdown => (SHUTDOWN_MESSAGE.into(), "unavailable", 503),
                     };
                     s.done = true;
                     Bytes::from(format!(
                         "data: {}\n\ndata: [DONE]\n\n",
-                        json!({"error": {"message": msg, "type": "server_error", "code": 500}})
+                        json!({"error": {"message": msg, "type": kind, "code": code}})
                     ))
                 }
                 None => {

@@ -19,6 +19,9 @@ pub enum Msg {
     Enqueue(Vec<Entry<Item>>),
     /// Stop taking work; compute what is queued; exit when nothing is in flight.
     Shutdown,
+    /// The drain timeout passed: refuse what is still queued (503), finish the batches on the
+    /// devices, exit.
+    Abort,
 }
 
 /// Handle to the running batcher.
@@ -52,6 +55,11 @@ impl Batcher {
     /// Asks the batcher to finish queued work and stop.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Msg::Shutdown);
+    }
+
+    /// Refuses everything still queued and stops once the devices' batches are done.
+    pub fn abort(&self) {
+        let _ = self.tx.send(Msg::Abort);
     }
 }
 
@@ -128,6 +136,14 @@ async fn run(
             let mut apply = |m: Msg| match m {
                 Msg::Enqueue(entries) => entries.into_iter().for_each(|e| state.push(e)),
                 Msg::Shutdown => draining = true,
+                Msg::Abort => {
+                    draining = true;
+                    let refused = state.take_all();
+                    space.release(refused.len());
+                    for e in refused {
+                        e.payload.slot.fail(Failure::Shutdown);
+                    }
+                }
             };
             apply(msg);
             // Take everything else that already arrived, so a burst forms one batch, not many.

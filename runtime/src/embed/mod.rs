@@ -29,7 +29,7 @@ pub enum EmbedError {
     #[error("{0}")]
     Batch(String),
     /// The server stopped before computing it.
-    #[error("server stopped before computing the request")]
+    #[error("the server is shutting down and stopped before computing this request; retry on another replica")]
     Stopped,
 }
 

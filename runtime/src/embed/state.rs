@@ -138,6 +138,11 @@ impl<T: Pending> State<T> {
         swept
     }
 
+    /// Removes every queued entry (the drain timeout passed: each gets an explicit refusal).
+    pub fn take_all(&mut self) -> Vec<Entry<T>> {
+        self.entries.drain(..).collect()
+    }
+
     /// The earliest deadline among queued entries, so the batcher wakes to answer 504 on time even
     /// when every device is busy.
     pub fn next_deadline(&self) -> Option<Instant> {

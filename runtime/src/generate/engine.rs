@@ -81,6 +81,8 @@ pub enum GenFailure {
     Expired,
     /// Its step failed (the message names the device).
     Step(String),
+    /// The server's drain timeout passed before it finished.
+    Shutdown,
 }
 
 /// What the engine tells a request, in order: `Started`, `Text`…, then `Done` or `Failed`.
@@ -110,6 +112,8 @@ pub enum Msg {
     New(Box<GenRequest>, mpsc::UnboundedSender<GenEvent>),
     /// Finish everything admitted, then exit.
     Shutdown,
+    /// The drain timeout passed: fail every sequence still here (503), then exit.
+    Abort,
 }
 
 /// What an engine thread needs.
@@ -216,6 +220,13 @@ impl Engine {
     fn take(&mut self, m: Msg) {
         match m {
             Msg::Shutdown => self.draining = true,
+            Msg::Abort => {
+                self.draining = true;
+                let all: Vec<SeqId> = self.seqs.keys().copied().collect();
+                for id in all {
+                    self.end(id, End::Failed(GenFailure::Shutdown));
+                }
+            }
             Msg::New(req, events) => {
                 let id = self.next_id;
                 self.next_id += 1;
@@ -514,6 +525,7 @@ impl Engine {
         let reason = match &how {
             End::Finished(r) => r.as_str(),
             End::Failed(GenFailure::Expired) => "expired",
+            End::Failed(GenFailure::Shutdown) => "shutdown",
             End::Failed(_) => "error",
             End::Cancelled => "cancelled",
         };

@@ -122,6 +122,14 @@ impl GenerateService {
         }
     }
 
+    /// Fails every sequence still running or waiting (503) and stops the engines: the drain
+    /// timeout passed.
+    pub fn abort(&self) {
+        for r in &self.replicas {
+            let _ = r.tx.send(Msg::Abort);
+        }
+    }
+
     /// Waits for the engines to stop (blocking; call from a blocking thread).
     pub fn join(&self) {
         let threads: Vec<_> = self
