@@ -89,6 +89,21 @@ impl ServeOptions {
 /// before the server stops (so it exits within `drain_timeout` + 2 × this).
 const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Waits for `done` (an engine finishing what it accepted) until `deadline`; past it, `abort`s
+/// (the engine answers the rest 503) and waits [`ABORT_GRACE`] more. True when it drained.
+async fn drain_or_abort<T>(
+    mut done: tokio::task::JoinHandle<T>,
+    deadline: tokio::time::Instant,
+    abort: impl FnOnce(),
+) -> bool {
+    if tokio::time::timeout_at(deadline, &mut done).await.is_ok() {
+        return true;
+    }
+    abort();
+    let _ = tokio::time::timeout(ABORT_GRACE, done).await;
+    false
+}
+
 /// A running server. Dropping it does not stop it: call [`Server::shutdown`] then [`Server::wait`].
 pub struct Server {
     /// The bound address (with the real port when 0 was asked for).
@@ -295,27 +310,15 @@ impl Server {
             let deadline = tokio::time::Instant::now() + drain_timeout;
             let r = running.lock().unwrap().take();
             let drained = match r {
-                Some(Running::Embed(b, mut h)) => {
+                Some(Running::Embed(b, h)) => {
                     b.shutdown();
-                    if tokio::time::timeout_at(deadline, &mut h).await.is_ok() {
-                        true
-                    } else {
-                        b.abort();
-                        let _ = tokio::time::timeout(ABORT_GRACE, h).await;
-                        false
-                    }
+                    drain_or_abort(h, deadline, || b.abort()).await
                 }
                 Some(Running::Generate(g)) => {
                     g.shutdown();
                     let g2 = g.clone();
-                    let mut join = tokio::task::spawn_blocking(move || g2.join());
-                    if tokio::time::timeout_at(deadline, &mut join).await.is_ok() {
-                        true
-                    } else {
-                        g.abort();
-                        let _ = tokio::time::timeout(ABORT_GRACE, join).await;
-                        false
-                    }
+                    let join = tokio::task::spawn_blocking(move || g2.join());
+                    drain_or_abort(join, deadline, || g.abort()).await
                 }
                 None => true,
             };
