@@ -14,6 +14,7 @@ use crate::generate::sampling::SamplingParams;
 use crate::generate::GenerateService;
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::lm_tokenizer::LmTokenizer;
+use crate::model::tokenize::{encode_within, Encoded};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -403,6 +404,7 @@ async fn generate(
 
     // Template rendering and tokenization are CPU work: off the async workers.
     let (tok, chat, input) = (g.tokenizer.clone(), g.chat.clone(), req.input.clone());
+    let limit = p.max_input_tokens;
     let prompt = tokio::task::spawn_blocking(move || {
         let text = match input {
             Input::Prompt(t) => t,
@@ -410,7 +412,7 @@ async fn generate(
                 .render(&m)
                 .map_err(|e| ApiError::bad("messages", e.to_string()))?,
         };
-        tok.encode(&text).map_err(|e| {
+        encode_within(|x| tok.encode(x), &text, limit).map_err(|e| {
             ApiError::bad(
                 if kind == Kind::Chat {
                     "messages"
@@ -427,6 +429,18 @@ async fn generate(
         "messages"
     } else {
         "prompt"
+    };
+    let prompt = match prompt {
+        Encoded::Ids(ids) => ids,
+        Encoded::AtLeast(n) => {
+            return Err(ApiError::bad(
+                field,
+                format!(
+                    "{field} has more than {n} tokens; max_input_tokens is {}",
+                    p.max_input_tokens
+                ),
+            ))
+        }
     };
     if prompt.is_empty() {
         return Err(ApiError::bad(field, format!("{field} has no tokens")));

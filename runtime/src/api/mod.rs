@@ -5,7 +5,7 @@ pub mod generate;
 
 use crate::embed::EmbedService;
 use crate::metrics::Metrics;
-use crate::model::tokenize::Tokenize;
+use crate::model::tokenize::{encode_within, Encoded, Tokenize};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -323,29 +323,41 @@ async fn embed_request(
 
     // Tokenization is CPU work: keep it off the async workers that serve sockets.
     let tok = emb.tokenizer.clone();
-    let ids: Vec<Vec<u32>> = tokio::task::spawn_blocking(move || {
+    let limit = p.max_input_tokens.min(emb.max_positions);
+    let encoded: Vec<Encoded> = tokio::task::spawn_blocking(move || {
         texts
             .iter()
-            .map(|t| tok.encode(t))
+            .map(|t| encode_within(|x| tok.encode(x), t, limit))
             .collect::<Result<Vec<_>, _>>()
     })
     .await
     .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
     .map_err(|e| ApiError::bad("input", e.to_string()))?;
-    let limit = p.max_input_tokens.min(emb.max_positions);
-    if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| t.len() > limit) {
-        let why = if p.max_input_tokens <= emb.max_positions {
-            format!("max_input_tokens is {}", p.max_input_tokens)
-        } else {
-            format!(
-                "the model accepts at most {} (its max_seq_length or max_position_embeddings)",
-                emb.max_positions
-            )
-        };
-        return Err(ApiError::bad(
-            "input",
-            format!("input[{i}] has {} tokens; {why}", t.len()),
-        ));
+    let why = if p.max_input_tokens <= emb.max_positions {
+        format!("max_input_tokens is {}", p.max_input_tokens)
+    } else {
+        format!(
+            "the model accepts at most {} (its max_seq_length or max_position_embeddings)",
+            emb.max_positions
+        )
+    };
+    let mut ids = Vec::with_capacity(encoded.len());
+    for (i, e) in encoded.into_iter().enumerate() {
+        match e {
+            Encoded::Ids(t) if t.len() <= limit => ids.push(t),
+            Encoded::Ids(t) => {
+                return Err(ApiError::bad(
+                    "input",
+                    format!("input[{i}] has {} tokens; {why}", t.len()),
+                ))
+            }
+            Encoded::AtLeast(n) => {
+                return Err(ApiError::bad(
+                    "input",
+                    format!("input[{i}] has more than {n} tokens; {why}"),
+                ))
+            }
+        }
     }
     let prompt_tokens: usize = ids.iter().map(|t| t.len()).sum();
     let outcome = emb.service.embed(ids, &p, arrived).await?;
