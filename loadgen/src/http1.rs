@@ -36,6 +36,14 @@ pub struct Exchange {
     pub stream_error: bool,
 }
 
+/// How an exchange on one connection failed.
+enum Failed {
+    /// Writing the request failed: the server never had all of it.
+    Write,
+    /// After the request was written.
+    After(ExchangeError),
+}
+
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
@@ -82,20 +90,25 @@ impl Client {
     }
 
     /// Sends pre-built request bytes and reads the whole response. `record_stream` records body
-    /// arrival times (time to first token, inter-token gaps). A reused connection that turns out
-    /// to be closed before any response byte arrives is retried once on a fresh one.
+    /// arrival times (time to first token, inter-token gaps).
+    ///
+    /// A POST is never sent twice. An idle connection the server has closed is found before
+    /// use (a non-blocking read sees its EOF) and replaced; a reused connection that fails
+    /// while the request is being written is retried once on a fresh one (the server never had
+    /// the whole request). Once written, a connection that closes before any response byte is
+    /// an `Io` error: the server may have accepted the request and dropped it, and resending
+    /// would hide that (and count it as a connect failure when the server is gone).
     pub async fn exchange(
         &self,
         req: &Bytes,
         sent: Instant,
         record_stream: bool,
     ) -> Result<Exchange, ExchangeError> {
-        let pooled = self.idle.lock().expect("idle stack").pop();
-        if let Some(conn) = pooled {
+        if let Some(conn) = self.live_idle() {
             match self.on(conn, req, sent, record_stream).await {
                 Ok(x) => return Ok(x),
-                Err((false, _)) => {} // nothing was received: the server had closed it; retry
-                Err((true, e)) => return Err(e),
+                Err(Failed::Write) => {} // the request never left: a fresh connection is safe
+                Err(Failed::After(e)) => return Err(e),
             }
         }
         let stream = TcpStream::connect(self.addr)
@@ -112,39 +125,65 @@ impl Client {
             record_stream,
         )
         .await
-        .map_err(|(_, e)| e)
+        .map_err(|f| match f {
+            Failed::Write => ExchangeError::Io,
+            Failed::After(e) => e,
+        })
     }
 
-    /// Runs one exchange on `c`; on error says whether any response bytes had arrived.
+    /// The most recently idled connection the server has not closed meanwhile.
+    fn live_idle(&self) -> Option<Conn> {
+        loop {
+            let c = self.idle.lock().expect("idle stack").pop()?;
+            let mut probe = [0u8; 1];
+            match c.stream.try_read(&mut probe) {
+                // Nothing to read: open and quiet, as an idle connection should be.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(c),
+                // EOF, an error, or stray bytes: not reusable.
+                _ => continue,
+            }
+        }
+    }
+
+    /// Runs one exchange on `c`.
     async fn on(
         &self,
         mut c: Conn,
         req: &Bytes,
         sent: Instant,
         record: bool,
-    ) -> Result<Exchange, (bool, ExchangeError)> {
+    ) -> Result<Exchange, Failed> {
         c.buf.clear();
         if c.stream.write_all(req).await.is_err() {
-            return Err((false, ExchangeError::Io));
+            return Err(Failed::Write);
         }
+        self.read_response(c, sent, record)
+            .await
+            .map_err(Failed::After)
+    }
+
+    /// Reads one response on `c` after its request was written.
+    async fn read_response(
+        &self,
+        mut c: Conn,
+        sent: Instant,
+        record: bool,
+    ) -> Result<Exchange, ExchangeError> {
         // Head.
         let head_end = loop {
             if let Some(i) = find(&c.buf, b"\r\n\r\n") {
                 break i + 4;
             }
-            let n = read_more(&mut c)
-                .await
-                .map_err(|_| (!c.buf.is_empty(), ExchangeError::Io))?;
+            let n = read_more(&mut c).await.map_err(|_| ExchangeError::Io)?;
             if n == 0 {
-                return Err((!c.buf.is_empty(), ExchangeError::Io));
+                return Err(ExchangeError::Io);
             }
         };
-        let head =
-            std::str::from_utf8(&c.buf[..head_end]).map_err(|_| (true, ExchangeError::Io))?;
+        let head = std::str::from_utf8(&c.buf[..head_end]).map_err(|_| ExchangeError::Io)?;
         let status: u16 = head
             .get(9..12)
             .and_then(|s| s.parse().ok())
-            .ok_or((true, ExchangeError::Io))?;
+            .ok_or(ExchangeError::Io)?;
         let mut framing = Framing::UntilClose;
         let mut keep_alive = head.starts_with("HTTP/1.1");
         for line in head.split("\r\n").skip(1) {
@@ -153,7 +192,7 @@ impl Client {
             };
             let v = v.trim();
             if k.eq_ignore_ascii_case("content-length") {
-                framing = Framing::Length(v.parse().map_err(|_| (true, ExchangeError::Io))?);
+                framing = Framing::Length(v.parse().map_err(|_| ExchangeError::Io)?);
             } else if k.eq_ignore_ascii_case("transfer-encoding")
                 && v.eq_ignore_ascii_case("chunked")
             {
@@ -195,12 +234,8 @@ impl Client {
                     if c.buf.len() >= pos + len {
                         break;
                     }
-                    if read_more(&mut c)
-                        .await
-                        .map_err(|_| (true, ExchangeError::Io))?
-                        == 0
-                    {
-                        return Err((true, ExchangeError::Io));
+                    if read_more(&mut c).await.map_err(|_| ExchangeError::Io)? == 0 {
+                        return Err(ExchangeError::Io);
                     }
                 }
             }
@@ -210,28 +245,20 @@ impl Client {
                     if let Some(i) = find(&c.buf[pos..], b"\r\n") {
                         break pos + i;
                     }
-                    if read_more(&mut c)
-                        .await
-                        .map_err(|_| (true, ExchangeError::Io))?
-                        == 0
-                    {
-                        return Err((true, ExchangeError::Io));
+                    if read_more(&mut c).await.map_err(|_| ExchangeError::Io)? == 0 {
+                        return Err(ExchangeError::Io);
                     }
                 };
-                let size_text = std::str::from_utf8(&c.buf[pos..line_end])
-                    .map_err(|_| (true, ExchangeError::Io))?;
+                let size_text =
+                    std::str::from_utf8(&c.buf[pos..line_end]).map_err(|_| ExchangeError::Io)?;
                 let size =
                     usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                        .map_err(|_| (true, ExchangeError::Io))?;
+                        .map_err(|_| ExchangeError::Io)?;
                 pos = line_end + 2;
                 // Data plus its CRLF (the last chunk: just the final CRLF, no trailers expected).
                 while c.buf.len() < pos + size + 2 {
-                    if read_more(&mut c)
-                        .await
-                        .map_err(|_| (true, ExchangeError::Io))?
-                        == 0
-                    {
-                        return Err((true, ExchangeError::Io));
+                    if read_more(&mut c).await.map_err(|_| ExchangeError::Io)? == 0 {
+                        return Err(ExchangeError::Io);
                     }
                 }
                 if size == 0 {
@@ -245,11 +272,7 @@ impl Client {
                 keep_alive = false;
                 loop {
                     let before = c.buf.len();
-                    if read_more(&mut c)
-                        .await
-                        .map_err(|_| (true, ExchangeError::Io))?
-                        == 0
-                    {
+                    if read_more(&mut c).await.map_err(|_| ExchangeError::Io)? == 0 {
                         break;
                     }
                     let data = c.buf[before..].to_vec();

@@ -426,3 +426,71 @@ impl futures_core::Stream for ReceiverStream {
         self.0.poll_recv(cx)
     }
 }
+
+/// A server that reads every request but answers only every other one on each connection,
+/// closing the connection instead: the dropped request is an `io` error, never resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_after_it_was_sent_is_an_io_error_and_never_resent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let received = Arc::new(AtomicU64::new(0));
+    let seen = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = false;
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    // One whole request: head plus its Content-Length body.
+                    let Some(h) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..h]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() < h + 4 + len {
+                        continue;
+                    }
+                    buf.drain(..h + 4 + len);
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    if answered {
+                        return; // accepted, then dropped: close without a byte
+                    }
+                    answered = true;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let mut cfg = open(addr, 20.0, 1.0);
+    cfg.warmup = Duration::ZERO;
+    let r = loadgen::run(cfg).await.unwrap();
+    let sent = r.ok + r.errors.values().sum::<u64>();
+    assert_eq!(sent, 20, "{:?}", r.errors);
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        20,
+        "the server received a request twice: {:?}",
+        r.errors
+    );
+    assert!(
+        r.errors.get("io").copied().unwrap_or(0) > 0,
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.errors.get("connect"), None, "{:?}", r.errors);
+}
