@@ -68,7 +68,7 @@ pub enum Overflow {
     /// Answer 429 at once (seed 004's default): the client retries elsewhere or later.
     #[default]
     Reject,
-    /// Hold the request up to `queue_timeout` for a free slot, then 429.
+    /// Hold the request for a free slot up to `queue_timeout` (or `request_timeout`, if smaller), then 429.
     Wait,
 }
 
@@ -124,7 +124,7 @@ pub struct Profile {
     pub max_concurrent_batches: usize,
     /// Inputs waiting for a batch before admission says no. Default 1024; 1..=1,000,000.
     pub max_queue_size: usize,
-    /// What a full queue does to a new request: `reject` (429) or `wait` (up to `queue_timeout`).
+    /// What a full queue does to a new request: `reject` (429) or `wait` (up to the smaller of `queue_timeout` and `request_timeout`).
     pub overflow: Overflow,
     /// Longest a request waits for queue space when `overflow = "wait"`. Default 30s; at most 1h.
     #[serde(with = "duration::serde_dur")]

@@ -56,11 +56,13 @@ impl QueueSpace {
             .is_ok()
     }
 
-    /// Returns room for `n` inputs and wakes waiting requests.
+    /// Returns room for `n` inputs and wakes the longest-waiting request. One, not all: with
+    /// thousands waiting, waking every one at each release made each release cost thousands of
+    /// failed retries. A waiter that gets in passes the wake-up on while room is left.
     pub fn release(&self, n: usize) {
         if n > 0 {
             self.depth.fetch_sub(n, Ordering::AcqRel);
-            self.freed.notify_waiters();
+            self.freed.notify_one();
         }
     }
 }
@@ -133,21 +135,99 @@ impl Admission {
                 p.max_queue_size
             )));
         }
-        let deadline = tokio::time::Instant::now() + p.queue_timeout;
+        // Waiting longer than the request's own deadline only turns a 429 into a 504.
+        let wait = p.queue_timeout.min(p.request_timeout);
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let freed = self.space.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             if self.space.try_reserve(n, p.max_queue_size) {
+                if self.space.depth.load(Ordering::Acquire) < p.max_queue_size {
+                    self.space.freed.notify_one();
+                }
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 return Err(AdmissionError::QueueFull(format!(
-                    "queue stayed full for queue_timeout = {} (max_queue_size = {} inputs, overflow = \"wait\")",
-                    format_duration(p.queue_timeout),
+                    "queue stayed full for {} (the smaller of queue_timeout and request_timeout; max_queue_size = {} inputs, overflow = \"wait\")",
+                    format_duration(wait),
                     p.max_queue_size
                 )));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(max: usize, queue_timeout: Duration, request_timeout: Duration) -> Profile {
+        Profile {
+            max_queue_size: max,
+            overflow: Overflow::Wait,
+            queue_timeout,
+            request_timeout,
+            ..Profile::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_gives_up_at_its_own_deadline_not_the_queue_timeout() {
+        let a = Admission::new(Arc::new(QueueSpace::default()));
+        let p = waiting(1, Duration::from_secs(30), Duration::from_millis(200));
+        a.reserve(1, &p).await.unwrap();
+        // Bounded well below the 30 s queue_timeout it used to wait.
+        let e = tokio::time::timeout(Duration::from_secs(10), a.reserve(1, &p))
+            .await
+            .expect("gave up at request_timeout")
+            .unwrap_err();
+        assert!(e.to_string().contains("stayed full for 200ms"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_waiter_gets_in_as_room_is_released_one_at_a_time() {
+        let space = Arc::new(QueueSpace::default());
+        let a = Arc::new(Admission::new(space.clone()));
+        let p = waiting(1, Duration::from_secs(30), Duration::from_secs(30));
+        a.reserve(1, &p).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (a, p) = (a.clone(), p.clone());
+            tasks.push(tokio::spawn(async move { a.reserve(1, &p).await }));
+        }
+        // Each release lets exactly one more in; all 50 get in after 50 releases.
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            space.release(1);
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(space.depth.load(Ordering::Acquire), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_release_admits_several_waiters() {
+        let space = Arc::new(QueueSpace::default());
+        let a = Arc::new(Admission::new(space.clone()));
+        let p = waiting(4, Duration::from_secs(30), Duration::from_secs(30));
+        a.reserve(4, &p).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (a, p) = (a.clone(), p.clone());
+            tasks.push(tokio::spawn(async move { a.reserve(1, &p).await }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // One release of 4: the woken waiter passes the wake-up on while room is left.
+        space.release(4);
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("every waiter admitted")
+                .unwrap()
+                .unwrap();
         }
     }
 }
