@@ -41,6 +41,20 @@ pub enum ProfileError {
     RestartRequired(Vec<String>),
 }
 
+/// `BATCHTUNE_*` variables that are not knob overrides: the runtime's and tuner's flags
+/// (`--profile`, `--addr`, `--api-key`, `--max-body-bytes`, `--model`, the tuner's runtime
+/// path) and two GPU diagnostics.
+pub const OTHER_ENV: &[&str] = &[
+    "BATCHTUNE_PROFILE",
+    "BATCHTUNE_ADDR",
+    "BATCHTUNE_API_KEY",
+    "BATCHTUNE_MAX_BODY_BYTES",
+    "BATCHTUNE_MODEL_PATH",
+    "BATCHTUNE_RUNTIME",
+    "BATCHTUNE_SKIP_WARMUP",
+    "BATCHTUNE_SPLIT_OVERHEAD_TOKENS",
+];
+
 /// The smallest rate limit other than 0 (off): one request per 1000 s.
 pub const MIN_RATE_LIMIT: f64 = 0.001;
 
@@ -317,6 +331,26 @@ impl Profile {
                     .map_err(|e| ProfileError::Parse(format!("{var}={v}: {e}")))?;
                 applied.push(format!("{var} -> {knob}"));
             }
+        }
+        // A misspelt override (BATCHTUNE_MAX_BATCHSIZE) would otherwise be silently ignored
+        // and the server would run with a knob its operator thinks is set.
+        let unknown: Vec<&String> = vars
+            .keys()
+            .filter(|k| k.starts_with("BATCHTUNE_") && !OTHER_ENV.contains(&k.as_str()))
+            .filter(|k| {
+                !KNOBS
+                    .iter()
+                    .any(|knob| **k == format!("BATCHTUNE_{}", knob.to_uppercase()))
+            })
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ProfileError::Parse(format!(
+                "unknown environment variable{} {}: knob overrides are BATCHTUNE_<KNOB> for knobs {}; other variables are {}",
+                if unknown.len() == 1 { "" } else { "s" },
+                unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                KNOBS.join(", "),
+                OTHER_ENV.join(", ")
+            )));
         }
         Ok(applied)
     }
@@ -654,6 +688,26 @@ mod tests {
         let text = p.to_toml_string();
         assert!(text.contains("batch_wait_timeout = \"5ms\""), "{text}");
         assert_eq!(Profile::from_toml_str(&text).unwrap(), p);
+    }
+
+    #[test]
+    fn a_misspelt_override_is_an_error_naming_it() {
+        let mut p = Profile::default();
+        let e = p
+            .apply_env([("BATCHTUNE_MAX_BATCHSIZE", "8"), ("BATCHTUNE_ADDR", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("BATCHTUNE_MAX_BATCHSIZE") && !e.contains("variables BATCHTUNE_ADDR"),
+            "{e}"
+        );
+        p.apply_env([
+            ("BATCHTUNE_MAX_BATCH_SIZE", "8"),
+            ("BATCHTUNE_RUNTIME", "x"),
+            ("OTHER", "y"),
+        ])
+        .unwrap();
+        assert_eq!(p.max_batch_size, 8);
     }
 
     #[test]

@@ -92,10 +92,16 @@ enum Cmd {
         dump_texts: Option<PathBuf>,
     },
     /// Load and validate profiles: exit 0 when all are valid, 1 with every reason otherwise.
+    /// Checks the knobs' rules and, unless --rules-only, that the profile would serve on this
+    /// host: its model exists and its devices exist in this build (what `serve` checks first).
     Validate {
         /// Profile files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Check the rules only (a profile written for another host, e.g. a GPU profile checked
+        /// on a CPU-only CI machine).
+        #[arg(long)]
+        rules_only: bool,
     },
 }
 
@@ -126,7 +132,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Validate { files } => validate(&files),
+        Cmd::Validate { files, rules_only } => validate(&files, rules_only),
         Cmd::Bench {
             model,
             device,
@@ -193,11 +199,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn validate(files: &[PathBuf]) -> ExitCode {
+fn validate(files: &[PathBuf], rules_only: bool) -> ExitCode {
     let mut ok = true;
     for f in files {
-        match Profile::load(f).and_then(|p| p.validate().map(|_| p)) {
-            Ok(_) => println!("ok      {}", f.display()),
+        let checked = Profile::load(f)
+            .and_then(|p| p.validate().map(|_| p))
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                if rules_only {
+                    return Ok(());
+                }
+                runtime::model::resolve_model(&p.model).map_err(|e| e.to_string())?;
+                if !cfg!(feature = "cuda") {
+                    runtime::model::resolve_devices(&p.devices).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            });
+        match checked {
+            Ok(()) => println!("ok      {}", f.display()),
             Err(e) => {
                 ok = false;
                 println!("invalid {}: {e}", f.display());

@@ -19,8 +19,10 @@ fn validate_accepts_shipped_profiles_and_explains_bad_ones() {
         })
         .collect();
     assert!(files.len() >= 9);
+    // Shipped profiles include GPU ones and ones naming a model folder: their rules hold
+    // everywhere, whether they serve on this host is another question.
     let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .arg("validate")
+        .args(["validate", "--rules-only"])
         .args(&files)
         .output()
         .unwrap();
@@ -29,6 +31,24 @@ fn validate_accepts_shipped_profiles_and_explains_bad_ones() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Without --rules-only: a missing model folder and (on a CPU build) a CUDA device are
+    // refused, each naming the problem.
+    let here = tempfile::tempdir().unwrap();
+    let missing = here.path().join("missing.toml");
+    std::fs::write(&missing, "model = \"/nonexistent/model-folder\"\n").unwrap();
+    let gpu = here.path().join("gpu.toml");
+    std::fs::write(&gpu, "devices = [\"cuda:0\"]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .arg("validate")
+        .args([&missing, &gpu])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/nonexistent/model-folder"), "{text}");
+    if !cfg!(feature = "cuda") {
+        assert!(text.contains("cuda:0"), "{text}");
+    }
 
     let bad = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
