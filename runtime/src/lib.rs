@@ -11,13 +11,13 @@ pub mod api;
 pub mod bench;
 pub mod embed;
 pub mod generate;
+pub mod http;
 pub mod metrics;
 pub mod model;
 
 use admission::{Admission, QueueSpace};
 use api::generate::GenEngine;
 use api::{AppState, EmbedEngine, Engine, Family};
-use axum::serve::ListenerExt;
 use embed::batcher::Batcher;
 use embed::EmbedService;
 use generate::{GenerateOptions, GenerateService};
@@ -66,6 +66,11 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// A request body must arrive within this (408 beyond): a client sending a byte a second
+    /// would otherwise hold its connection and buffer indefinitely.
+    pub body_read_timeout: std::time::Duration,
+    /// Connection limit and header read timeout.
+    pub limits: http::ConnLimits,
     /// Test-only planted slowdown: every forward is stretched so throughput drops by this
     /// fraction (0.1 → 10% slower). Exists to calibrate the CI performance gate's detection
     /// rate; 0 (the default) leaves the runtime untouched.
@@ -80,6 +85,8 @@ impl ServeOptions {
             addr,
             api_key: None,
             max_body_bytes: 8 << 20,
+            body_read_timeout: std::time::Duration::from_secs(30),
+            limits: http::ConnLimits::default(),
             test_slowdown: 0.0,
         }
     }
@@ -188,6 +195,7 @@ impl Server {
             api_key: opts.api_key.clone(),
             draining: Default::default(),
             max_body_bytes: opts.max_body_bytes,
+            body_read_timeout: opts.body_read_timeout,
         });
         let (shutdown, mut shutdown_rx) = watch::channel(false);
         let running: RunningSlot = Default::default();
@@ -279,30 +287,16 @@ impl Server {
 
         let drain_timeout = opts.profile.drain_timeout;
         let app = api::router(state.clone());
+        let limits = opts.limits;
         let task = tokio::spawn(async move {
-            // Without TCP_NODELAY a streamed token written while the previous one is
-            // unacknowledged waits for the client's delayed ACK (up to 40 ms on Linux): every
-            // SSE stream's TTFT and inter-token gaps would carry it.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    tracing::debug!("TCP_NODELAY on an accepted connection: {err}");
-                }
-            });
             // The listener stays open while the engine drains, so a request that arrives then
             // is answered 503 "shutting down" (a load balancer retries it elsewhere) instead of
             // meeting a refused connection.
-            let (close_tx, mut close_rx) = watch::channel(false);
-            let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = close_rx.wait_for(|v| *v).await;
-            });
-            let mut serve = tokio::spawn(async move { graceful.await });
+            let (close_tx, close_rx) = watch::channel(false);
+            let mut serve = tokio::spawn(http::serve(listener, app, limits, close_rx));
             tokio::select! {
                 r = &mut serve => {
-                    return match r {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(RuntimeError::Serve(e.to_string())),
-                        Err(e) => Err(RuntimeError::Serve(e.to_string())),
-                    };
+                    return r.map_err(|e| RuntimeError::Serve(e.to_string()));
                 }
                 _ = shutdown_rx.wait_for(|v| *v) => {}
             }

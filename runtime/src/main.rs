@@ -27,28 +27,7 @@ enum Cmd {
     /// --profile profiles/llm-default.toml (synthetic SmolLM2-135M) or --model FILE.gguf. Knobs come from the
     /// profile, then from environment overrides (BATCHTUNE_<KNOB>, or the seeds' names such as
     /// MAX_INFERENCE_BATCH_SIZE and BATCH_WAIT_TIMEOUT).
-    Serve {
-        /// Profile TOML (see profiles/default.toml); defaults are used when absent.
-        #[arg(long, env = "BATCHTUNE_PROFILE")]
-        profile: Option<PathBuf>,
-        /// Address to listen on; port 0 picks a free port (printed at start).
-        #[arg(long, env = "BATCHTUNE_ADDR", default_value = "127.0.0.1:8000")]
-        addr: SocketAddr,
-        /// Require this key (Authorization: Bearer KEY, or X-API-Key) on /v1/* and PUT /config.
-        #[arg(long, env = "BATCHTUNE_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// Largest request body accepted, in bytes (larger gets 413).
-        #[arg(long, env = "BATCHTUNE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
-        max_body_bytes: usize,
-        /// Override the model: synthetic:minilm, synthetic:smollm2-135m, synthetic:qwen2.5-0.5b,
-        /// a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), or a Hugging Face folder.
-        #[arg(long, env = "BATCHTUNE_MODEL_PATH")]
-        model: Option<String>,
-        /// Test only: make every forward slower so throughput drops by this fraction (0.1 = 10%).
-        /// Used to calibrate the CI performance gate; never set it in production.
-        #[arg(long, hide = true, default_value_t = 0.0)]
-        test_slowdown: f64,
-    },
+    Serve(ServeArgs),
     /// Raw forward throughput of the model (no HTTP): back-to-back batches at each batch size.
     /// Prints one JSON object per batch size; the ceiling served throughput is compared with.
     /// For a generation model: batched decode steps (output tokens/s at each batch size, every
@@ -103,6 +82,42 @@ enum Cmd {
         #[arg(long)]
         rules_only: bool,
     },
+}
+
+/// `runtime serve`'s flags.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Profile TOML (see profiles/default.toml); defaults are used when absent.
+    #[arg(long, env = "BATCHTUNE_PROFILE")]
+    profile: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    #[arg(long, env = "BATCHTUNE_ADDR", default_value = "127.0.0.1:8000")]
+    addr: SocketAddr,
+    /// Require this key (Authorization: Bearer KEY, or X-API-Key) on /v1/* and PUT /config.
+    #[arg(long, env = "BATCHTUNE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Largest request body accepted, in bytes (larger gets 413).
+    #[arg(long, env = "BATCHTUNE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Override the model: synthetic:minilm, synthetic:smollm2-135m, synthetic:qwen2.5-0.5b,
+    /// a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), or a Hugging Face folder.
+    #[arg(long, env = "BATCHTUNE_MODEL_PATH")]
+    model: Option<String>,
+    /// Connections served at once; past it a new connection gets 503 and is closed. Default:
+    /// 10000, or what the open-file limit allows (raised to its hard limit first).
+    #[arg(long, env = "BATCHTUNE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// A request's headers must arrive within this; an idle keep-alive connection is closed
+    /// after it.
+    #[arg(long, env = "BATCHTUNE_HEADER_READ_TIMEOUT", default_value = "30s")]
+    header_read_timeout: String,
+    /// A request's body must arrive within this (408 beyond).
+    #[arg(long, env = "BATCHTUNE_BODY_READ_TIMEOUT", default_value = "30s")]
+    body_read_timeout: String,
+    /// Test only: make every forward slower so throughput drops by this fraction (0.1 = 10%).
+    /// Used to calibrate the CI performance gate; never set it in production.
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    test_slowdown: f64,
 }
 
 /// Prints one JSON line per benchmark point, or the error.
@@ -182,14 +197,7 @@ fn main() -> ExitCode {
                 &model, &device, p.dtype, &sizes, seconds, &texts,
             ))
         }
-        Cmd::Serve {
-            profile,
-            addr,
-            api_key,
-            max_body_bytes,
-            model,
-            test_slowdown,
-        } => match serve(profile, addr, api_key, max_body_bytes, model, test_slowdown) {
+        Cmd::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -230,14 +238,40 @@ fn validate(files: &[PathBuf], rules_only: bool) -> ExitCode {
     }
 }
 
-fn serve(
-    profile: Option<PathBuf>,
-    addr: SocketAddr,
-    api_key: Option<String>,
-    max_body_bytes: usize,
-    model: Option<String>,
-    test_slowdown: f64,
-) -> anyhow::Result<()> {
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        profile,
+        addr,
+        api_key,
+        max_body_bytes,
+        model,
+        max_connections,
+        header_read_timeout,
+        body_read_timeout,
+        test_slowdown,
+    } = args;
+    let flag_duration = |flag: &str, v: &str| {
+        profiles::parse_duration(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| anyhow::anyhow!("--{flag} {v:?}: give a positive duration such as 30s"))
+    };
+    let header_read_timeout = flag_duration("header-read-timeout", &header_read_timeout)?;
+    let body_read_timeout = flag_duration("body-read-timeout", &body_read_timeout)?;
+    let fds = runtime::http::fd_capacity();
+    let max_connections = match max_connections {
+        Some(0) => anyhow::bail!("--max-connections must be at least 1"),
+        Some(n) => {
+            if fds.is_some_and(|f| n > f) {
+                tracing::warn!(
+                    "--max-connections {n} is above what the open-file limit allows ({}); connections past it will fail to be accepted",
+                    fds.unwrap_or_default()
+                );
+            }
+            n
+        }
+        None => fds.map_or(10_000, |f| f.clamp(1, 10_000)),
+    };
     let mut p = match &profile {
         Some(path) => Profile::load(path)?,
         None => Profile::default(),
@@ -269,6 +303,11 @@ fn serve(
             addr,
             api_key,
             max_body_bytes,
+            body_read_timeout,
+            limits: runtime::http::ConnLimits {
+                max_connections,
+                header_read_timeout,
+            },
             test_slowdown,
         })
         .await

@@ -761,3 +761,92 @@ async fn shutdown_answers_every_accepted_request_and_refuses_new_ones_with_503()
     assert!(ok >= 3 && refused >= 10, "{by_status:?}");
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
 }
+
+/// Connection and read limits: past `max_connections` a new connection gets 503 at once (and
+/// the server still serves once one closes); headers that do not arrive in time, and idle
+/// keep-alive connections, are closed; a slow body gets 408; a declared body over the limit
+/// gets 413 before it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_and_read_limits_hold() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let opts = ServeOptions {
+        max_body_bytes: 1 << 20,
+        body_read_timeout: Duration::from_millis(300),
+        limits: runtime::http::ConnLimits {
+            max_connections: 3,
+            header_read_timeout: Duration::from_millis(300),
+        },
+        ..ServeOptions::new(tiny(Profile::default()), "127.0.0.1:0".parse().unwrap())
+    };
+    let server = Server::start(opts).await.unwrap();
+    let c = client();
+    wait_ready(&c, server.addr).await;
+    let a = server.addr;
+    // Reads what the server sends until it closes (or 5 s pass).
+    async fn until_closed(s: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).to_string()
+    }
+
+    // Three idle connections take every slot (the test client's pooled one is closed by the
+    // header read timeout first); the fourth is refused with a 503, not left hanging.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(a).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut fourth = TcpStream::connect(a).await.unwrap();
+    let text = until_closed(&mut fourth).await;
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("too many connections"), "{text}");
+    // The idle ones are closed by the header read timeout, freeing their slots.
+    for s in &mut idle {
+        assert_eq!(until_closed(s).await, "", "an idle connection was answered");
+    }
+    let r = embed(&c, a, json!({"input": "after"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // Headers sent a byte at a time, too slowly: closed without a request being served.
+    let mut slow = TcpStream::connect(a).await.unwrap();
+    for b in b"POST /v1/emb" {
+        if slow.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let text = until_closed(&mut slow).await;
+    assert!(!text.contains("200 OK"), "{text}");
+
+    // A body that stalls: 408 once the body read timeout passes.
+    let mut stall = TcpStream::connect(a).await.unwrap();
+    stall
+        .write_all(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"input\"")
+        .await
+        .unwrap();
+    let text = until_closed(&mut stall).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("body-read-timeout"), "{text}");
+
+    // A declared body over the limit: 413 before any of it is sent.
+    let mut big = TcpStream::connect(a).await.unwrap();
+    big.write_all(
+        format!(
+            "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            2 << 20
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), big.read(&mut buf))
+        .await
+        .expect("413 before the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    stop(server).await;
+}

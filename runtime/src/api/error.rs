@@ -29,6 +29,9 @@ pub enum ApiError {
     /// The route exists but not with this method (405).
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The body did not arrive within the body read timeout (408).
+    #[error("{0}")]
+    BodyTimeout(String),
     /// Wrong content type (415).
     #[error("{0}")]
     UnsupportedMedia(String),
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -87,7 +91,8 @@ impl ApiError {
             | ApiError::TooLarge(_)
             | ApiError::UnsupportedMedia(_)
             | ApiError::NotFound(_)
-            | ApiError::MethodNotAllowed(_) => "invalid_request_error",
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::BodyTimeout(_) => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::InvalidConfig(_) | ApiError::Conflict(_) => "invalid_config",
             ApiError::Admission(AdmissionError::RateLimited { .. }) => "rate_limit_exceeded",

@@ -65,6 +65,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// A body must arrive within this.
+    pub body_read_timeout: std::time::Duration,
 }
 
 /// Every route, for the 404 and 405 answers.
@@ -86,6 +88,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             ApiError::MethodNotAllowed(format!("method not allowed; routes are {ROUTES}"))
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_body,
+        ))
         // Outermost: the key is checked before any body is read, so an unauthenticated client
         // cannot make the server read (up to the body limit of) its upload.
         .layer(axum::middleware::from_fn_with_state(
@@ -93,6 +99,57 @@ pub fn router(state: Arc<AppState>) -> Router {
             require_key,
         ))
         .with_state(state)
+}
+
+/// Reads the body under the limits before any handler runs: a `Content-Length` over
+/// `max_body_bytes` is refused (413) before a byte is read, and a body that does not arrive
+/// within `body_read_timeout` gets 408, so a client sending a byte a second cannot hold a
+/// connection and a buffer indefinitely.
+async fn limit_body(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let too_large = || {
+        ApiError::TooLarge(format!(
+            "request body is larger than {} bytes (--max-body-bytes)",
+            state.max_body_bytes
+        ))
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, state.max_body_bytes);
+    let bytes = match tokio::time::timeout(state.body_read_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if e.to_string().contains("length limit") => return too_large(),
+        Ok(Err(e)) => {
+            return ApiError::BadRequest {
+                message: format!("cannot read body: {e}"),
+                param: None,
+            }
+            .into_response()
+        }
+        Err(_) => {
+            return ApiError::BodyTimeout(format!(
+                "the request body did not arrive within {} (--body-read-timeout)",
+                profiles::format_duration(state.body_read_timeout)
+            ))
+            .into_response()
+        }
+    };
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// Refuses a request to a guarded route (`/v1/*`, `PUT /config`) without the key, before its
