@@ -30,6 +30,10 @@ pub struct Header {
     pub workload: String,
     /// Unix time the search began.
     pub started_unix_s: f64,
+    /// The search's time budget (`--time`), seconds: a resumed search gets what its finished
+    /// trials left of it. Absent in journals written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_s: Option<f64>,
     /// `[k, n]`: this search measures the grid points whose index is k mod n (a grid split over
     /// several machines' cores; `tuner replay` merges the shards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +193,7 @@ mod tests {
             probe: ProbeSettings::default(),
             workload: "embeddings".into(),
             started_unix_s: 0.0,
+            time_s: None,
         }
     }
 

@@ -413,6 +413,7 @@ mod tests {
             probe: ProbeSettings::default(),
             workload: "embeddings".into(),
             started_unix_s: 0.0,
+            time_s: None,
         };
         let trials: Vec<Trial> = grid_points(&space, 8)
             .into_iter()

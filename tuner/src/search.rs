@@ -312,6 +312,18 @@ pub fn utc_now() -> (String, String) {
     )
 }
 
+/// The time a search has left: its journal's `--time` less what its finished trials took (a
+/// resumed search keeps its original budget), or `time` for a new search or an old journal.
+fn time_left(header: &Header, done: &[Trial], time: Duration) -> Duration {
+    let spent: f64 = done.iter().map(|r| r.elapsed_s).sum();
+    left_of(header.time_s, spent, time)
+}
+
+/// `budget_s − spent_s` (never below 0), or `time` when there is no recorded budget.
+fn left_of(budget_s: Option<f64>, spent_s: f64, time: Duration) -> Duration {
+    budget_s.map_or(time, |t| Duration::from_secs_f64((t - spent_s).max(0.0)))
+}
+
 /// Runs a search to the end (or to an interruption, leaving the journal consistent).
 pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutcome, SearchError> {
     let started = Instant::now();
@@ -344,6 +356,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
                 probe: opts.probe.clone(),
                 workload: opts.workload_spec.clone(),
                 shard: opts.shard.map(|(k, n)| [k, n]),
+                time_s: Some(opts.time.as_secs_f64()),
                 started_unix_s: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
@@ -388,7 +401,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
             .join(", "),
         strategy_kind,
         header.budget,
-        format_secs(opts.time.as_secs_f64()),
+        format_secs(time_left(&header, &done, opts.time).as_secs_f64()),
         server.url
     );
     let mut live = Live {
@@ -402,7 +415,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         workload: &opts.workload,
         headers: opts.headers.clone(),
         budget: header.budget,
-        deadline: started + opts.time,
+        deadline: started + time_left(&header, &done, opts.time),
         cancel: cancel.clone(),
         interrupted: false,
         measured_times: done.iter().map(|t| t.elapsed_s).collect(),
@@ -724,6 +737,16 @@ fn p95_at_sustainable(t: &Trial) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_search_keeps_what_its_trials_left_of_its_time() {
+        let asked = Duration::from_secs(60);
+        // An old journal (no time recorded): the time asked now.
+        assert_eq!(left_of(None, 500.0, asked), asked);
+        assert_eq!(left_of(Some(600.0), 0.0, asked), Duration::from_secs(600));
+        assert_eq!(left_of(Some(600.0), 500.0, asked), Duration::from_secs(100));
+        assert_eq!(left_of(Some(600.0), 700.0, asked), Duration::ZERO);
+    }
     use crate::trial::{result_of, Probe};
 
     fn trial(index: usize, passes: &[(f64, f64)]) -> Trial {
