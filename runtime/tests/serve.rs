@@ -556,36 +556,67 @@ async fn start_with(p: Profile, m: LoadedModel) -> (Server, HttpClient) {
     (server, c)
 }
 
-/// Panics on any batch that contains the word "boom"; otherwise the real tiny model.
+/// Faults injected into a forward, by a word in the batch: "boom" panics, "fail" returns an
+/// error, "oom" returns the error an exhausted device gives, "slow" holds the batch 400 ms;
+/// otherwise the real tiny model.
 struct Faulty {
     inner: Arc<dyn Backend>,
-    boom: u32,
+    /// Token ids of boom, fail, oom, slow.
+    words: [u32; 4],
 }
 
 impl Backend for Faulty {
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, runtime::model::BackendError> {
-        if batch.iter().any(|s| s.contains(&self.boom)) {
+        let has = |w: u32| batch.iter().any(|s| s.contains(&w));
+        let [boom, fail, oom, slow] = self.words;
+        if has(boom) {
             panic!("injected fault");
+        }
+        if has(fail) {
+            return Err(runtime::model::BackendError::Refused(
+                "injected error".into(),
+            ));
+        }
+        if has(oom) {
+            return Err(runtime::model::BackendError::Candle(
+                candle_core::Error::Msg(
+                    "CUDA_ERROR_OUT_OF_MEMORY: out of memory (injected)".into(),
+                ),
+            ));
+        }
+        if has(slow) {
+            std::thread::sleep(Duration::from_millis(400));
         }
         self.inner.embed(batch)
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_panicking_batch_fails_only_its_own_requests() {
+async fn a_faulty_batch_fails_only_its_own_requests() {
     let mut m: LoadedModel =
         model::load("synthetic:tiny", &["cpu".into()], profiles::Dtype::F32).unwrap();
-    let boom = m.tokenizer.encode("boom").unwrap()[1];
+    let id = |w: &str| m.tokenizer.encode(w).unwrap()[1];
+    let words = [id("boom"), id("fail"), id("oom"), id("slow")];
     let inner = m.replicas[0].1.clone();
-    m.replicas[0].1 = Arc::new(Faulty { inner, boom });
+    m.replicas[0].1 = Arc::new(Faulty { inner, words });
     let p = tiny(Profile {
         max_batch_size: 1,
+        max_concurrent_batches: 2,
         ..Profile::default()
     });
     let (server, c) = start_with(p, m).await;
     let a = server.addr;
     let mut tasks = Vec::new();
-    for word in ["fine", "boom", "also fine", "still fine"] {
+    for word in [
+        "fine",
+        "boom",
+        "also fine",
+        "fail",
+        "oom",
+        "slow",
+        "still fine",
+        "more",
+    ] {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
             (word, embed(&c, a, json!({"input": word})).await)
@@ -593,21 +624,27 @@ async fn a_panicking_batch_fails_only_its_own_requests() {
     }
     for t in tasks {
         let (word, r) = t.await.unwrap();
-        if word == "boom" {
-            assert_eq!(r.status, 500);
-            assert!(
-                r.body["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("panicked: injected fault"),
-                "{}",
-                r.text
-            );
-        } else {
-            assert_eq!(r.status, 200, "{word}: {}", r.text);
+        let msg = r.body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        match word {
+            "boom" => {
+                assert_eq!(r.status, 500);
+                assert!(msg.contains("panicked: injected fault"), "{}", r.text);
+            }
+            "fail" => {
+                assert_eq!(r.status, 500);
+                assert!(msg.contains("injected error"), "{}", r.text);
+            }
+            "oom" => {
+                assert_eq!(r.status, 500);
+                assert!(msg.contains("out of memory"), "{}", r.text);
+            }
+            _ => assert_eq!(r.status, 200, "{word}: {}", r.text),
         }
     }
-    // The worker survives the panic.
+    // The worker survives every fault.
     assert_eq!(embed(&c, a, json!({"input": "after"})).await.status, 200);
     stop(server).await;
 }
