@@ -113,7 +113,7 @@ pub async fn serve(
                 );
                 refused_logged = true;
             }
-            conns.spawn(refuse(stream));
+            conns.spawn(refuse(stream, TOO_MANY));
             continue;
         };
         refused_logged = false;
@@ -141,14 +141,30 @@ pub async fn serve(
             }
         });
     }
+    // Connections the kernel has completed but we have not accepted would be reset when the
+    // listener closes, and their clients could not tell a dropped request from a refused one:
+    // answer them 503 first, until none is waiting.
+    while let Ok(Ok((stream, _))) =
+        tokio::time::timeout(Duration::from_millis(5), listener.accept()).await
+    {
+        conns.spawn(refuse(stream, SHUTTING_DOWN));
+    }
     drop(listener);
     while conns.join_next().await.is_some() {}
 }
 
-/// Answers a connection over the limit without reading its request.
-async fn refuse(mut stream: TcpStream) {
+/// The 503 past `max_connections`.
+const TOO_MANY: &str = "too many connections (--max-connections); retry shortly";
+/// The 503 to connections still waiting in the accept queue when the server stops.
+const SHUTTING_DOWN: &str = "the server is shutting down; retry on another replica";
+
+/// Answers a connection 503 with `message` without reading its request.
+async fn refuse(mut stream: TcpStream, message: &str) {
     use tokio::io::AsyncWriteExt;
-    let body = r#"{"error":{"message":"too many connections (--max-connections); retry shortly","type":"unavailable","param":null,"code":503}}"#;
+    let body = serde_json::json!({
+        "error": {"message": message, "type": "unavailable", "param": null, "code": 503}
+    })
+    .to_string();
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

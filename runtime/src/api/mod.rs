@@ -163,10 +163,23 @@ async fn require_key(
         || (req.uri().path() == "/config" && req.method() == axum::http::Method::PUT);
     if guarded {
         if let Err(e) = check_key(&state, req.headers()) {
-            return e.into_response();
+            return closing(&state, e.into_response());
         }
     }
-    next.run(req).await
+    closing(&state, next.run(req).await)
+}
+
+/// While draining, every response asks the client to close its connection, so its next
+/// request opens a new one (answered 503 while the listener is open, refused after) instead of
+/// racing the connection's close on shutdown.
+fn closing(state: &AppState, mut resp: Response) -> Response {
+    if state.draining.load(Ordering::Acquire) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// The key from `Authorization: Bearer <key>` (the scheme in any case, as RFC 9110 says) or

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Reliability scenarios against the release runtime on this host (RELIABILITY.md records a run):
+#   overload  5x the rate limit for DURATION: statuses, accepted p95, 429 latency, RSS over time
+#   sigterm   SIGTERM with >= 1000 requests accepted and unanswered, at two drain timeouts:
+#             every request gets a status (io errors = silent closes = 0), stop time
+#   idle      IDLE idle connections held open: /health latency meanwhile, how many were refused
+#             (503 past --max-connections), RSS
+# Usage: scripts/reliability.sh OUT [overload,sigterm,idle]   (needs cargo build --release)
+# Env: RATE (80, the rate limit: near this machine's tuned rate), DURATION (60s), IDLE (19000)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?output folder}"; phases="${2:-overload,sigterm,idle}"
+rate="${RATE:-80}"; duration="${DURATION:-60s}"; idle="${IDLE:-19000}"
+bin=target/release
+mkdir -p "$out"
+has() { [[ ",$phases," == *",$1,"* ]]; }
+port=9610
+srv=""
+trap '[ -n "$srv" ] && kill $srv 2>/dev/null' EXIT
+up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && return 0; sleep 0.1; done; return 1; }
+serve() { # profile-file log [extra flags]
+  "$bin/runtime" serve --profile "$1" --addr 127.0.0.1:$port "${@:3}" > "$2" 2>&1 &
+  srv=$!; up
+}
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null; }
+stop() { kill "$srv" 2>/dev/null; wait "$srv" 2>/dev/null; srv=""; }
+
+if has overload; then
+  printf 'rate_limit = %s\nmax_queue_size = 1024\n' "$rate" > "$out/overload.toml"
+  serve "$out/overload.toml" "$out/overload-server.log"
+  echo "t_s rss_kb" > "$out/overload-rss.txt"
+  ( t=0; while kill -0 "$srv" 2>/dev/null; do echo "$t $(rss "$srv")" >> "$out/overload-rss.txt"; sleep 5; t=$((t+5)); done ) &
+  sampler=$!
+  over=$(python3 -c "print(5*$rate)")
+  "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$over" --duration "$duration" --warmup 2s \
+    --timeout 30s --quiet --json "$out/overload.json" > "$out/overload.txt" 2>&1
+  # 429 latency: 50 sequential requests while a second overload runs.
+  "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$over" --duration 8s --warmup 0s --quiet > /dev/null 2>&1 &
+  lg=$!; sleep 2
+  for _ in $(seq 50); do
+    curl -s -o /dev/null -w '%{http_code} %{time_total}\n' -X POST "http://127.0.0.1:$port/v1/embeddings" \
+      -H 'content-type: application/json' -d '{"input":"a short text"}'
+  done > "$out/overload-curl.txt"
+  wait $lg; kill $sampler 2>/dev/null
+  echo "rss after: $(rss "$srv") kB" >> "$out/overload-rss.txt"
+  stop
+  echo "== overload ($over req/s against rate_limit $rate)"; grep -E "achieved|ok |latency \(intended\)" "$out/overload.txt"
+  awk '$1==429 {n++; s+=$2; if ($2>m) m=$2} END {printf "429s: %d, mean %.2f ms, max %.2f ms\n", n, 1000*s/n, 1000*m}' "$out/overload-curl.txt"
+  echo "RSS kB over time:"; tr '\n' ' ' < "$out/overload-rss.txt"; echo
+fi
+
+if has sigterm; then
+  for drain in 3s 10s; do
+    printf 'max_queue_size = 4096\nmax_batch_size = 32\ndrain_timeout = "%s"\nrequest_timeout = "60s"\n' "$drain" > "$out/sigterm-$drain.toml"
+    serve "$out/sigterm-$drain.toml" "$out/sigterm-$drain-server.log"
+    "$bin/loadgen" --url "http://127.0.0.1:$port" --rps 1500 --duration 20s --warmup 0s --timeout 60s \
+      --quiet --json "$out/sigterm-$drain.json" > "$out/sigterm-$drain.txt" 2>&1 &
+    lg=$!
+    sleep 3
+    queued=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^batchtune_queue_depth_inputs / {print $2}')
+    t0=$(date +%s.%N); kill -TERM "$srv"; wait "$srv" 2>/dev/null; t1=$(date +%s.%N); srv=""
+    wait $lg
+    echo "== SIGTERM, drain_timeout $drain: $queued requests queued at the signal; stopped after $(python3 -c "print(round($t1-$t0,2))") s"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  ok', d['ok'], 'errors', d['errors'])" "$out/sigterm-$drain.json"
+    grep -E "drained|drain_timeout" "$out/sigterm-$drain-server.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -2
+  done
+fi
+
+if has idle; then
+  printf '\n' > "$out/idle.toml"
+  # A header timeout longer than opening them all takes, so none is closed as idle meanwhile.
+  serve "$out/idle.toml" "$out/idle-server.log" --header-read-timeout 600s
+  python3 - "$port" "$idle" > "$out/idle.txt" 2>&1 <<'PY'
+import socket, sys, time, urllib.request, urllib.error
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks, refused, closed, failed = [], 0, 0, 0
+t0 = time.time()
+for i in range(n):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        socks.append(s)
+    except OSError:
+        failed += 1
+opened_s = time.time() - t0
+time.sleep(1.0)
+# Connections past the limit were answered 503 and closed: find them.
+for s in socks:
+    s.setblocking(False)
+    try:
+        data = s.recv(64)
+        if data.startswith(b"HTTP/1.1 503"):
+            refused += 1
+        elif data == b"":
+            closed += 1
+    except BlockingIOError:
+        pass
+lat, codes = [], {}
+for _ in range(20):
+    t = time.time()
+    try:
+        code = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    except Exception as e:
+        code = type(e).__name__
+    lat.append(time.time() - t)
+    codes[code] = codes.get(code, 0) + 1
+lat.sort()
+print(f"opened {len(socks)} of {n} in {opened_s:.0f} s (connect failures {failed}); answered 503: {refused}; closed without a byte: {closed}; held open: {len(socks) - refused - closed}")
+print(f"/health while they are open: {codes}, p50 {1000*lat[10]:.1f} ms, max {1000*lat[-1]:.1f} ms")
+for s in socks[:len(socks)//2]:
+    s.close()
+time.sleep(0.5)
+codes = {}
+for _ in range(5):
+    try:
+        code = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    codes[code] = codes.get(code, 0) + 1
+print(f"/health after half of them closed: {codes}")
+PY
+  echo "== $idle idle connections"; cat "$out/idle.txt"; echo "server RSS $(rss "$srv") kB"
+  sed 's/\x1b\[[0-9;]*m//g' "$out/idle-server.log" | grep -i "connection limit" | head -1
+  stop
+fi
