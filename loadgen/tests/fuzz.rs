@@ -7,6 +7,7 @@ use bytes::Bytes;
 use loadgen::http1::{request_bytes, Client};
 use loadgen::sse::SseParser;
 use proptest::prelude::*;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn cases() -> u32 {
@@ -108,20 +109,31 @@ fn the_response_reader_survives_any_bytes() {
         .enable_all()
         .build()
         .unwrap();
+    // One listener for the whole run (binding one per case exhausts the host's ports in a
+    // long run); each case's response is what the next accepted connection gets.
+    let next: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let addr = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let next = next.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                let resp = next.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(&resp).await;
+                });
+            }
+        });
+        addr
+    });
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases()));
     runner
         .run(&(http_response(), any::<bool>()), |(resp, stream)| {
+            *next.lock().unwrap() = resp;
             rt.block_on(async {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let addr = l.local_addr().unwrap();
-                let server = tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    if let Ok((mut s, _)) = l.accept().await {
-                        let mut buf = [0u8; 1024];
-                        let _ = s.read(&mut buf).await;
-                        let _ = s.write_all(&resp).await;
-                    }
-                });
                 let client = Client::new(addr);
                 let req: Bytes = request_bytes("/v1/completions", "x", &[], b"{}");
                 // The reader ends (an exchange or an error) once the server closes; the
@@ -132,7 +144,6 @@ fn the_response_reader_survives_any_bytes() {
                 )
                 .await;
                 prop_assert!(r.is_ok(), "the reader hung");
-                let _ = server.await;
                 Ok(())
             })
         })
