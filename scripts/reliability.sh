@@ -5,11 +5,13 @@
 #             every request gets a status (io errors = silent closes = 0), stop time
 #   idle      IDLE idle connections held open: /health latency meanwhile, how many were refused
 #             (503 past --max-connections), RSS
-# Usage: scripts/reliability.sh OUT [overload,sigterm,idle]   (needs cargo build --release)
+#   reload    live reloads every 200 ms (valid and invalid) under load: no request lost
+#   wait      overflow = "wait" at 5x capacity: statuses, RSS before, during, after
+# Usage: scripts/reliability.sh OUT [overload,sigterm,idle,reload,wait]   (needs cargo build --release)
 # Env: RATE (80, the rate limit: near this machine's tuned rate), DURATION (60s), IDLE (19000)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:?output folder}"; phases="${2:-overload,sigterm,idle}"
+out="${1:?output folder}"; phases="${2:-overload,sigterm,idle,reload,wait}"
 rate="${RATE:-80}"; duration="${DURATION:-60s}"; idle="${IDLE:-19000}"
 bin=target/release
 mkdir -p "$out"
@@ -123,4 +125,40 @@ PY
   echo "== $idle idle connections"; cat "$out/idle.txt"; echo "server RSS $(rss "$srv") kB"
   sed 's/\x1b\[[0-9;]*m//g' "$out/idle-server.log" | grep -i "connection limit" | head -1
   stop
+fi
+
+if has reload; then
+  printf '\n' > "$out/reload.toml"
+  serve "$out/reload.toml" "$out/reload-server.log"
+  "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$(python3 -c "print(0.6*$rate)")" --duration 30s \
+    --warmup 1s --quiet --json "$out/reload.json" > "$out/reload.txt" 2>&1 &
+  lg=$!
+  codes=""
+  for i in $(seq 120); do
+    case $((i % 3)) in
+      0) body='{"max_batch_size": 8, "batch_wait_timeout": "2ms"}' ;;
+      1) body='{"max_batch_size": 32, "batch_wait_timeout": "10ms", "max_queue_size": 512}' ;;
+      2) body='{"max_batch_size": -1}' ;;
+    esac
+    codes="$codes $(curl -s -o /dev/null -w '%{http_code}' -X PUT "http://127.0.0.1:$port/config" -d "$body")"
+    sleep 0.2
+  done
+  wait $lg
+  stop
+  echo "== live reloads under load: PUT /config statuses: $(echo $codes | tr ' ' '\n' | sort | uniq -c | tr '\n' ' ')"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  requests ok', d['ok'], 'errors', d['errors'], 'p95', round(d['latency']['p95']*1000,1), 'ms')" "$out/reload.json"
+fi
+
+if has wait; then
+  printf 'overflow = "wait"\nmax_queue_size = 256\nqueue_timeout = "30s"\nrequest_timeout = "10s"\n' > "$out/wait.toml"
+  serve "$out/wait.toml" "$out/wait-server.log"
+  before=$(rss "$srv")
+  "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$(python3 -c "print(5*$rate)")" --duration 30s \
+    --warmup 0s --timeout 60s --quiet --json "$out/wait.json" > "$out/wait.txt" 2>&1 &
+  lg=$!
+  sleep 25; during=$(rss "$srv")
+  wait $lg; sleep 5; after=$(rss "$srv")
+  stop
+  echo "== overflow = wait at 5x: RSS before $before kB, at 25 s $during kB, 5 s after $after kB"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  ok', d['ok'], 'errors', d['errors'])" "$out/wait.json"
 fi

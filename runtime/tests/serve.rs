@@ -812,7 +812,7 @@ async fn connection_and_read_limits_hold() {
         body_read_timeout: Duration::from_millis(300),
         limits: runtime::http::ConnLimits {
             max_connections: 3,
-            header_read_timeout: Duration::from_millis(300),
+            header_read_timeout: Duration::from_secs(1),
         },
         ..ServeOptions::new(tiny(Profile::default()), "127.0.0.1:0".parse().unwrap())
     };
@@ -829,7 +829,7 @@ async fn connection_and_read_limits_hold() {
 
     // Three idle connections take every slot (the test client's pooled one is closed by the
     // header read timeout first); the fourth is refused with a 503, not left hanging.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(TcpStream::connect(a).await.unwrap());
@@ -848,7 +848,7 @@ async fn connection_and_read_limits_hold() {
 
     // Headers sent a byte at a time, too slowly: closed without a request being served.
     let mut slow = TcpStream::connect(a).await.unwrap();
-    for b in b"POST /v1/emb" {
+    for b in b"POST /v1/embeddings HTTP/1.1\r\nHost: x" {
         if slow.write_all(&[*b]).await.is_err() {
             break;
         }
