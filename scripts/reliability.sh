@@ -52,7 +52,7 @@ if has overload; then
 fi
 
 if has sigterm; then
-  for drain in 3s 10s; do
+  for drain in ${DRAINS:-3s 10s}; do
     printf 'max_queue_size = 4096\nmax_batch_size = 32\ndrain_timeout = "%s"\nrequest_timeout = "60s"\n' "$drain" > "$out/sigterm-$drain.toml"
     serve "$out/sigterm-$drain.toml" "$out/sigterm-$drain-server.log"
     "$bin/loadgen" --url "http://127.0.0.1:$port" --rps 1500 --duration 20s --warmup 0s --timeout 60s \

@@ -83,6 +83,10 @@ pub async fn serve(
     mut close: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Connections are told to close only after the listener has closed and a short linger:
+    // a connection accepted just before, whose request is still arriving, gets that request
+    // read and answered (503 while draining) instead of being closed under it.
+    let (conns_close_tx, conns_close) = watch::channel(false);
     let mut conns = JoinSet::new();
     let mut refused_logged = false;
     loop {
@@ -118,7 +122,7 @@ pub async fn serve(
         };
         refused_logged = false;
         let app = app.clone();
-        let mut close = close.clone();
+        let mut close = conns_close.clone();
         conns.spawn(async move {
             let _slot = slot;
             let svc = TowerToHyperService::new(
@@ -143,15 +147,24 @@ pub async fn serve(
     }
     // Connections the kernel has completed but we have not accepted would be reset when the
     // listener closes, and their clients could not tell a dropped request from a refused one:
-    // answer them 503 first, until none is waiting.
-    while let Ok(Ok((stream, _))) =
-        tokio::time::timeout(Duration::from_millis(5), listener.accept()).await
-    {
+    // answer them 503 first, until none is waiting. Bounded: clients that keep connecting
+    // would otherwise keep the listener open forever.
+    let until = tokio::time::Instant::now() + BACKLOG_DRAIN;
+    while let Ok(Ok((stream, _))) = tokio::time::timeout_at(until, listener.accept()).await {
         conns.spawn(refuse(stream, SHUTTING_DOWN));
     }
     drop(listener);
+    tokio::time::sleep(CLOSE_LINGER).await;
+    let _ = conns_close_tx.send(true);
     while conns.join_next().await.is_some() {}
 }
+
+/// How long the accept queue is answered 503 before the listener closes.
+const BACKLOG_DRAIN: Duration = Duration::from_millis(50);
+
+/// Between closing the listener and closing idle connections: long enough for a request
+/// already on its way over a just-accepted connection to arrive.
+const CLOSE_LINGER: Duration = Duration::from_millis(200);
 
 /// The 503 past `max_connections`.
 const TOO_MANY: &str = "too many connections (--max-connections); retry shortly";
