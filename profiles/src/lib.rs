@@ -577,7 +577,8 @@ impl Profile {
         let obj = patch.as_object().ok_or_else(|| {
             ProfileError::Parse("the body must be a JSON object of knob: value".into())
         })?;
-        let mut merged = serde_json::to_value(self).expect("a Profile always serializes");
+        let current = serde_json::to_value(self).expect("a Profile always serializes");
+        let mut merged = current.clone();
         let target = merged.as_object_mut().expect("a Profile is an object");
         for (k, val) in obj {
             if !KNOBS.contains(&k.as_str()) && k != "provenance" {
@@ -590,7 +591,6 @@ impl Profile {
         }
         // A wrong type (`-1`, `1.5`, `"16"`, `null` for a count) names its knob: each patched
         // knob is tried alone on the current profile, so every bad one is listed.
-        let current = serde_json::to_value(self).expect("a Profile always serializes");
         let wrong: Vec<Violation> = obj
             .iter()
             .filter(|(k, _)| k.as_str() != "provenance")

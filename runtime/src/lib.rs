@@ -96,6 +96,16 @@ impl ServeOptions {
 /// before the server stops (so it exits within `drain_timeout` + 2 × this).
 const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Whether `p` can serve on this host: its model exists and its devices exist in this build
+/// (what `serve` checks before binding, and `runtime validate` without `--rules-only`).
+pub fn serves_here(p: &Profile) -> Result<(), RuntimeError> {
+    model::resolve_model(&p.model)?;
+    if !cfg!(feature = "cuda") {
+        model::resolve_devices(&p.devices)?;
+    }
+    Ok(())
+}
+
 /// Waits for `done` (an engine finishing what it accepted) until `deadline`; past it, `abort`s
 /// (the engine answers the rest 503) and waits [`ABORT_GRACE`] more. True when it drained.
 async fn drain_or_abort<T>(
@@ -144,10 +154,7 @@ impl Server {
     pub async fn start(opts: ServeOptions) -> Result<Server, RuntimeError> {
         opts.profile.validate()?;
         // Fail fast on a bad model path or an unavailable device, before binding.
-        model::resolve_model(&opts.profile.model)?;
-        if !cfg!(feature = "cuda") {
-            model::resolve_devices(&opts.profile.devices)?;
-        }
+        serves_here(&opts.profile)?;
         let p = opts.profile.clone();
         let loader: Loader = Box::new(move || {
             Ok(match model::resolve_model(&p.model)? {

@@ -217,11 +217,7 @@ fn validate(files: &[PathBuf], rules_only: bool) -> ExitCode {
                 if rules_only {
                     return Ok(());
                 }
-                runtime::model::resolve_model(&p.model).map_err(|e| e.to_string())?;
-                if !cfg!(feature = "cuda") {
-                    runtime::model::resolve_devices(&p.devices).map_err(|e| e.to_string())?;
-                }
-                Ok(())
+                runtime::serves_here(&p).map_err(|e| e.to_string())
             });
         match checked {
             Ok(()) => println!("ok      {}", f.display()),

@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -111,23 +110,8 @@ async fn sigterm_with_requests_in_flight_loses_none() {
         .unwrap();
     let c = client();
     wait_ready(&c, addr).await;
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            embed(&c, addr, json!({"input": format!("in flight {i}")}))
-                .await
-                .status
-        }));
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while metric(&c, addr, "batchtune_queue_depth_inputs").await < 20.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "requests never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let tasks = embed_many(&c, addr, 20, "in flight");
+    wait_queued(&c, addr, 20.0, Duration::from_secs(5)).await;
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

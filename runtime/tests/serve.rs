@@ -757,25 +757,10 @@ async fn shutdown_answers_every_accepted_request_and_refuses_new_ones_with_503()
     });
     let (server, c) = start_with(p, m).await;
     let a = server.addr;
-    // 30 requests of 150 ms each, one at a time: 4.5 s of work against a 1 s drain.
-    let mut tasks = Vec::new();
-    for i in 0..30 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            embed(&c, a, json!({"input": format!("text {i}")}))
-                .await
-                .status
-        }));
-    }
-    // All admitted before the shutdown starts.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while metric(&c, a, "batchtune_queue_depth_inputs").await < 25.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "requests never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // 30 requests of 150 ms each, one at a time: 4.5 s of work against a 1 s drain, all
+    // admitted before the shutdown starts.
+    let tasks = embed_many(&c, a, 30, "text");
+    wait_queued(&c, a, 25.0, Duration::from_secs(10)).await;
     let t0 = std::time::Instant::now();
     server.shutdown();
     tokio::time::sleep(Duration::from_millis(200)).await;

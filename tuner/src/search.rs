@@ -391,6 +391,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         Profile::default()
     };
     let start_knobs = header.space.from_profile(&base);
+    let time = time_left(&header, &done, opts.time);
     eprintln!(
         "search {}: targets {} | strategy {:?} | budget {} trials / {} | server {}",
         header.search_id,
@@ -401,7 +402,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
             .join(", "),
         strategy_kind,
         header.budget,
-        format_secs(time_left(&header, &done, opts.time).as_secs_f64()),
+        format_secs(time.as_secs_f64()),
         server.url
     );
     let mut live = Live {
@@ -415,7 +416,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         workload: &opts.workload,
         headers: opts.headers.clone(),
         budget: header.budget,
-        deadline: started + time_left(&header, &done, opts.time),
+        deadline: started + time,
         cancel: cancel.clone(),
         interrupted: false,
         measured_times: done.iter().map(|t| t.elapsed_s).collect(),

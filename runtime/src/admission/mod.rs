@@ -173,6 +173,27 @@ mod tests {
         }
     }
 
+    /// A queue of `max` filled, and `n` requests of one input waiting for room.
+    async fn full_with_waiters(
+        max: usize,
+        n: usize,
+    ) -> (
+        Arc<QueueSpace>,
+        Vec<tokio::task::JoinHandle<Result<(), AdmissionError>>>,
+    ) {
+        let space = Arc::new(QueueSpace::default());
+        let a = Arc::new(Admission::new(space.clone()));
+        let p = waiting(max, Duration::from_secs(30), Duration::from_secs(30));
+        a.reserve(max, &p).await.unwrap();
+        let tasks = (0..n)
+            .map(|_| {
+                let (a, p) = (a.clone(), p.clone());
+                tokio::spawn(async move { a.reserve(1, &p).await })
+            })
+            .collect();
+        (space, tasks)
+    }
+
     #[tokio::test]
     async fn a_waiting_request_gives_up_at_its_own_deadline_not_the_queue_timeout() {
         let a = Admission::new(Arc::new(QueueSpace::default()));
@@ -188,15 +209,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_waiter_gets_in_as_room_is_released_one_at_a_time() {
-        let space = Arc::new(QueueSpace::default());
-        let a = Arc::new(Admission::new(space.clone()));
-        let p = waiting(1, Duration::from_secs(30), Duration::from_secs(30));
-        a.reserve(1, &p).await.unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (a, p) = (a.clone(), p.clone());
-            tasks.push(tokio::spawn(async move { a.reserve(1, &p).await }));
-        }
+        let (space, tasks) = full_with_waiters(1, 50).await;
         // Each release lets exactly one more in; all 50 get in after 50 releases.
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -210,15 +223,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_large_release_admits_several_waiters() {
-        let space = Arc::new(QueueSpace::default());
-        let a = Arc::new(Admission::new(space.clone()));
-        let p = waiting(4, Duration::from_secs(30), Duration::from_secs(30));
-        a.reserve(4, &p).await.unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..4 {
-            let (a, p) = (a.clone(), p.clone());
-            tasks.push(tokio::spawn(async move { a.reserve(1, &p).await }));
-        }
+        let (space, tasks) = full_with_waiters(4, 4).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         // One release of 4: the woken waiter passes the wake-up on while room is left.
         space.release(4);

@@ -15,6 +15,7 @@ use crate::model::llama::{Chunk, Llama, SeqCache};
 use crate::model::lm_tokenizer::{Detokenizer, LmTokenizer};
 use candle_core::Tensor;
 use profiles::Profile;
+use prometheus_client::metrics::histogram::Histogram;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -158,7 +159,18 @@ enum End {
 
 /// The engine loop; returns when shut down (or its channel closed) and nothing is left.
 pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
+    // The phase series, looked up once: a step should not build labels and hash them.
+    let phases = ["schedule", "model", "engine"].map(|phase| {
+        ctx.metrics
+            .step_phase
+            .get_or_create(&PhaseLabel {
+                device: ctx.label.clone(),
+                phase: phase.into(),
+            })
+            .clone()
+    });
     let mut e = Engine {
+        phases,
         ctx,
         sched: Scheduler::default(),
         seqs: HashMap::new(),
@@ -208,6 +220,8 @@ pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
 
 struct Engine {
     ctx: EngineCtx,
+    /// `batchtune_step_phase_seconds` for schedule, model and engine on this replica.
+    phases: [Histogram; 3],
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
     next_id: SeqId,
@@ -408,19 +422,8 @@ impl Engine {
         }
         self.publish_gauges();
         let t3 = Instant::now();
-        for (phase, d) in [
-            ("schedule", t1 - t0),
-            ("model", t2 - t1),
-            ("engine", t3 - t2),
-        ] {
-            self.ctx
-                .metrics
-                .step_phase
-                .get_or_create(&PhaseLabel {
-                    device: self.ctx.label.clone(),
-                    phase: phase.into(),
-                })
-                .observe(d.as_secs_f64());
+        for (h, d) in self.phases.iter().zip([t1 - t0, t2 - t1, t3 - t2]) {
+            h.observe(d.as_secs_f64());
         }
     }
 

@@ -101,3 +101,31 @@ pub async fn metric(c: &HttpClient, addr: SocketAddr, prefix: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Sends `n` embedding requests at once (`"{prefix} {i}"`); each task yields its status.
+pub fn embed_many(
+    c: &HttpClient,
+    addr: SocketAddr,
+    n: usize,
+    prefix: &str,
+) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..n)
+        .map(|i| {
+            let (c, text) = (c.clone(), format!("{prefix} {i}"));
+            tokio::spawn(async move {
+                embed(&c, addr, serde_json::json!({ "input": text }))
+                    .await
+                    .status
+            })
+        })
+        .collect()
+}
+
+/// Polls until at least `n` inputs are queued, failing after `within`.
+pub async fn wait_queued(c: &HttpClient, addr: SocketAddr, n: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while metric(c, addr, "batchtune_queue_depth_inputs").await < n {
+        assert!(Instant::now() < deadline, "requests never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
