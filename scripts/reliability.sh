@@ -6,8 +6,13 @@
 #   idle      IDLE idle connections held open: /health latency meanwhile, how many were refused
 #             (503 past --max-connections), RSS
 #   reload    live reloads every 200 ms (valid and invalid) under load: no request lost
-#   wait      overflow = "wait" at 5x capacity: statuses, RSS before, during, after
-# Usage: scripts/reliability.sh OUT [overload,sigterm,idle,reload,wait]   (needs cargo build --release)
+#   wait      overflow = "wait" at 5x capacity, twice: statuses, RSS before, during, after each
+#             round (a leak grows per round; an allocator's high-water mark does not)
+#   faults    planted forward faults (panic, error, out of memory) under load: only the batches
+#             holding them fail, the workers survive. Needs the test hooks: it builds
+#             target/release/runtime with --features test-hooks into target/hooks/runtime.
+# Usage: scripts/reliability.sh OUT [overload,sigterm,idle,reload,wait,faults]
+#        (needs cargo build --release)
 # Env: RATE (80, the rate limit: near this machine's tuned rate), DURATION (60s), IDLE (19000)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -152,13 +157,41 @@ fi
 if has wait; then
   printf 'overflow = "wait"\nmax_queue_size = 256\nqueue_timeout = "30s"\nrequest_timeout = "10s"\n' > "$out/wait.toml"
   serve "$out/wait.toml" "$out/wait-server.log"
-  before=$(rss "$srv")
-  "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$(python3 -c "print(5*$rate)")" --duration 30s \
-    --warmup 0s --timeout 60s --quiet --json "$out/wait.json" > "$out/wait.txt" 2>&1 &
-  lg=$!
-  sleep 25; during=$(rss "$srv")
-  wait $lg; sleep 5; after=$(rss "$srv")
+  echo "== overflow = wait at 5x, two rounds of 30 s"
+  for round in 1 2; do
+    before=$(rss "$srv")
+    "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$(python3 -c "print(5*$rate)")" --duration 30s \
+      --warmup 0s --timeout 60s --quiet --json "$out/wait-$round.json" > "$out/wait-$round.txt" 2>&1 &
+    lg=$!
+    sleep 25; during=$(rss "$srv")
+    wait $lg; sleep 5; after=$(rss "$srv")
+    echo "  round $round: RSS before $before kB, at 25 s $during kB, 5 s after $after kB"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('    ok', d['ok'], 'errors', d['errors'])" "$out/wait-$round.json"
+  done
   stop
-  echo "== overflow = wait at 5x: RSS before $before kB, at 25 s $during kB, 5 s after $after kB"
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  ok', d['ok'], 'errors', d['errors'])" "$out/wait.json"
+fi
+
+if has faults; then
+  cargo build --release -q -p runtime --features test-hooks && mkdir -p target/hooks \
+    && cp target/release/runtime target/hooks/runtime && cargo build --release -q -p runtime || exit 1
+  printf 'max_batch_size = 8\nbatch_wait_timeout = "5ms"\n' > "$out/faults.toml"
+  bin=target/hooks serve "$out/faults.toml" "$out/faults-server.log" \
+    --test-fault boom=panic --test-fault fail=error --test-fault oom=oom
+  "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$(python3 -c "print(0.5*$rate)")" --duration 20s \
+    --warmup 0s --quiet --json "$out/faults.json" > "$out/faults.txt" 2>&1 &
+  lg=$!
+  sleep 2
+  for i in $(seq 30); do
+    w=$(echo boom fail oom | cut -d' ' -f$((i % 3 + 1)))
+    curl -s -o /dev/null -w "$w %{http_code}\n" -X POST "http://127.0.0.1:$port/v1/embeddings" \
+      -H 'content-type: application/json' -d "{\"input\":\"a text with $w in it\"}"
+    sleep 0.5
+  done > "$out/faults-curl.txt"
+  wait $lg
+  after=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$port/v1/embeddings" \
+    -H 'content-type: application/json' -d '{"input":"after the faults"}')
+  stop
+  echo "== planted faults under $(python3 -c "print(0.5*$rate)") req/s: planted requests' statuses: $(cut -d' ' -f2 "$out/faults-curl.txt" | sort | uniq -c | tr '\n' ' ')"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('  load requests ok', d['ok'], 'errors', d['errors'])" "$out/faults.json"
+  echo "  a request after the faults: $after"
 fi

@@ -11,6 +11,8 @@ pub mod api;
 pub mod bench;
 pub mod embed;
 pub mod generate;
+#[cfg(feature = "test-hooks")]
+pub mod hooks;
 pub mod http;
 pub mod metrics;
 pub mod model;
@@ -71,10 +73,9 @@ pub struct ServeOptions {
     pub body_read_timeout: std::time::Duration,
     /// Connection limit and header read timeout.
     pub limits: http::ConnLimits,
-    /// Test-only planted slowdown: every forward is stretched so throughput drops by this
-    /// fraction (0.1 → 10% slower). Exists to calibrate the CI performance gate's detection
-    /// rate; 0 (the default) leaves the runtime untouched.
-    pub test_slowdown: f64,
+    /// Test-only planted slowdown and faults (feature `test-hooks`).
+    #[cfg(feature = "test-hooks")]
+    pub hooks: hooks::TestHooks,
 }
 
 impl ServeOptions {
@@ -87,7 +88,8 @@ impl ServeOptions {
             max_body_bytes: 8 << 20,
             body_read_timeout: std::time::Duration::from_secs(30),
             limits: http::ConnLimits::default(),
-            test_slowdown: 0.0,
+            #[cfg(feature = "test-hooks")]
+            hooks: Default::default(),
         }
     }
 }
@@ -192,7 +194,8 @@ impl Server {
             source,
         })?;
         let metrics = Arc::new(Metrics::new());
-        let slowdown = opts.test_slowdown;
+        #[cfg(feature = "test-hooks")]
+        let test_hooks = opts.hooks.clone();
         let space = Arc::new(QueueSpace::default());
         let (profile_tx, profile_rx) = watch::channel(Arc::new(opts.profile.clone()));
         let state = Arc::new(AppState {
@@ -220,7 +223,20 @@ impl Server {
                 match tokio::task::spawn_blocking(loader).await {
                     Ok(Ok(Loaded::Embed(m))) => {
                         let devices = m.replicas.iter().map(|(l, _)| l.clone()).collect();
-                        let replicas = model::slowed(m.replicas, slowdown);
+                        #[cfg(feature = "test-hooks")]
+                        let replicas = {
+                            let t = m.tokenizer.clone();
+                            let armed = hooks::Armed::arm(&test_hooks.faults, |w| {
+                                // Without the [CLS] … [SEP] the tokenizer adds.
+                                let ids = t.encode(w).unwrap_or_default();
+                                ids.get(1..ids.len().saturating_sub(1))
+                                    .unwrap_or_default()
+                                    .to_vec()
+                            });
+                            hooks::hook_embed(m.replicas, test_hooks.slowdown, Arc::new(armed))
+                        };
+                        #[cfg(not(feature = "test-hooks"))]
+                        let replicas = m.replicas;
                         let workers = embed::workers::Workers::new(replicas, metrics.clone());
                         let (b, h) = Batcher::spawn(profile_rx, workers, space, metrics);
                         let _ = state.engine.set(Engine {
@@ -249,6 +265,10 @@ impl Server {
                             metrics: Arc::new(metrics.generation()),
                             admission,
                             space,
+                            #[cfg(feature = "test-hooks")]
+                            faults: Arc::new(hooks::Armed::arm(&test_hooks.faults, |w| {
+                                m.tokenizer.encode(w).unwrap_or_default()
+                            })),
                         });
                         match started_service {
                             Ok(service) => {

@@ -114,10 +114,17 @@ struct ServeArgs {
     /// A request's body must arrive within this (408 beyond).
     #[arg(long, env = "BATCHTUNE_BODY_READ_TIMEOUT", default_value = "30s")]
     body_read_timeout: String,
-    /// Test only: make every forward slower so throughput drops by this fraction (0.1 = 10%).
-    /// Used to calibrate the CI performance gate; never set it in production.
-    #[arg(long, hide = true, default_value_t = 0.0)]
+    /// Test only (feature `test-hooks`): make every forward slower so throughput drops by this
+    /// fraction (0.1 = 10%). Used to calibrate the CI performance gate.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, default_value_t = 0.0)]
     test_slowdown: f64,
+    /// Test only (feature `test-hooks`): WORD=panic|error|oom|slow:DURATION. A forward pass
+    /// whose batch holds WORD's tokens panics, fails, reports an exhausted device or is slowed
+    /// (repeatable). Used by the reliability tests.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long)]
+    test_fault: Vec<runtime::hooks::FaultRule>,
 }
 
 /// Prints one JSON line per benchmark point, or the error.
@@ -244,7 +251,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections,
         header_read_timeout,
         body_read_timeout,
+        #[cfg(feature = "test-hooks")]
         test_slowdown,
+        #[cfg(feature = "test-hooks")]
+        test_fault,
     } = args;
     let flag_duration = |flag: &str, v: &str| {
         profiles::parse_duration(v)
@@ -279,12 +289,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         p.model = m;
     }
     p.validate()?;
-    if !(0.0..1.0).contains(&test_slowdown) {
-        anyhow::bail!("--test-slowdown must be in [0, 1), got {test_slowdown}");
-    }
-    if test_slowdown > 0.0 {
-        tracing::warn!("test-only planted slowdown: throughput reduced by {test_slowdown}");
-    }
+    #[cfg(feature = "test-hooks")]
+    let hooks = {
+        if !(0.0..1.0).contains(&test_slowdown) {
+            anyhow::bail!("--test-slowdown must be in [0, 1), got {test_slowdown}");
+        }
+        if test_slowdown > 0.0 {
+            tracing::warn!("test-only planted slowdown: throughput reduced by {test_slowdown}");
+        }
+        runtime::hooks::TestHooks {
+            slowdown: test_slowdown,
+            faults: test_fault,
+        }
+    };
     if p.cpu_threads > 0 {
         // candle's CPU kernels size their thread pool from this variable; set before any thread
         // exists, which is why it happens here and not in the library.
@@ -304,7 +321,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 max_connections,
                 header_read_timeout,
             },
-            test_slowdown,
+            #[cfg(feature = "test-hooks")]
+            hooks,
         })
         .await
         .context("starting the server")?;

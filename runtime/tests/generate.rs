@@ -561,3 +561,61 @@ async fn shutdown_answers_running_and_waiting_generations_with_503() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_faulty_step_fails_only_its_own_sequences_and_the_engine_goes_on() {
+    // One sequence per step, so a planted fault meets only the request that carries its word.
+    let p = llm(Profile {
+        max_batch_size: 1,
+        ..Profile::default()
+    });
+    let mut o = runtime::ServeOptions::new(p, "127.0.0.1:0".parse().unwrap());
+    o.hooks.faults = ["boom=panic", "fail=error", "oom=oom", "slow=slow:300ms"]
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .collect();
+    let server = runtime::Server::start(o).await.unwrap();
+    let c = client();
+    wait_ready(&c, server.addr).await;
+    let a = server.addr;
+    let mut tasks = Vec::new();
+    for prompt in ["fine", "boom", "also fine", "fail", "oom", "slow", "more"] {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"prompt": prompt, "max_tokens": 4});
+            (prompt, complete(&c, a, body).await)
+        }));
+    }
+    for t in tasks {
+        let (prompt, r) = t.await.unwrap();
+        let msg = r.body["error"]["message"].as_str().unwrap_or("");
+        match prompt {
+            "boom" => assert!(r.status == 500 && msg.contains("panicked"), "{}", r.text),
+            "fail" => assert!(r.status == 500 && msg.contains("injected"), "{}", r.text),
+            "oom" => assert!(
+                r.status == 500 && msg.contains("out of memory"),
+                "{}",
+                r.text
+            ),
+            _ => assert_eq!(r.status, 200, "{prompt}: {}", r.text),
+        }
+    }
+    // Nothing leaked: no sequence left running or waiting (the gauges are published by the
+    // engine's next pass, so poll), and the engine still serves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = metric(&c, a, "batchtune_running_sequences").await
+            + metric(&c, a, "batchtune_waiting_sequences").await;
+        if left == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} sequences left after the faults"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = complete(&c, a, json!({"prompt": "after", "max_tokens": 2})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    stop(server).await;
+}

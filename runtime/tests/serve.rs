@@ -556,55 +556,31 @@ async fn start_with(p: Profile, m: LoadedModel) -> (Server, HttpClient) {
     (server, c)
 }
 
-/// Faults injected into a forward, by a word in the batch: "boom" panics, "fail" returns an
-/// error, "oom" returns the error an exhausted device gives, "slow" holds the batch 400 ms;
-/// otherwise the real tiny model.
-struct Faulty {
-    inner: Arc<dyn Backend>,
-    /// Token ids of boom, fail, oom, slow.
-    words: [u32; 4],
-}
-
-impl Backend for Faulty {
-    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, runtime::model::BackendError> {
-        let has = |w: u32| batch.iter().any(|s| s.contains(&w));
-        let [boom, fail, oom, slow] = self.words;
-        if has(boom) {
-            panic!("injected fault");
-        }
-        if has(fail) {
-            return Err(runtime::model::BackendError::Refused(
-                "injected error".into(),
-            ));
-        }
-        if has(oom) {
-            return Err(runtime::model::BackendError::Candle(
-                candle_core::Error::Msg(
-                    "CUDA_ERROR_OUT_OF_MEMORY: out of memory (injected)".into(),
-                ),
-            ));
-        }
-        if has(slow) {
-            std::thread::sleep(Duration::from_millis(400));
-        }
-        self.inner.embed(batch)
+/// Faults planted in the forward pass through the test hooks (feature `test-hooks`), by a word
+/// in the batch: "boom" panics, "fail" returns an error, "oom" returns the error an exhausted
+/// device gives, "slow" holds the batch 400 ms; otherwise the real tiny model.
+fn planted_faults() -> runtime::hooks::TestHooks {
+    runtime::hooks::TestHooks {
+        slowdown: 0.0,
+        faults: ["boom=panic", "fail=error", "oom=oom", "slow=slow:400ms"]
+            .iter()
+            .map(|r| r.parse().unwrap())
+            .collect(),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_faulty_batch_fails_only_its_own_requests() {
-    let mut m: LoadedModel =
-        model::load("synthetic:tiny", &["cpu".into()], profiles::Dtype::F32).unwrap();
-    let id = |w: &str| m.tokenizer.encode(w).unwrap()[1];
-    let words = [id("boom"), id("fail"), id("oom"), id("slow")];
-    let inner = m.replicas[0].1.clone();
-    m.replicas[0].1 = Arc::new(Faulty { inner, words });
     let p = tiny(Profile {
         max_batch_size: 1,
         max_concurrent_batches: 2,
         ..Profile::default()
     });
-    let (server, c) = start_with(p, m).await;
+    let mut o = ServeOptions::new(p, "127.0.0.1:0".parse().unwrap());
+    o.hooks = planted_faults();
+    let server = Server::start(o).await.unwrap();
+    let c = client();
+    wait_ready(&c, server.addr).await;
     let a = server.addr;
     let mut tasks = Vec::new();
     for word in [

@@ -135,6 +135,9 @@ pub struct EngineCtx {
     pub space: Arc<QueueSpace>,
     /// Sequences assigned to this replica and not finished (placement reads it).
     pub load: Arc<AtomicUsize>,
+    /// Test-only planted faults, checked before every step's forward.
+    #[cfg(feature = "test-hooks")]
+    pub faults: Arc<crate::hooks::Armed>,
 }
 
 struct Seq {
@@ -370,7 +373,15 @@ impl Engine {
                 })
                 .collect();
             let model = &self.ctx.model;
-            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&mut chunks)))
+            #[cfg(feature = "test-hooks")]
+            let faults = &self.ctx.faults;
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                #[cfg(feature = "test-hooks")]
+                faults
+                    .check(chunks.iter().map(|c| c.tokens))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                model.forward(&mut chunks)
+            }))
         };
         let prefill_tokens: usize = plan.prefill.iter().map(|c| c.len).sum();
         let dev = DeviceLabel {

@@ -57,6 +57,9 @@ pub struct GenerateOptions {
     pub admission: Arc<Admission>,
     /// Queue capacity (waiting sequences).
     pub space: Arc<QueueSpace>,
+    /// Test-only planted faults, checked before every step's forward.
+    #[cfg(feature = "test-hooks")]
+    pub faults: Arc<crate::hooks::Armed>,
 }
 
 impl GenerateService {
@@ -76,6 +79,8 @@ impl GenerateService {
                 metrics: o.metrics.clone(),
                 space: o.space.clone(),
                 load: load.clone(),
+                #[cfg(feature = "test-hooks")]
+                faults: o.faults.clone(),
             };
             threads.push(
                 std::thread::Builder::new()

@@ -84,7 +84,7 @@ pub trait Pending {
 }
 
 /// A batch computed when it was launched.
-struct Ready(Result<(Vec<Vec<f32>>, usize), BackendError>);
+pub(crate) struct Ready(pub(crate) Result<(Vec<Vec<f32>>, usize), BackendError>);
 
 impl Pending for Ready {
     fn finish(self: Box<Self>) -> Result<(Vec<Vec<f32>>, usize), BackendError> {
@@ -113,50 +113,6 @@ impl Backend for Bert {
     fn pipelined(&self) -> bool {
         self.on_gpu()
     }
-}
-
-/// A replica whose forwards are stretched by a fixed factor: the planted slowdown the CI gate is
-/// calibrated against (`runtime serve --test-slowdown`). Sleeping after the real forward keeps
-/// the results identical and the cost proportional to the work.
-struct Slowed {
-    inner: Arc<dyn Backend>,
-    /// Extra time as a multiple of the forward's own time.
-    extra: f64,
-}
-
-impl Backend for Slowed {
-    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {
-        self.launch(batch).finish().map(|(v, _)| v)
-    }
-
-    /// Computes at launch (a slowed replica is a CPU test double): the sleep must follow the
-    /// real work, and the pipelined worker's overlap would hide it.
-    fn launch(&self, batch: &[&[u32]]) -> Box<dyn Pending> {
-        let t = std::time::Instant::now();
-        let out = self.inner.launch(batch).finish();
-        std::thread::sleep(t.elapsed().mul_f64(self.extra));
-        Box::new(Ready(out))
-    }
-
-    fn pipelined(&self) -> bool {
-        self.inner.pipelined()
-    }
-}
-
-/// Wraps every replica so throughput drops by `fraction` (0 returns them unchanged).
-pub fn slowed(
-    replicas: Vec<(String, Arc<dyn Backend>)>,
-    fraction: f64,
-) -> Vec<(String, Arc<dyn Backend>)> {
-    if !(fraction > 0.0 && fraction < 1.0) {
-        return replicas;
-    }
-    // Throughput × (1 − f) needs time × 1 / (1 − f): extra = f / (1 − f).
-    let extra = fraction / (1.0 - fraction);
-    replicas
-        .into_iter()
-        .map(|(label, inner)| (label, Arc::new(Slowed { inner, extra }) as Arc<dyn Backend>))
-        .collect()
 }
 
 /// A model loaded on every device of a profile.
