@@ -5,7 +5,7 @@
 //! each rate an open-loop Poisson loadgen run. Every run is appended to the store as soon as it
 //! ends, so an interrupted comparison keeps what it measured.
 
-use crate::control::Target as Server;
+use crate::server::Target as Server;
 use loadgen::schedule::{Arrival, Rate};
 use loadgen::slo::Target;
 use loadgen::workload::Workload;

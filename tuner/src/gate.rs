@@ -11,7 +11,7 @@
 //!   machine was too noisy to clear the candidate);
 //! - **pass** otherwise.
 
-use crate::control::Target as Server;
+use crate::server::Target as Server;
 use loadgen::slo::Observed;
 use loadgen::workload::{TextOptions, Workload};
 use loadgen::{Config, Mode};
@@ -217,8 +217,14 @@ pub fn decide(pairs: &[Pair], c: &GateConfig, seed: u64) -> Decision {
 
 /// Builds the runtime at `rev` in a worktree under `work` and returns the binary's path (copied
 /// out, so later builds do not overwrite it). Dependencies compile once into `work/target` and
-/// are reused by every later revision.
-pub fn build_revision(repo: &Path, rev: &str, work: &Path) -> anyhow::Result<PathBuf> {
+/// are reused by every later revision. `features` are the runtime's cargo features (the
+/// calibration needs `test-hooks` for `--test-slowdown`).
+pub fn build_revision(
+    repo: &Path,
+    rev: &str,
+    work: &Path,
+    features: &[&str],
+) -> anyhow::Result<PathBuf> {
     let run = |c: &mut Command| -> anyhow::Result<String> {
         let out = c.output()?;
         if !out.status.success() {
@@ -240,7 +246,8 @@ pub fn build_revision(repo: &Path, rev: &str, work: &Path) -> anyhow::Result<Pat
     std::fs::create_dir_all(work)?;
     // Absolute: cargo runs inside the worktree and would resolve a relative target dir there.
     let work = &std::fs::canonicalize(work)?;
-    let out = work.join(format!("runtime-{short}"));
+    let tag: String = features.iter().map(|f| format!("-{f}")).collect();
+    let out = work.join(format!("runtime-{short}{tag}"));
     if out.is_file() {
         return Ok(out);
     }
@@ -256,6 +263,7 @@ pub fn build_revision(repo: &Path, rev: &str, work: &Path) -> anyhow::Result<Pat
     let status = Command::new("cargo")
         .current_dir(&tree)
         .args(["build", "--release", "-p", "runtime", "--quiet"])
+        .args(features.iter().flat_map(|f| ["--features", f]))
         .env("CARGO_TARGET_DIR", work.join("target"))
         .status()?;
     if !status.success() {

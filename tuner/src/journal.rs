@@ -38,6 +38,9 @@ pub struct Header {
     /// several machines' cores; `tuner replay` merges the shards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<[usize; 2]>,
+    /// The server's adapter (name and file) when it is not batchtune's runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// One finished trial.
@@ -58,7 +61,7 @@ pub struct Trial {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Line {
-    Header(Header),
+    Header(Box<Header>),
     Trial(Trial),
 }
 
@@ -104,7 +107,7 @@ impl Journal {
             .open(&path)
             .map_err(io(&path))?;
         let mut j = Journal { file, path };
-        j.write(&Line::Header(header.clone()))?;
+        j.write(&Line::Header(Box::new(header.clone())))?;
         Ok(j)
     }
 
@@ -167,7 +170,7 @@ fn parse(text: &str) -> (Option<Header>, Vec<Trial>, usize) {
             break;
         }
         match serde_json::from_str::<Line>(line.trim()) {
-            Ok(Line::Header(h)) => header = Some(h),
+            Ok(Line::Header(h)) => header = Some(*h),
             Ok(Line::Trial(t)) => trials.push(t),
             Err(_) => break,
         }
@@ -194,6 +197,7 @@ mod tests {
             workload: "embeddings".into(),
             started_unix_s: 0.0,
             time_s: None,
+            server: None,
         }
     }
 

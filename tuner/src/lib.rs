@@ -5,17 +5,18 @@
 //! Where to look: [`space`] (knobs → unit box), [`trial`] (the sustainable rate of one
 //! configuration: bracket and bisect), [`strategy`] (Nelder–Mead via argmin, grid, random, hill
 //! climbing), [`search`] (the live loop, re-measurement, profile writer), [`journal`] (resume),
-//! [`control`] (spawning and reconfiguring the server over HTTP).
+//! [`server`] (the server under test: batchtune's runtime, or any HTTP server through an
+//! adapter file; spawned, reconfigured, stopped).
 #![warn(missing_docs)]
 
 pub mod compare;
-pub mod control;
 pub mod gate;
 pub mod gate_calibration;
 pub mod journal;
 pub mod replay;
 pub mod report;
 pub mod search;
+pub mod server;
 pub mod space;
 pub mod strategy;
 pub mod trial;

@@ -193,17 +193,21 @@ struct TextArgs {
 }
 
 impl TextArgs {
-    /// The workload named by `spec` with these bodies.
-    fn workload(&self, spec: &str) -> anyhow::Result<Workload> {
-        let opts = TextOptions {
+    /// The text and length options these flags give.
+    fn options(&self) -> anyhow::Result<TextOptions> {
+        Ok(TextOptions {
             inputs_per_request: self.inputs_per_request.max(1),
             output_tokens: loadgen::workload::Lengths::parse(&self.output_tokens)
                 .map_err(|e| anyhow::anyhow!("--output-tokens: {e}"))?,
             ignore_eos: !self.allow_eos,
             temperature: self.temperature,
             ..TextOptions::default()
-        };
-        Workload::from_spec(spec, &opts).map_err(|e| anyhow::anyhow!("--workload: {e}"))
+        })
+    }
+
+    /// The workload named by `spec` with these bodies.
+    fn workload(&self, spec: &str) -> anyhow::Result<Workload> {
+        Workload::from_spec(spec, &self.options()?).map_err(|e| anyhow::anyhow!("--workload: {e}"))
     }
 }
 
@@ -232,19 +236,29 @@ struct SearchArgs {
     /// Default: the `runtime` binary next to this one, `serve`.
     #[arg(long, env = "TUNER_SPAWN", conflicts_with = "url")]
     spawn: Option<String>,
-    /// Tune a server that is already running (hot reload only).
+    /// Tune a server that is already running: batchtune's runtime by hot reload; any other
+    /// server client-side only (the client's concurrency and rate, written as a .client.env).
     #[arg(long, env = "TUNER_URL")]
     url: Option<String>,
+    /// Tune another HTTP server (a FastAPI app, vLLM, TGI, TEI) described by an adapter file:
+    /// how to start it, its knobs (environment variables or flags), its workload. The tuner
+    /// restarts it per trial and writes the tuned .env / .flags under its own names. See
+    /// adapters/ and the README.
+    #[arg(long, env = "TUNER_SERVER", conflicts_with_all = ["url", "spawn"])]
+    server: Option<PathBuf>,
     /// Workload: embeddings, completions or chat (streamed generation: the generation space and
-    /// model, token targets such as ttft_p95<2s), or a FILE.jsonl of request bodies.
-    #[arg(long, env = "TUNER_WORKLOAD", default_value = "embeddings")]
-    workload: String,
+    /// model, token targets such as ttft_p95<2s), or a FILE.jsonl of request bodies [default:
+    /// embeddings; with --server, the adapter's [workload]].
+    #[arg(long, env = "TUNER_WORKLOAD")]
+    workload: Option<String>,
     /// Strategy: auto (Nelder–Mead via argmin), grid, random, hill.
     #[arg(long, env = "TUNER_STRATEGY", default_value = "auto")]
     strategy: String,
-    /// Where to write the tuned profile.
-    #[arg(long, env = "TUNER_OUT", default_value = "profiles/tuned.toml")]
-    out: PathBuf,
+    /// Where to write the tuned profile [default: profiles/tuned.toml; with --server
+    /// profiles/tuned-ADAPTER.{env,flags,client.env,toml}; for a foreign --url
+    /// profiles/tuned-client.{client.env,toml}].
+    #[arg(long, env = "TUNER_OUT")]
+    out: Option<PathBuf>,
     /// Continue the search with this id (its journal decides targets, space and strategy).
     #[arg(long, env = "TUNER_RESUME")]
     resume: Option<String>,
@@ -433,12 +447,13 @@ fn gate_side(
     spec: &str,
     args: &[String],
     work: &std::path::Path,
+    features: &[&str],
 ) -> anyhow::Result<tuner::gate::Side> {
     let path = PathBuf::from(spec);
     let binary = if path.is_file() {
         path
     } else {
-        tuner::gate::build_revision(std::path::Path::new("."), spec, work)?
+        tuner::gate::build_revision(std::path::Path::new("."), spec, work, features)?
     };
     Ok(tuner::gate::Side {
         name: spec.to_string(),
@@ -452,7 +467,11 @@ fn run_gate(a: GateArgs) -> anyhow::Result<u8> {
     let c = gate::GateConfig::load(&a.config)?;
     let started = std::time::Instant::now();
     let candidate = match &a.candidate {
-        Some(spec) => gate_side(spec, &a.candidate_arg, &a.work_dir)?,
+        // Calibration plants `--test-slowdown`, which exists only with the test hooks.
+        Some(spec) if a.calibrate.is_some() => {
+            gate_side(spec, &a.candidate_arg, &a.work_dir, &["test-hooks"])?
+        }
+        Some(spec) => gate_side(spec, &a.candidate_arg, &a.work_dir, &[])?,
         None => gate::Side {
             name: "current build".into(),
             binary: find_runtime()?,
@@ -471,7 +490,7 @@ fn run_gate(a: GateArgs) -> anyhow::Result<u8> {
         )
         .map(|_| 0);
     }
-    let baseline = gate_side(&a.baseline, &a.baseline_arg, &a.work_dir)?;
+    let baseline = gate_side(&a.baseline, &a.baseline_arg, &a.work_dir, &[])?;
     let n = a
         .pairs
         .unwrap_or(if a.quick { c.quick_pairs } else { c.pairs })
@@ -543,12 +562,37 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     for t in &a.targets {
         Target::parse(t).map_err(|e| anyhow::anyhow!("--target: {e}"))?;
     }
-    let space = match &a.space {
-        Some(p) => Space::from_toml(
-            &std::fs::read_to_string(p)
-                .map_err(|e| anyhow::anyhow!("--space {}: {e}", p.display()))?,
-        )?,
-        None => Space::default_space(),
+    let adapter = a
+        .server
+        .as_deref()
+        .map(tuner::server::adapter::Adapter::load)
+        .transpose()?;
+    let space_text = a
+        .space
+        .as_ref()
+        .map(|p| {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--space {}: {e}", p.display()))
+        })
+        .transpose()?;
+    let space = match (&space_text, &adapter) {
+        (Some(text), Some(ad)) => {
+            // A narrower space over the adapter's own knobs.
+            let s: Space = Space {
+                knobs: toml::from_str(text).map_err(|e| anyhow::anyhow!("--space: {e}"))?,
+            };
+            s.check_shape()?;
+            if let Some(k) = s.knobs.keys().find(|k| !ad.knobs.contains_key(*k)) {
+                anyhow::bail!(
+                    "--space: `{k}` is not a knob of {} (its knobs: {})",
+                    ad.name,
+                    ad.knobs.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            s
+        }
+        (Some(text), None) => Space::from_toml(text)?,
+        (None, Some(ad)) => ad.space(),
+        (None, None) => Space::default_space(),
     };
     let strategy = Strategy::parse(&a.strategy).map_err(anyhow::Error::msg)?;
     if !(a.rate_limit_fraction > 0.0 && a.rate_limit_fraction <= 1.0) {
@@ -561,19 +605,41 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     if shard.is_some() && strategy != Strategy::Grid {
         anyhow::bail!("--shard splits a grid: it needs --strategy grid");
     }
-    let workload = a.texts.workload(&a.workload)?;
+    let (workload, workload_spec) = match (&adapter, &a.workload) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("--workload and --server: the adapter's [workload] table decides")
+        }
+        (Some(ad), None) => (
+            ad.workload(&a.texts.options()?)
+                .map_err(|e| anyhow::anyhow!("{}: workload: {e}", ad.name))?,
+            format!(
+                "adapter {}",
+                a.server
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+        ),
+        (None, w) => {
+            let spec = w.clone().unwrap_or_else(|| "embeddings".into());
+            (a.texts.workload(&spec)?, spec)
+        }
+    };
     // Generation: requests take seconds, so the defaults change with the workload: the
     // generation space, the embedded generation model, probes long enough for several requests
     // per latency bound, and rates well below 1 request/s worth probing.
     let generation = workload.path.ends_with("/completions");
-    let space = match (&a.space, generation) {
-        (None, true) => Space::generation_space(),
+    let space = match (&a.space, generation, &adapter) {
+        (None, true, None) => Space::generation_space(),
         _ => space,
     };
-    let server = match (&a.url, &a.spawn) {
-        (Some(u), _) => ServerSpec::Url(u.clone()),
-        (None, Some(cmd)) => ServerSpec::Spawn(cmd.split_whitespace().map(String::from).collect()),
-        (None, None) => {
+    let server = match (&adapter, &a.url, &a.spawn) {
+        (Some(ad), _, _) => ServerSpec::External(Box::new(ad.clone())),
+        (None, Some(u), _) => ServerSpec::Url(u.clone()),
+        (None, None, Some(cmd)) => {
+            ServerSpec::Spawn(cmd.split_whitespace().map(String::from).collect())
+        }
+        (None, None, None) => {
             let mut cmd = vec![find_runtime()?.display().to_string(), "serve".into()];
             if generation {
                 cmd.extend(["--model".into(), GENERATION_MODEL.into()]);
@@ -581,6 +647,14 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             ServerSpec::Spawn(cmd)
         }
     };
+    let out = a.out.clone().unwrap_or_else(|| match (&a.server, &a.url) {
+        (Some(f), _) => PathBuf::from(format!(
+            "profiles/tuned-{}.toml",
+            f.file_stem().unwrap_or_default().to_string_lossy()
+        )),
+        (None, Some(_)) => PathBuf::from("profiles/tuned.toml"),
+        _ => PathBuf::from("profiles/tuned.toml"),
+    });
     let mut probe = ProbeSettings {
         duration: dur("probe", &a.probe)?,
         warmup: dur("probe-warmup", &a.probe_warmup)?,
@@ -619,10 +693,11 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             strategy,
             seed: a.seed,
             probe,
-            workload_spec: a.workload.clone(),
+            workload_spec,
             workload,
             server,
-            out: a.out.clone(),
+            space_given: a.space.is_some(),
+            out,
             journal_dir: a.journal_dir.clone(),
             resume: a.resume.clone(),
             rate_limit_fraction: a.rate_limit_fraction,
@@ -635,11 +710,11 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
     );
     match out {
         Ok(SearchOutcome {
-            profile: None,
+            written,
             search_id,
             trials,
             ..
-        }) => {
+        }) if written.is_empty() => {
             println!(
                 "search {search_id}: grid shard done, {} trials",
                 trials.len()
@@ -647,14 +722,14 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Ok(SearchOutcome {
-            profile: Some(profile),
+            profile,
             search_id,
             trials,
             best,
             best_rps,
-            out,
+            written,
+            ..
         }) => {
-            let prov = profile.provenance.clone().unwrap_or_default();
             println!("search {search_id}: {} trials", trials.len());
             println!(
                 "best: {}",
@@ -663,10 +738,14 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(" ")
             );
-            println!(
-                "sustainable rate {:.1} req/s; rate_limit set to {:.1} req/s",
-                best_rps, profile.rate_limit
-            );
+            match &profile {
+                Some(p) => println!(
+                    "sustainable rate {:.1} req/s; rate_limit set to {:.1} req/s",
+                    best_rps, p.rate_limit
+                ),
+                None => println!("sustainable rate {best_rps:.1} req/s"),
+            }
+            let prov = profile.and_then(|p| p.provenance).unwrap_or_default();
             if let (Some(p95), Some(passed), Some(runs)) = (
                 prov.get("p95_s"),
                 prov.get("remeasured_passed"),
@@ -674,7 +753,9 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             ) {
                 println!("re-measured: {passed}/{runs} runs met the targets; median p95 {p95}s");
             }
-            println!("wrote {}", out.display());
+            for w in written {
+                println!("wrote {}", w.display());
+            }
             Ok(())
         }
         Err(e @ SearchError::Interrupted { .. }) => {

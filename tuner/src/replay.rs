@@ -414,6 +414,7 @@ mod tests {
             workload: "embeddings".into(),
             started_unix_s: 0.0,
             time_s: None,
+            server: None,
         };
         let trials: Vec<Trial> = grid_points(&space, 8)
             .into_iter()

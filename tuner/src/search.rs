@@ -1,8 +1,10 @@
 //! The live search: measures strategy points against the server, journals each trial, re-measures
 //! the winner and writes the tuned profile with its provenance.
 
-use crate::control::Target as Server;
 use crate::journal::{Header, Journal, Trial};
+use crate::server::adapter::Adapter;
+use crate::server::external::External;
+use crate::server::{Server, Target as Runtime};
 use crate::space::{key, Knobs, Space};
 use crate::strategy::{self, Evaluator, Strategy};
 use crate::trial::{
@@ -28,6 +30,8 @@ pub enum ServerSpec {
     Spawn(Vec<String>),
     /// A server that is already running.
     Url(String),
+    /// A server started from an adapter file (restarted per trial that changes its knobs).
+    External(Box<Adapter>),
 }
 
 /// Everything `tuner search` needs.
@@ -53,6 +57,8 @@ pub struct SearchOptions {
     pub workload: Workload,
     /// Server under test.
     pub server: ServerSpec,
+    /// The space came from `--space` (not a default the server type may replace).
+    pub space_given: bool,
     /// Tuned profile output.
     pub out: PathBuf,
     /// Folder of search journals.
@@ -79,7 +85,7 @@ pub enum SearchError {
     Config(String),
     /// Server control failed.
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] crate::server::ControlError),
     /// Journal I/O failed.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
@@ -110,6 +116,8 @@ pub struct SearchOutcome {
     pub profile: Option<Profile>,
     /// Where it was written.
     pub out: PathBuf,
+    /// Every file written (profile; or `.env`, `.flags`, `.client.env` and provenance `.toml`).
+    pub written: Vec<PathBuf>,
     /// Every trial.
     pub trials: Vec<Trial>,
     /// The winner's knobs.
@@ -162,12 +170,13 @@ impl Live<'_> {
         rt.block_on(server.apply(knobs))?;
         rt.block_on(server.wait_idle(Duration::from_secs(60)));
         let search = RateSearch {
-            url: &server.url,
+            url: server.url(),
             workload: self.workload,
             targets: &self.targets,
             settings: &self.settings,
             cancel: self.cancel.clone(),
             headers: self.headers.clone(),
+            max_in_flight: server.client_concurrency(knobs),
         };
         // The first trial starts from half a short closed-loop saturation run: bracketing up
         // from a fixed guess costs a probe per doubling (16 → 10,000 req/s on a GPU is most of
@@ -331,11 +340,60 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         .enable_all()
         .build()
         .map_err(|e| SearchError::Config(e.to_string()))?;
+    let search_id = opts.resume.clone().unwrap_or_else(new_search_id);
     // The server first: a search that cannot reach it leaves no empty journal behind.
     let mut server = match &opts.server {
-        ServerSpec::Spawn(cmd) => rt.block_on(Server::spawn(cmd.clone()))?,
-        ServerSpec::Url(u) => rt.block_on(Server::url(u))?,
+        ServerSpec::Spawn(cmd) => {
+            Server::Runtime(Box::new(rt.block_on(Runtime::spawn(cmd.clone()))?))
+        }
+        ServerSpec::Url(u) => Server::Runtime(Box::new(rt.block_on(Runtime::url(u))?)),
+        ServerSpec::External(a) => {
+            let logs = opts.journal_dir.join(&search_id).join("logs");
+            let mut e = External::new((**a).clone(), logs);
+            // Started once with its defaults (mid-range where it has none), so an adapter that
+            // cannot start fails here, with its log, before any trial.
+            let first: Knobs = opts
+                .space
+                .decode(&opts.space.encode(&a.defaults()))
+                .into_iter()
+                .filter(|(k, _)| !a.is_client(k))
+                .collect();
+            eprintln!("starting {} …", a.name);
+            rt.block_on(e.apply(&first))?;
+            Server::External(Box::new(e))
+        }
     };
+    // A foreign server at a URL cannot be reconfigured: its client side is what can be tuned.
+    let mut space = opts.space.clone();
+    if matches!(&server, Server::Runtime(t) if !t.is_batchtune) {
+        let server_knobs: Vec<&String> = space
+            .knobs
+            .keys()
+            .filter(|k| !server.is_client_knob(k))
+            .collect();
+        if !server_knobs.is_empty() {
+            if opts.space_given {
+                return Err(SearchError::Config(format!(
+                    "{} is not batchtune's runtime, so its knobs ({}) cannot be set from here: \
+                     search only {} at a --url, or describe the server in an adapter file and \
+                     use --server",
+                    server.url(),
+                    server_knobs
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    crate::server::CLIENT_CONCURRENCY
+                )));
+            }
+            eprintln!(
+                "{} is not batchtune's runtime: tuning the client side ({}, and the rate)",
+                server.url(),
+                crate::server::CLIENT_CONCURRENCY
+            );
+            space = Space::client_space();
+        }
+    }
     let (mut journal, header, done) = match &opts.resume {
         Some(id) => {
             let (j, h, t) = Journal::resume(&opts.journal_dir, id)?;
@@ -347,9 +405,9 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         }
         None => {
             let h = Header {
-                search_id: new_search_id(),
+                search_id: search_id.clone(),
                 targets: opts.targets.clone(),
-                space: opts.space.clone(),
+                space: space.clone(),
                 strategy: opts.strategy.name().to_string(),
                 budget: opts.budget,
                 seed: opts.seed,
@@ -361,6 +419,10 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0),
+                server: match &opts.server {
+                    ServerSpec::External(a) => Some(a.name.clone()),
+                    _ => None,
+                },
             };
             let j = Journal::create(&opts.journal_dir, &h)?;
             (j, h, Vec::new())
@@ -381,16 +443,18 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         opts.strategy
     };
     // Probes must measure capacity, not a rate limit left on by a previous profile.
-    if server.is_batchtune {
-        rt.block_on(server.put_config(serde_json::json!({"rate_limit": 0.0})))?;
-    }
-    let base: Profile = if server.is_batchtune {
-        serde_json::from_value(rt.block_on(server.get("/config"))?)
-            .map_err(|e| SearchError::Config(format!("GET /config: {e}")))?
-    } else {
-        Profile::default()
+    let base: Profile = match &server {
+        Server::Runtime(t) if t.is_batchtune => {
+            rt.block_on(t.put_config(serde_json::json!({"rate_limit": 0.0})))?;
+            serde_json::from_value(rt.block_on(t.get("/config"))?)
+                .map_err(|e| SearchError::Config(format!("GET /config: {e}")))?
+        }
+        _ => Profile::default(),
     };
-    let start_knobs = header.space.from_profile(&base);
+    let start_knobs = match &server {
+        Server::External(e) => e.adapter.defaults(),
+        Server::Runtime(_) => header.space.from_profile(&base),
+    };
     let time = time_left(&header, &done, opts.time);
     eprintln!(
         "search {}: targets {} | strategy {:?} | budget {} trials / {} | server {}",
@@ -403,7 +467,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         strategy_kind,
         header.budget,
         format_secs(time.as_secs_f64()),
-        server.url
+        server.url()
     );
     let mut live = Live {
         rt: &rt,
@@ -466,6 +530,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
             search_id: header.search_id.clone(),
             profile: None,
             out: opts.journal_dir.join(&header.search_id),
+            written: vec![],
             best: best.knobs.clone(),
             best_rps: best.result.sustainable_rps,
             trials,
@@ -480,12 +545,13 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
     rt.block_on(server.apply(&best.knobs))?;
     rt.block_on(server.wait_idle(Duration::from_secs(60)));
     let rs = RateSearch {
-        url: &server.url,
+        url: server.url(),
         workload: &opts.workload,
         targets: &effective,
         settings: &header.probe,
         cancel: cancel.clone(),
         headers: opts.headers.clone(),
+        max_in_flight: server.client_concurrency(&best.knobs),
     };
     // Confirm the rate: the search's best is the maximum of noisy measurements, so it is biased
     // upwards. Re-measure it; if most runs fail, step down by the bisection tolerance and try
@@ -527,7 +593,7 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         confirmed,
         tried,
     };
-    let profile = tuned_profile(
+    let mut profile = tuned_profile(
         &opts,
         &confirmation,
         &header,
@@ -536,35 +602,137 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         &again,
         &trials,
         started.elapsed(),
-        &server.url,
+        server.url(),
     );
     server.stop();
-    profile
-        .validate()
-        .map_err(|e| SearchError::Config(format!("tuned profile is invalid: {e}")))?;
-    let text = format!(
-        "# Tuned by `tuner search` ({}): {} trials, targets {}.\n# Provenance below; regenerate rather than edit by hand.\n{}",
-        header.search_id,
-        trials.len(),
-        header.targets.join(" "),
-        profile.to_toml_string()
-    );
-    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| SearchError::Config(format!("{}: {e}", dir.display())))?;
-    }
-    std::fs::write(&opts.out, &text)
-        .map_err(|e| SearchError::Config(format!("{}: {e}", opts.out.display())))?;
-    let copy = opts.journal_dir.join(&header.search_id).join("tuned.toml");
-    let _ = std::fs::write(copy, &text);
+    let say = |what: &str| {
+        format!(
+            "# Tuned by `tuner search` ({}){what}: {} trials, targets {}.\n# Provenance in the .toml beside it; regenerate rather than edit by hand.",
+            header.search_id,
+            trials.len(),
+            header.targets.join(" "),
+        )
+    };
+    let write = |path: &std::path::Path, text: &str| -> Result<PathBuf, SearchError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| SearchError::Config(format!("{}: {e}", dir.display())))?;
+        }
+        std::fs::write(path, text)
+            .map_err(|e| SearchError::Config(format!("{}: {e}", path.display())))?;
+        let copy = opts
+            .journal_dir
+            .join(&header.search_id)
+            .join(path.file_name().unwrap_or_default());
+        let _ = std::fs::write(copy, text);
+        Ok(path.to_path_buf())
+    };
+    // The client's rate keeps the same headroom below the sustainable rate as a rate limit.
+    let client_rate = confirmation.rate * opts.rate_limit_fraction;
+    let written = match &server {
+        Server::Runtime(t) if t.is_batchtune => {
+            profile
+                .validate()
+                .map_err(|e| SearchError::Config(format!("tuned profile is invalid: {e}")))?;
+            let text = format!(
+                "# Tuned by `tuner search` ({}): {} trials, targets {}.\n# Provenance below; regenerate rather than edit by hand.\n{}",
+                header.search_id,
+                trials.len(),
+                header.targets.join(" "),
+                profile.to_toml_string()
+            );
+            let mut w = vec![write(&opts.out, &text)?];
+            if let Some(c) = server.client_concurrency(&best.knobs) {
+                let text = format!(
+                    "{}\n{}",
+                    say(" for the client"),
+                    client_lines(Some(c), client_rate)
+                );
+                w.push(write(&opts.out.with_extension("client.env"), &text)?);
+            }
+            w
+        }
+        Server::Runtime(_) => {
+            // A server the tuner cannot configure: only the client's settings are tuned.
+            let text = format!(
+                "{}\n{}",
+                say(" for the client"),
+                client_lines(server.client_concurrency(&best.knobs), client_rate)
+            );
+            let mut w = vec![write(&opts.out.with_extension("client.env"), &text)?];
+            w.push(write(
+                &opts.out.with_extension("toml"),
+                &provenance_file(&say(""), &best.knobs, &mut profile),
+            )?);
+            w
+        }
+        Server::External(e) => {
+            let a = &e.adapter;
+            let (env, flags) = a.server_files(&best.knobs, &say(&format!(" for {}", a.name)));
+            let mut w = vec![write(&opts.out.with_extension("env"), &env)?];
+            if let Some(f) = flags {
+                w.push(write(&opts.out.with_extension("flags"), &format!("{f}\n"))?);
+            }
+            if let Some(c) = a.client_file(&best.knobs, client_rate, &say(" for the client")) {
+                w.push(write(&opts.out.with_extension("client.env"), &c)?);
+            }
+            w.push(write(
+                &opts.out.with_extension("toml"),
+                &provenance_file(&say(&format!(" for {}", a.name)), &best.knobs, &mut profile),
+            )?);
+            w
+        }
+    };
     Ok(SearchOutcome {
         search_id: header.search_id,
-        profile: Some(profile),
+        profile: matches!(&server, Server::Runtime(t) if t.is_batchtune).then_some(profile),
         out: opts.out.clone(),
+        written,
         trials,
         best_rps: confirmation.rate,
         best: best.knobs,
     })
+}
+
+/// A pipeline's client settings under seed 001's names: its concurrent requests (when searched)
+/// and its rate per minute.
+fn client_lines(concurrency: Option<usize>, rate_rps: f64) -> String {
+    let mut s = String::new();
+    if let Some(c) = concurrency {
+        s.push_str(&format!("MAX_CONCURRENT_REQUESTS={c}\n"));
+    }
+    s.push_str(&format!(
+        "REQUESTS_PER_MINUTE={}\n",
+        (rate_rps * 60.0).floor()
+    ));
+    s
+}
+
+/// The tuned knobs and the search's provenance for a server that is not batchtune's runtime
+/// (the runtime-only fields of `profile`'s provenance are left out).
+fn provenance_file(header: &str, knobs: &Knobs, profile: &mut Profile) -> String {
+    let mut prov = profile.provenance.take().unwrap_or_default();
+    for k in ["model", "devices", "dtype"] {
+        prov.remove(k);
+    }
+    let knobs: toml::Table = knobs
+        .iter()
+        .map(|(k, v)| {
+            let t = match v {
+                crate::space::Value::Int(i) => toml::Value::Integer(*i),
+                crate::space::Value::Float(x) => toml::Value::Float(*x),
+                crate::space::Value::Text(s) => toml::Value::String(s.clone()),
+            };
+            (k.clone(), t)
+        })
+        .collect();
+    let mut doc = toml::Table::new();
+    doc.insert("knobs".into(), toml::Value::Table(knobs));
+    doc.insert(
+        "provenance".into(),
+        toml::Value::Table(prov.into_iter().collect()),
+    );
+    format!("{header}\n{}", toml::to_string(&doc).unwrap_or_default())
 }
 
 /// The rate that held up when the winner was re-measured.
@@ -645,6 +813,9 @@ fn tuned_profile(
         ]),
     );
     put("rate_limit_fraction", T::Float(opts.rate_limit_fraction));
+    if let Some(crate::space::Value::Int(c)) = best.knobs.get(crate::server::CLIENT_CONCURRENCY) {
+        put("client_concurrency", T::Integer(*c));
+    }
     put("remeasured_runs", T::Integer(again.len() as i64));
     put(
         "remeasured_passed",

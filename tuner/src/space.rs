@@ -187,6 +187,14 @@ impl Space {
         Space { knobs: k }
     }
 
+    /// The client side of a pipeline: its cap on requests in flight (the rate is what every
+    /// trial measures).
+    pub fn client_space() -> Space {
+        let mut k = BTreeMap::new();
+        k.insert(crate::server::CLIENT_CONCURRENCY.into(), log_int(1, 256));
+        Space { knobs: k }
+    }
+
     /// Parses a space file (a TOML table per knob) and checks it.
     pub fn from_toml(text: &str) -> Result<Space, SpaceError> {
         let knobs: BTreeMap<String, Domain> =
@@ -196,18 +204,28 @@ impl Space {
         Ok(s)
     }
 
-    /// Every knob exists in the profile schema and every range is sound.
+    /// Every knob is a runtime knob (or the client's concurrency) and every range is sound.
     pub fn check(&self) -> Result<(), SpaceError> {
+        for name in self.knobs.keys() {
+            if !profiles::KNOBS.contains(&name.as_str())
+                && name != crate::server::CLIENT_CONCURRENCY
+            {
+                return Err(SpaceError(format!(
+                    "unknown knob `{name}`; knobs are: {}, {}",
+                    profiles::KNOBS.join(", "),
+                    crate::server::CLIENT_CONCURRENCY
+                )));
+            }
+        }
+        self.check_shape()
+    }
+
+    /// Every range is sound, whatever the knobs are called (an adapter's server knobs).
+    pub fn check_shape(&self) -> Result<(), SpaceError> {
         if self.knobs.is_empty() {
             return Err(SpaceError("no knobs to search".into()));
         }
         for (name, d) in &self.knobs {
-            if !profiles::KNOBS.contains(&name.as_str()) {
-                return Err(SpaceError(format!(
-                    "unknown knob `{name}`; knobs are: {}",
-                    profiles::KNOBS.join(", ")
-                )));
-            }
             let (lo, hi, scale) = match d {
                 Domain::Int { min, max, scale } => (*min as f64, *max as f64, *scale),
                 Domain::Float { min, max, scale } => (*min, *max, *scale),

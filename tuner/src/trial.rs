@@ -228,6 +228,9 @@ pub struct RateSearch<'a> {
     pub cancel: Arc<AtomicBool>,
     /// Headers for every request.
     pub headers: Vec<(String, String)>,
+    /// The client's cap on requests in flight (a searched client concurrency), or none: an
+    /// open loop then sends on schedule however many are outstanding.
+    pub max_in_flight: Option<usize>,
 }
 
 impl RateSearch<'_> {
@@ -247,7 +250,7 @@ impl RateSearch<'_> {
             Mode::Open {
                 rate: Rate::Fixed(rate),
                 arrival,
-                max_in_flight: 20_000,
+                max_in_flight: self.max_in_flight.unwrap_or(20_000),
             },
             self.workload.clone(),
         );
@@ -295,7 +298,11 @@ impl RateSearch<'_> {
     /// it. When requests outlast the window (generation) so that few complete inside it,
     /// Little's law (clients ÷ mean latency) estimates the rate instead.
     pub async fn saturation(&self) -> Option<f64> {
-        let clients = self.settings.saturation_clients.max(1);
+        let clients = self
+            .settings
+            .saturation_clients
+            .min(self.max_in_flight.unwrap_or(usize::MAX))
+            .max(1);
         let mut cfg = Config::new(
             self.url,
             Mode::Closed {

@@ -52,6 +52,7 @@ fn options(dir: &std::path::Path, budget: usize) -> SearchOptions {
         },
         workload_spec: "embeddings".into(),
         workload: Workload::from_spec("embeddings", &TextOptions::default()).unwrap(),
+        space_given: true,
         server: ServerSpec::Spawn(vec![
             runtime_bin().display().to_string(),
             "serve".into(),
@@ -111,7 +112,7 @@ fn short_search_writes_a_valid_profile_that_meets_its_target() {
             "--profile".into(),
             served.display().to_string(),
         ];
-        let mut t = tuner::control::Target::spawn(cmd).await.unwrap();
+        let mut t = tuner::server::Target::spawn(cmd).await.unwrap();
         let mut cfg = loadgen::Config::new(
             t.url.clone(),
             loadgen::Mode::Open {

@@ -1,29 +1,14 @@
-//! Talking to the server under test over HTTP: start `runtime serve` as a child (or target a URL),
-//! apply knobs by hot reload (`PUT /config`) or by restart for restart-only knobs, wait until idle.
+//! batchtune's own runtime as the server under test: start `runtime serve` as a child (or target
+//! a URL), apply knobs by hot reload (`PUT /config`) or by restart for restart-only knobs, wait
+//! until its queue is empty.
 
+use super::process::{Child, Spawn};
+use super::{client, ControlError, HttpClient};
 use crate::space::Knobs;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Errors while controlling the server.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The child could not be started or did not become ready.
-    #[error("runtime: {0}")]
-    Spawn(String),
-    /// An HTTP call failed or was refused.
-    #[error("{0}")]
-    Http(String),
-}
-
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-/// The server being tuned.
+/// A batchtune runtime being tuned (or, through [`Target::url`], any server at a URL).
 pub struct Target {
     /// Base URL, `http://127.0.0.1:PORT`.
     pub url: String,
@@ -66,23 +51,22 @@ impl Target {
     }
 
     async fn start(&mut self) -> Result<(), ControlError> {
-        let cmd = self.spawn.clone().expect("spawned target");
-        let mut c = Command::new(&cmd[0]);
-        c.args(&cmd[1..]);
+        let mut cmd = self.spawn.clone().expect("spawned target");
         if !cmd.iter().any(|a| a == "--addr") {
-            c.args(["--addr", "127.0.0.1:0"]);
+            cmd.extend(["--addr".into(), "127.0.0.1:0".into()]);
         }
-        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        c.env(
-            "RUST_LOG",
+        let mut env = self.env.clone();
+        env.push((
+            "RUST_LOG".into(),
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        );
-        c.stdout(Stdio::piped()).stderr(Stdio::inherit());
-        die_with_this_process(&mut c);
-        let mut child = c
-            .spawn()
-            .map_err(|e| ControlError::Spawn(format!("cannot start `{}`: {e}", cmd.join(" "))))?;
-        let stdout = child.stdout.take().expect("piped");
+        ));
+        let mut child = Child::spawn(&Spawn {
+            argv: &cmd,
+            env: &env,
+            workdir: None,
+            log: None,
+        })?;
+        let stdout = child.process.stdout.take().expect("piped");
         let line = tokio::task::spawn_blocking(move || {
             let mut r = BufReader::new(stdout);
             let mut line = String::new();
@@ -99,7 +83,7 @@ impl Target {
             .strip_prefix("listening on ")
             .map(str::to_string);
         let Some(url) = url else {
-            let status = child.wait().ok();
+            let status = child.process.wait().ok();
             return Err(ControlError::Spawn(format!(
                 "`{}` exited ({status:?}) before listening",
                 cmd.join(" ")
@@ -132,25 +116,7 @@ impl Target {
         path: &str,
         body: Option<String>,
     ) -> Result<(u16, String), ControlError> {
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.url))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ControlError::Http(e.to_string()))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| ControlError::Http(format!("{method} {path}: {e}")))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ControlError::Http(e.to_string()))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        super::call(&self.client, &self.url, method, path, body).await
     }
 
     /// GET a JSON document.
@@ -221,21 +187,10 @@ impl Target {
         }
     }
 
-    /// Stops a spawned server (SIGTERM, then kill after 10s).
+    /// Stops a spawned server (SIGTERM to its group, then SIGKILL after 10 s).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            c.stop(Duration::from_secs(10));
         }
     }
 }
@@ -246,41 +201,10 @@ impl Drop for Target {
     }
 }
 
-/// Puts the child in its own process group and, on Linux, has the kernel send it SIGTERM when
-/// the tuner dies, however it dies: Drop stops children on a normal exit, but not on SIGKILL
-/// or an unhandled SIGTERM, which left a server listening with an unfinished trial's knobs.
-/// The signal follows the thread that spawned the child; spawns run on the async runtime's
-/// worker threads, which live as long as the tuner.
-fn die_with_this_process(c: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    c.process_group(0);
-    #[cfg(target_os = "linux")]
-    {
-        let parent = std::process::id();
-        // SAFETY: between fork and exec only async-signal-safe calls are made (prctl, getppid).
-        unsafe {
-            c.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The tuner may have died before the prctl: then nobody would signal us.
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the tuner exited"));
-                }
-                Ok(())
-            });
-        }
-    }
-}
-
 fn key_list(k: &Knobs) -> String {
     k.keys()
         .filter(|k| profiles::RESTART_ONLY.contains(&k.as_str()))
         .cloned()
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
 }
