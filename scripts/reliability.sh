@@ -13,11 +13,11 @@
 #             target/release/runtime with --features test-hooks into target/hooks/runtime.
 # Usage: scripts/reliability.sh OUT [overload,sigterm,idle,reload,wait,faults]
 #        (needs cargo build --release)
-# Env: RATE (80, the rate limit: near this machine's tuned rate), DURATION (60s), IDLE (19000)
+# Env: RATE (80, the rate limit: near this machine's tuned rate), DURATION (60s), IDLE (20000)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?output folder}"; phases="${2:-overload,sigterm,idle,reload,wait}"
-rate="${RATE:-80}"; duration="${DURATION:-60s}"; idle="${IDLE:-19000}"
+rate="${RATE:-80}"; duration="${DURATION:-60s}"; idle="${IDLE:-20000}"
 bin=target/release
 mkdir -p "$out"
 has() { [[ ",$phases," == *",$1,"* ]]; }
@@ -77,20 +77,22 @@ if has idle; then
   printf '\n' > "$out/idle.toml"
   # A header timeout longer than opening them all takes, so none is closed as idle meanwhile.
   serve "$out/idle.toml" "$out/idle-server.log" --header-read-timeout 600s
-  python3 - "$port" "$idle" > "$out/idle.txt" 2>&1 <<'PY'
-import socket, sys, time, urllib.request, urllib.error
-port, n = int(sys.argv[1]), int(sys.argv[2])
-socks, refused, closed, failed = [], 0, 0, 0
+  # Each client process opens at most 10,000 (one process's open-file limit is this host's
+  # 20,000 at most); they hold them while the last one measures /health.
+  holders=$(( (idle + 9999) / 10000 ))
+  cat > "$out/idle-hold.py" <<'PY'
+import socket, sys, time
+port, n, report, hold = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+socks, failed = [], 0
 t0 = time.time()
 for i in range(n):
     try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        socks.append(s)
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
     except OSError:
         failed += 1
 opened_s = time.time() - t0
 time.sleep(1.0)
-# Connections past the limit were answered 503 and closed: find them.
+refused = closed = 0
 for s in socks:
     s.setblocking(False)
     try:
@@ -101,8 +103,26 @@ for s in socks:
             closed += 1
     except BlockingIOError:
         pass
-lat, codes = [], {}
-for _ in range(20):
+open(report, "w").write(f"{len(socks)} {failed} {refused} {closed} {opened_s:.1f}\n")
+time.sleep(hold)
+PY
+  pids=()
+  for h in $(seq $holders); do
+    per=$(( idle / holders ))
+    python3 "$out/idle-hold.py" "$port" "$per" "$out/idle-hold-$h.txt" 20 &
+    pids+=($!)
+  done
+  # Wait until every holder has reported, then measure /health while they still hold.
+  for _ in $(seq 600); do [ "$(ls "$out"/idle-hold-*.txt 2>/dev/null | wc -l)" -ge "$holders" ] && break; sleep 0.5; done
+  python3 - "$port" "$idle" "$out" > "$out/idle.txt" 2>&1 <<'PY'
+import glob, sys, time, urllib.request, urllib.error
+port, n, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+tot = [0, 0, 0, 0]
+for f in glob.glob(f"{out}/idle-hold-*.txt"):
+    for i, v in enumerate(open(f).read().split()[:4]):
+        tot[i] += int(v)
+opened, failed, refused, closed = tot
+def health():
     t = time.time()
     try:
         code = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).status
@@ -110,24 +130,22 @@ for _ in range(20):
         code = e.code
     except Exception as e:
         code = type(e).__name__
-    lat.append(time.time() - t)
+    return code, time.time() - t
+lat, codes = [], {}
+for _ in range(20):
+    code, dt = health()
+    lat.append(dt)
     codes[code] = codes.get(code, 0) + 1
 lat.sort()
-print(f"opened {len(socks)} of {n} in {opened_s:.0f} s (connect failures {failed}); answered 503: {refused}; closed without a byte: {closed}; held open: {len(socks) - refused - closed}")
+print(f"opened {opened} of {n} from {len(glob.glob(out + '/idle-hold-*.txt'))} client processes (connect failures {failed}); answered 503: {refused}; closed without a byte: {closed}; held open: {opened - refused - closed}")
 print(f"/health while they are open: {codes}, p50 {1000*lat[10]:.1f} ms, max {1000*lat[-1]:.1f} ms")
-for s in socks[:len(socks)//2]:
-    s.close()
-time.sleep(0.5)
-codes = {}
-for _ in range(5):
-    try:
-        code = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).status
-    except urllib.error.HTTPError as e:
-        code = e.code
-    codes[code] = codes.get(code, 0) + 1
-print(f"/health after half of them closed: {codes}")
 PY
-  echo "== $idle idle connections"; cat "$out/idle.txt"; echo "server RSS $(rss "$srv") kB"
+  held_rss=$(rss "$srv")
+  wait "${pids[@]}"
+  codes=$(for _ in 1 2 3 4 5; do curl -s -o /dev/null -w '%{http_code} ' "http://127.0.0.1:$port/health"; done)
+  echo "/health after the clients closed them: $codes" >> "$out/idle.txt"
+  rm -f "$out"/idle-hold-*.txt "$out/idle-hold.py"
+  echo "== $idle idle connections"; cat "$out/idle.txt"; echo "server RSS while held: $held_rss kB"
   sed 's/\x1b\[[0-9;]*m//g' "$out/idle-server.log" | grep -i "connection limit" | head -1
   stop
 fi

@@ -34,6 +34,8 @@ pub struct Exchange {
     /// Streaming workloads: an `{"error": …}` event arrived. The status (200) was sent before
     /// the generation failed, so this is the only sign of the failure.
     pub stream_error: bool,
+    /// When the request's bytes were handed to the socket (the write call began).
+    pub written: Option<Instant>,
 }
 
 /// How an exchange on one connection failed.
@@ -154,11 +156,18 @@ impl Client {
         record: bool,
     ) -> Result<Exchange, Failed> {
         c.buf.clear();
+        // The send lag ends here: the kernel's own transmit time (on loopback it includes the
+        // receiver's protocol work) is network time, as it is for any client.
+        let written = Instant::now();
         if c.stream.write_all(req).await.is_err() {
             return Err(Failed::Write);
         }
         self.read_response(c, sent, record)
             .await
+            .map(|mut x| {
+                x.written = Some(written);
+                x
+            })
             .map_err(Failed::After)
     }
 

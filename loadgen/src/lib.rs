@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod http1;
+mod pacer;
 pub mod record;
 pub mod report;
 pub mod schedule;
@@ -19,7 +20,7 @@ use hyper::Uri;
 use indicatif::{ProgressBar, ProgressStyle};
 use record::{Collector, Outcome, Progress, Sample};
 pub use report::Report;
-use schedule::{Arrival, Rate, Schedule};
+use schedule::{Arrival, Rate};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -101,10 +102,18 @@ pub struct Config {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Per-request limits for goodput (requests/s meeting all of them); none set: not reported.
     pub goodput: slo::GoodputLimits,
+    /// Open loop: pacer threads, each with its own connections and share of the schedule;
+    /// 0 = one per 2,000 req/s of the peak rate, at most one per core.
+    pub pacers: usize,
+    /// The send lag's p99 may also reach this fraction of the latency's p50 (the run stays
+    /// valid when lag p99 ≤ max(`max_lag_p99`, this × p50)): generator overhead is judged
+    /// against what is measured, so a sub-millisecond run needs a sub-millisecond generator.
+    pub lag_fraction: f64,
 }
 
 impl Config {
-    /// A config with defaults: 10s measured, 2s warm-up, 30s timeout, 10% stability, lag 1ms.
+    /// A config with defaults: 10s measured, 2s warm-up, 30s timeout, 10% stability, send lag
+    /// p99 within max(50 µs, 5% of the latency p50).
     pub fn new(url: impl Into<String>, mode: Mode, workload: Workload) -> Self {
         Config {
             url: url.into(),
@@ -117,13 +126,30 @@ impl Config {
             window: None,
             stability_percent: 10.0,
             connections: None,
-            max_lag_p99: Duration::from_millis(1),
+            max_lag_p99: Duration::from_micros(50),
             seed: 1,
             progress: false,
             early_stop: None,
             cancel: None,
             goodput: slo::GoodputLimits::default(),
+            pacers: 0,
+            lag_fraction: 0.05,
         }
+    }
+
+    /// Pacer threads for an open loop at `rate`: `pacers`, or one per 2,000 req/s of the peak
+    /// rate (one pacer on one core sends ~20,000 req/s; the margin keeps its lag low), at most
+    /// one per core.
+    pub fn pacers_for(&self, rate: &Rate) -> usize {
+        if self.pacers > 0 {
+            return self.pacers;
+        }
+        let peak = match *rate {
+            Rate::Fixed(r) => r,
+            Rate::Ramp { start, end, .. } => start.max(end),
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        ((peak / 2_000.0).ceil() as usize).clamp(1, cores)
     }
 
     /// The measurement window in effect: `window`, or duration / 5 clamped to [1s, 10s].
@@ -172,6 +198,12 @@ struct Sender {
 impl Sender {
     /// Sends one pre-built request; returns (sent, done, outcome).
     async fn send(&self, req: Bytes) -> (Instant, Instant, Outcome) {
+        let s = self.send_timed(req).await;
+        (s.acquired, s.done, s.outcome)
+    }
+
+    /// Sends one pre-built request, timing the socket write.
+    async fn send_timed(&self, req: Bytes) -> pacer::Sent {
         let _permit = match &self.conns {
             Some(s) => Some(
                 s.clone()
@@ -182,6 +214,7 @@ impl Sender {
             None => None,
         };
         let sent = Instant::now();
+        let mut written = sent;
         let outcome =
             match tokio::time::timeout(self.timeout, self.client.exchange(&req, sent, self.stream))
                 .await
@@ -189,32 +222,29 @@ impl Sender {
                 Err(_) => Outcome::Timeout,
                 Ok(Err(http1::ExchangeError::Connect)) => Outcome::Connect,
                 Ok(Err(http1::ExchangeError::Io)) => Outcome::Io,
-                Ok(Ok(x)) if x.stream_error => Outcome::StreamError,
-                Ok(Ok(x)) if (200..300).contains(&x.status) => Outcome::Ok {
-                    tokens: self.stream.then(|| record::Tokens {
-                        output: x.usage_tokens.unwrap_or(x.token_times.len() as u64),
-                        times: x.token_times,
-                    }),
-                },
-                Ok(Ok(x)) => Outcome::Status(x.status),
+                Ok(Ok(x)) if x.stream_error => {
+                    written = x.written.unwrap_or(sent);
+                    Outcome::StreamError
+                }
+                Ok(Ok(x)) => {
+                    written = x.written.unwrap_or(sent);
+                    if (200..300).contains(&x.status) {
+                        Outcome::Ok {
+                            tokens: self.stream.then(|| record::Tokens {
+                                output: x.usage_tokens.unwrap_or(x.token_times.len() as u64),
+                                times: x.token_times,
+                            }),
+                        }
+                    } else {
+                        Outcome::Status(x.status)
+                    }
+                }
             };
-        (sent, Instant::now(), outcome)
-    }
-}
-
-/// Sleeps coarsely, then spins (yielding the core) for the last stretch: tokio's timer has ~1 ms
-/// granularity and `thread::sleep` overshoots by tens of µs, both too coarse at 1.25 ms gaps.
-fn wait_until(t: Instant) {
-    loop {
-        let now = Instant::now();
-        if now >= t {
-            return;
-        }
-        let left = t - now;
-        if left > Duration::from_micros(400) {
-            std::thread::sleep(left - Duration::from_micros(300));
-        } else {
-            std::thread::yield_now();
+        pacer::Sent {
+            acquired: sent,
+            written,
+            done: Instant::now(),
+            outcome,
         }
     }
 }
@@ -269,6 +299,11 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
 
     let window = cfg.effective_window();
     let start = Instant::now() + Duration::from_millis(20);
+    // The origin's wall-clock time, read next to the Instant it is derived from.
+    let origin_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() + 0.020)
+        .unwrap_or(0.0);
     let measure_start = start + cfg.warmup;
     let measure_end = measure_start + cfg.duration;
     let stop = Arc::new(AtomicBool::new(false));
@@ -281,58 +316,39 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
             arrival,
             max_in_flight,
         } => {
-            let handle = tokio::runtime::Handle::current();
+            let n = cfg.pacers_for(rate);
             let in_flight = Arc::new(AtomicUsize::new(0));
-            let (rate, arrival, cap) = (*rate, *arrival, *max_in_flight);
-            let (stop, tx, sender, bodies, seed) = (
-                stop.clone(),
-                tx.clone(),
-                sender.clone(),
-                bodies.clone(),
-                cfg.seed,
-            );
-            std::thread::Builder::new()
-                .name("loadgen-pacer".into())
-                .spawn(move || {
-                    let mut sched = Schedule::new(arrival, rate, seed);
-                    let mut i = 0usize;
-                    loop {
-                        let intended = start + sched.next_offset();
-                        if intended >= measure_end || stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        wait_until(intended);
-                        if in_flight.load(Ordering::Relaxed) >= cap {
-                            let now = Instant::now();
-                            let _ = tx.send(Sample {
-                                intended,
-                                started: now,
-                                sent: now,
-                                done: now,
-                                outcome: Outcome::Dropped,
-                            });
-                            continue;
-                        }
-                        in_flight.fetch_add(1, Ordering::Relaxed);
-                        let body = bodies[i % bodies.len()].clone();
-                        i += 1;
-                        let (tx, sender, in_flight) =
-                            (tx.clone(), sender.clone(), in_flight.clone());
-                        handle.spawn(async move {
-                            let started = Instant::now();
-                            let (sent, done, outcome) = sender.send(body).await;
-                            in_flight.fetch_sub(1, Ordering::Relaxed);
-                            let _ = tx.send(Sample {
-                                intended,
-                                started,
-                                sent,
-                                done,
-                                outcome,
-                            });
-                        });
-                    }
+            for k in 0..n {
+                // Each pacer has its own connections (and its share of a connection cap).
+                let own = Arc::new(Sender {
+                    client: http1::Client::new(addr),
+                    timeout: cfg.timeout,
+                    stream: cfg.workload.stream,
+                    conns: cfg
+                        .connections
+                        .map(|c| Arc::new(Semaphore::new((c / n + usize::from(k < c % n)).max(1)))),
+                });
+                let send: pacer::SendFn = Arc::new(move |body| {
+                    let own = own.clone();
+                    Box::pin(async move { own.send_timed(body).await })
+                });
+                pacer::spawn(pacer::Share {
+                    k,
+                    n,
+                    start,
+                    end: measure_end,
+                    rate: *rate,
+                    arrival: *arrival,
+                    seed: cfg.seed,
+                    cap: *max_in_flight,
+                    in_flight: in_flight.clone(),
+                    stop: stop.clone(),
+                    bodies: bodies.clone(),
+                    tx: tx.clone(),
+                    send,
                 })
-                .expect("spawning the pacer thread");
+                .map_err(|e| LoadgenError::Config(format!("cannot start a pacer thread: {e}")))?;
+            }
         }
         Mode::Closed { concurrency } => {
             if *concurrency == 0 {
@@ -432,5 +448,12 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     } else {
         measure_end
     };
-    Ok(Report::build(&cfg, &uri, col, ended, stopped_early))
+    Ok(Report::build(
+        &cfg,
+        &uri,
+        col,
+        ended,
+        stopped_early,
+        origin_unix_s,
+    ))
 }

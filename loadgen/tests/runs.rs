@@ -46,20 +46,7 @@ fn open(addr: SocketAddr, rps: f64, secs: f64) -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn constant_rate_is_achieved_within_one_percent() {
-    let seen = Arc::new(Seen::default());
-    let s = seen.clone();
-    let addr = serve(Router::new().route(
-        "/v1/embeddings",
-        post(move || {
-            let s = s.clone();
-            async move {
-                s.n.fetch_add(1, Ordering::Relaxed);
-                s.arrivals.lock().unwrap().push(Instant::now());
-                "ok"
-            }
-        }),
-    ))
-    .await;
+    let (addr, seen) = recording().await;
     let r = loadgen::run(open(addr, 400.0, 4.0)).await.unwrap();
     assert!(
         (r.offered_rps - 400.0).abs() / 400.0 < 0.01,
@@ -493,4 +480,101 @@ async fn a_request_dropped_after_it_was_sent_is_an_io_error_and_never_resent() {
         r.errors
     );
     assert_eq!(r.errors.get("connect"), None, "{:?}", r.errors);
+}
+
+/// A server that records when each request arrived.
+async fn recording() -> (SocketAddr, Arc<Seen>) {
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    let addr = serve(Router::new().route(
+        "/v1/embeddings",
+        post(move || {
+            let s = s.clone();
+            async move {
+                s.n.fetch_add(1, Ordering::Relaxed);
+                s.arrivals.lock().unwrap().push(Instant::now());
+                "ok"
+            }
+        }),
+    ))
+    .await;
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_pacers_send_one_poisson_schedule_between_them() {
+    let (addr, seen) = recording().await;
+    let mut cfg = open(addr, 1000.0, 3.0);
+    cfg.mode = Mode::Open {
+        rate: Rate::Fixed(1000.0),
+        arrival: Arrival::Poisson,
+        max_in_flight: 10_000,
+    };
+    cfg.pacers = 3;
+    let r = loadgen::run(cfg).await.unwrap();
+    assert_eq!(r.errors.len(), 0, "{:?}", r.errors);
+    // Every scheduled request arrived once, and the arrivals the server saw are one Poisson
+    // stream (inter-arrival CV ≈ 1), not three clumped ones.
+    let mut a = seen.arrivals.lock().unwrap().clone();
+    assert!(
+        a.len() as u64 >= r.scheduled && r.ok == r.scheduled,
+        "{} arrivals",
+        a.len()
+    );
+    a.sort();
+    let gaps: Vec<f64> = a.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64).sqrt();
+    let rate = 1.0 / mean;
+    assert!((rate - 1000.0).abs() < 60.0, "server saw {rate:.0}/s");
+    assert!(
+        (0.85..1.15).contains(&(sd / mean)),
+        "inter-arrival CV {}",
+        sd / mean
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_check_is_relative_to_the_latency_it_measures() {
+    let (addr, _) = recording().await;
+    // A floor of 1 µs: only the relative part (5% of a sub-millisecond p50) applies, and no
+    // generator sends within microseconds of its schedule every time.
+    let mut cfg = open(addr, 200.0, 1.0);
+    cfg.max_lag_p99 = Duration::from_micros(1);
+    cfg.lag_fraction = 0.0;
+    let r = loadgen::run(cfg.clone()).await.unwrap();
+    assert!(!r.valid, "lag p99 {} passed a 1 µs limit", r.send_lag.p99);
+    assert!(
+        r.invalid_reasons[0].contains("of the latency p50"),
+        "{:?}",
+        r.invalid_reasons
+    );
+    // Allowed as much lag as the latency itself: valid.
+    cfg.lag_fraction = 1.0;
+    cfg.max_lag_p99 = Duration::from_millis(5);
+    let r = loadgen::run(cfg).await.unwrap();
+    assert!(r.valid, "{:?}", r.invalid_reasons);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_unix_s_is_the_schedules_origin() {
+    let (addr, seen) = recording().await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let t0 = Instant::now();
+    let mut cfg = open(addr, 2.0, 1.0);
+    cfg.warmup = Duration::ZERO;
+    let r = loadgen::run(cfg).await.unwrap();
+    // A schedule's first send is at its origin (offset 0): the server saw it then, up to the
+    // network's microseconds; not one gap later, nor at the report's time.
+    let first = seen.arrivals.lock().unwrap()[0];
+    let origin_from_server = before + (first - t0).as_secs_f64();
+    assert!(
+        (r.started_unix_s - origin_from_server).abs() < 0.005,
+        "started_unix_s {} vs origin {}",
+        r.started_unix_s,
+        origin_from_server
+    );
 }

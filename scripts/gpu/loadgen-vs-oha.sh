@@ -5,10 +5,6 @@
 # Output: "$OUT/loadgen-bench-16core.{json,md}".
 set -uo pipefail
 OUT="${1:?output folder}"; SECS="${2:-8}"
-BIN=/tmp/lg-bin && mkdir -p $BIN
-for f in .gpu-lg/*.xz; do
-  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "$BIN/$(basename "$f" .xz)"
-  chmod +x "$BIN/$(basename "$f" .xz)"
-done
+source scripts/gpu/unpack-lg.sh
 BIN=$BIN SERVER_CPUS=2-9 SERVER_THREADS=8 OUT="$OUT/loadgen-bench-16core" \
   RATES="800 20000 60000 100000 140000 180000 220000 260000 300000" bash scripts/bench-loadgen.sh "$SECS"

@@ -1,0 +1,341 @@
+//! The open loop's senders: N pacer threads, each with its own single-threaded async runtime,
+//! its own connections and its own share of the schedule.
+//!
+//! Every pacer draws the *whole* schedule from the same seed and sends arrivals k, k + N,
+//! k + 2N…, so the union of the shares is exactly the one schedule asked for (Poisson, gamma or
+//! constant), whatever N is. A pacer waits for its next send on a `timerfd` registered with its
+//! runtime's reactor (absolute CLOCK_MONOTONIC deadline, microsecond precision): between sends
+//! the thread sleeps in `epoll` and serves responses, instead of spinning the last few hundred
+//! microseconds before each send (which used a whole core above ~2,500 req/s and clumped sends).
+//! A pacer that falls behind sends its overdue arrivals back to back: past saturation it holds
+//! the highest rate its core can send, and the lag it records says so.
+
+use crate::record::{Outcome, Sample};
+use crate::schedule::{Arrival, Rate, Schedule};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Sends one request and reports it; built per pacer (each has its own connections).
+pub(crate) type SendFn = Arc<
+    dyn Fn(Bytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = Sent> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What a send returns: when its bytes were written (the send lag is measured there), when it
+/// finished, and how.
+pub(crate) struct Sent {
+    /// When it had a connection slot (after waiting for a capped pool, which is latency the
+    /// user sees, not generator lag).
+    pub acquired: Instant,
+    /// When the request's bytes were handed to the socket: the write call began (or the
+    /// attempt failed).
+    pub written: Instant,
+    /// When the response (or the failure) was complete.
+    pub done: Instant,
+    /// Its outcome.
+    pub outcome: Outcome,
+}
+
+/// One pacer's share and what it shares with the others.
+pub(crate) struct Share {
+    /// This pacer's index and the number of pacers.
+    pub k: usize,
+    /// Pacers in all.
+    pub n: usize,
+    /// Schedule origin.
+    pub start: Instant,
+    /// No send is scheduled at or after this.
+    pub end: Instant,
+    /// Offered rate and arrival process.
+    pub rate: Rate,
+    /// Inter-arrival distribution.
+    pub arrival: Arrival,
+    /// Schedule seed (the same for every pacer).
+    pub seed: u64,
+    /// Safety cap on requests in flight, over all pacers.
+    pub cap: usize,
+    /// Requests in flight, over all pacers.
+    pub in_flight: Arc<AtomicUsize>,
+    /// Set to stop sending.
+    pub stop: Arc<AtomicBool>,
+    /// Pre-built requests, cycled.
+    pub bodies: Arc<Vec<Bytes>>,
+    /// Where samples go.
+    pub tx: mpsc::UnboundedSender<Sample>,
+    /// A sender of this pacer's own (own connections).
+    pub send: SendFn,
+}
+
+/// Starts pacer `share.k` on its own thread; it returns once its share is sent and answered.
+pub(crate) fn spawn(share: Share) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("loadgen-pacer-{}", share.k))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a pacer's runtime");
+            rt.block_on(pace(share));
+        })
+}
+
+async fn pace(s: Share) {
+    let timer = Timer::new();
+    let mut sched = Schedule::new(s.arrival, s.rate, s.seed);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut i = 0usize;
+    loop {
+        let intended = s.start + sched.next_offset();
+        let mine = i % s.n == s.k;
+        i += 1;
+        // Past the end, overdue arrivals are not sent: a saturated generator stops on time
+        // (its lag has already made the run invalid) instead of running on to catch up.
+        if intended >= s.end || s.stop.load(Ordering::Relaxed) || Instant::now() >= s.end {
+            break;
+        }
+        if !mine {
+            continue;
+        }
+        timer.sleep_until(intended).await;
+        // Reap what finished, so the set does not grow with the run.
+        while tasks.try_join_next().is_some() {}
+        if s.in_flight.load(Ordering::Relaxed) >= s.cap {
+            let now = Instant::now();
+            let _ = s.tx.send(Sample {
+                intended,
+                started: now,
+                sent: now,
+                done: now,
+                outcome: Outcome::Dropped,
+            });
+            continue;
+        }
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        let body = s.bodies[(i - 1) % s.bodies.len()].clone();
+        let (tx, send, in_flight) = (s.tx.clone(), s.send.clone(), s.in_flight.clone());
+        tasks.spawn(async move {
+            let started = Instant::now();
+            let r = send(body).await;
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            // The generator's lag is measured where the request leaves, at the socket write,
+            // less any wait for a capped connection pool (the server's slowness, not ours).
+            let own = r.written.saturating_duration_since(r.acquired);
+            let _ = tx.send(Sample {
+                intended,
+                started: started + own,
+                sent: r.acquired,
+                done: r.done,
+                outcome: r.outcome,
+            });
+        });
+    }
+    drop(s.tx);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// A precise async sleep: a timerfd armed with an absolute deadline, awaited through the
+/// runtime's reactor. Falls back to tokio's timer (1 ms granularity) where timerfd is missing.
+struct Timer {
+    #[cfg(target_os = "linux")]
+    fd: Option<(
+        tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+        Instant,
+        Duration,
+    )>,
+    /// How late the reactor wakes after the timer fires (smoothed, µs): the timer is armed
+    /// that much early and the rest is spun, so sends leave on time without spinning whole gaps.
+    wake_us: std::cell::Cell<f64>,
+}
+
+/// The longest early wake-up (and so the longest spin before a send).
+const MAX_EARLY: Duration = Duration::from_micros(150);
+
+impl Timer {
+    fn new() -> Timer {
+        #[cfg(target_os = "linux")]
+        {
+            Timer {
+                fd: linux::timerfd(),
+                wake_us: std::cell::Cell::new(20.0),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Timer {
+                wake_us: std::cell::Cell::new(20.0),
+            }
+        }
+    }
+
+    async fn sleep_until(&self, t: Instant) {
+        // Due now or overdue: send at once, but let this runtime's tasks run first (a pacer
+        // that is behind must not starve its own writes and reads).
+        if t <= Instant::now() {
+            tokio::task::yield_now().await;
+            return;
+        }
+        let early = Duration::from_secs_f64(self.wake_us.get() * 1e-6).min(MAX_EARLY);
+        let wake_at = t - early;
+        if wake_at > Instant::now() {
+            self.sleep_exactly(wake_at).await;
+            // Learn the wake-up latency (slowly: one late wake should not make every later
+            // send spin longer).
+            let late = Instant::now()
+                .saturating_duration_since(wake_at)
+                .as_secs_f64()
+                * 1e6;
+            self.wake_us
+                .set(0.9 * self.wake_us.get() + 0.1 * late.min(1_000.0));
+        }
+        // The rest is spun, letting this runtime's other tasks (writes, responses) run.
+        while Instant::now() < t {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn sleep_exactly(&self, t: Instant) {
+        #[cfg(target_os = "linux")]
+        if let Some((fd, base, base_mono)) = &self.fd {
+            if linux::arm(fd, *base_mono + (t - *base)) {
+                loop {
+                    let Ok(mut g) = fd.readable().await else {
+                        break;
+                    };
+                    if linux::drain(fd) {
+                        break;
+                    }
+                    g.clear_ready();
+                }
+                return;
+            }
+        }
+        tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+    use tokio::io::unix::AsyncFd;
+
+    fn monotonic_now() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// A non-blocking timerfd on CLOCK_MONOTONIC (the clock `Instant` reads on Linux), with an
+    /// (Instant, monotonic time) pair read back to back to map one onto the other.
+    pub(super) fn timerfd() -> Option<(AsyncFd<OwnedFd>, Instant, Duration)> {
+        // SAFETY: timerfd_create returns a new descriptor or -1; we own it from here.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return None;
+        }
+        // SAFETY: `raw` is a valid descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let base = Instant::now();
+        let mono = monotonic_now();
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and unchanged
+        // for its whole life.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+        Some((fd.ok()?, base, mono))
+    }
+
+    /// Arms the timer to fire once at monotonic time `at`.
+    pub(super) fn arm(fd: &AsyncFd<OwnedFd>, at: Duration) -> bool {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: at.as_secs() as libc::time_t,
+                tv_nsec: at.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: the descriptor is open; `spec` lives across the call; no old value asked.
+        unsafe {
+            libc::timerfd_settime(
+                fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            ) == 0
+        }
+    }
+
+    /// Reads the expiration count; true when the timer has fired.
+    pub(super) fn drain(fd: &AsyncFd<OwnedFd>) -> bool {
+        let mut n = 0u64;
+        // SAFETY: reads 8 bytes into `n`, which we own.
+        let r = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                (&mut n as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        r == 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timer_wakes_close_to_its_deadline_without_spinning() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let t = Timer::new();
+            let cpu0 = cpu_time();
+            let wall0 = Instant::now();
+            let mut late = Vec::new();
+            for k in 1..=50u64 {
+                let at = wall0 + Duration::from_micros(2_000 * k);
+                t.sleep_until(at).await;
+                late.push(Instant::now().saturating_duration_since(at));
+            }
+            let wall = wall0.elapsed();
+            late.sort();
+            // Never early; and the thread slept: far less CPU than wall time.
+            assert!(
+                late.iter().all(|l| *l < Duration::from_millis(50)),
+                "{late:?}"
+            );
+            let cpu = cpu_time() - cpu0;
+            assert!(
+                cpu < wall / 2,
+                "cpu {cpu:?} over wall {wall:?}: the timer spins"
+            );
+        });
+    }
+
+    fn cpu_time() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes one timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+}
