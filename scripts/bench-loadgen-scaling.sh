@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # loadgen at scale (issue 17): the highest rate loadgen sustains with a valid self-check on 1, 2,
-# 4, 8… generator cores (`--threads N`, pinned with taskset to cores 0..N-1) against a trivial
+# 4, 8… generator cores (taskset to cores 0..N-1; loadgen picks its pacers for the cores it
+# has, unless PACERS=explicit passes --threads N) against a trivial
 # local server on the remaining cores; oha on one core at the same rates; loadgen's CPU time at
 # 800 req/s and its send-lag p99 at 800 and 20,000 req/s.
 # Sustained = achieved ≥ 99% of the asked rate and (loadgen) a valid run, (oha) ≥ 99.9% success.
@@ -27,7 +28,7 @@ echo '{"input":"the model serves requests with dynamic batching"}' > "$tmp/body.
 point() { # label cores threads rate -> json line
   local label=$1 cores=$2 t=$3 rate=$4 f="$tmp/$1-$3-$4.json"
   python3 - "$f" "$label" "$t" "$rate" -- taskset -c "$cores" "$lg" --url "$url" --rps "$rate" \
-    --duration "${secs}s" --warmup 1s --threads "$t" --quiet --json "$f" <<'PY'
+    --duration "${secs}s" --warmup 1s ${PACERS:+--threads "$t"} --quiet --json "$f" <<'PY'
 import json, resource, subprocess, sys
 f, label, t, rate = sys.argv[1:5]
 cmd = sys.argv[sys.argv.index("--") + 1:]
