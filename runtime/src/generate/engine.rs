@@ -443,6 +443,9 @@ impl Engine {
         for (id, _, _) in order {
             self.end(*id, End::Failed(GenFailure::Step(msg.clone())));
         }
+        // The engine may go idle now (nothing left to step): publish, or the gauges would show
+        // the failed sequences as running until the next request arrives.
+        self.publish_gauges();
     }
 
     /// The next token of each of `rows` (in the logits' row order). Greedy and plain
