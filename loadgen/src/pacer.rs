@@ -223,13 +223,14 @@ mod linux {
     use std::time::{Duration, Instant};
     use tokio::io::unix::AsyncFd;
 
-    fn monotonic_now() -> Duration {
+    /// The time of clock `id` (CLOCK_MONOTONIC, a CPU-time clock…).
+    pub(super) fn clock(id: libc::clockid_t) -> Duration {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: clock_gettime writes one timespec we own.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        unsafe { libc::clock_gettime(id, &mut ts) };
         Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     }
 
@@ -249,7 +250,7 @@ mod linux {
         // SAFETY: `raw` is a valid descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let base = Instant::now();
-        let mono = monotonic_now();
+        let mono = clock(libc::CLOCK_MONOTONIC);
         // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and unchanged
         // for its whole life.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
@@ -330,12 +331,6 @@ mod tests {
     }
 
     fn cpu_time() -> Duration {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: writes one timespec we own.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        super::linux::clock(libc::CLOCK_THREAD_CPUTIME_ID)
     }
 }

@@ -647,13 +647,12 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             ServerSpec::Spawn(cmd)
         }
     };
-    let out = a.out.clone().unwrap_or_else(|| match (&a.server, &a.url) {
-        (Some(f), _) => PathBuf::from(format!(
+    let out = a.out.clone().unwrap_or_else(|| match &a.server {
+        Some(f) => PathBuf::from(format!(
             "profiles/tuned-{}.toml",
             f.file_stem().unwrap_or_default().to_string_lossy()
         )),
-        (None, Some(_)) => PathBuf::from("profiles/tuned.toml"),
-        _ => PathBuf::from("profiles/tuned.toml"),
+        None => PathBuf::from("profiles/tuned.toml"),
     });
     let mut probe = ProbeSettings {
         duration: dur("probe", &a.probe)?,

@@ -300,7 +300,7 @@ impl Adapter {
                     "give exactly one of env, flag or client (or put {{{name}}} in start.command)"
                 )));
             }
-            let d = self.domain(name, k).map_err(at)?;
+            let d = Self::domain(k).map_err(at)?;
             if k.client.is_some() && k.kind != "int" {
                 return Err(at("a client concurrency knob has type = \"int\"".into()));
             }
@@ -329,7 +329,7 @@ impl Adapter {
     }
 
     /// A knob's search domain.
-    fn domain(&self, name: &str, k: &KnobSpec) -> Result<Domain, String> {
+    fn domain(k: &KnobSpec) -> Result<Domain, String> {
         let num = |v: &Option<toml::Value>, f: &str| -> Result<f64, String> {
             match v {
                 Some(toml::Value::Integer(i)) => Ok(*i as f64),
@@ -347,7 +347,6 @@ impl Adapter {
                 None => Err(format!("{f} is missing")),
             }
         };
-        let _ = name;
         Ok(match k.kind.as_str() {
             "int" => {
                 let (lo, hi) = (num(&k.min, "min")?, num(&k.max, "max")?);
@@ -392,7 +391,7 @@ impl Adapter {
             knobs: self
                 .knobs
                 .iter()
-                .map(|(n, k)| (n.clone(), self.domain(n, k).expect("checked at load")))
+                .map(|(n, k)| (n.clone(), Self::domain(k).expect("checked at load")))
                 .collect(),
         }
     }
@@ -402,7 +401,7 @@ impl Adapter {
         self.knobs
             .iter()
             .filter_map(|(n, k)| {
-                let d = self.domain(n, k).ok()?;
+                let d = Self::domain(k).ok()?;
                 Some((n.clone(), parse_value(&d, k.default.as_ref()?).ok()?))
             })
             .collect()

@@ -103,11 +103,11 @@ impl Server {
 
     /// The client's cap on requests in flight under `knobs`, if a client knob sets one.
     pub fn client_concurrency(&self, knobs: &Knobs) -> Option<usize> {
-        let (name, _) = knobs.iter().find(|(k, _)| match self {
-            Server::Runtime(_) => *k == CLIENT_CONCURRENCY,
+        let is_cap = |k: &str| match self {
+            Server::Runtime(_) => k == CLIENT_CONCURRENCY,
             Server::External(e) => e.adapter.is_client_concurrency(k),
-        })?;
-        match knobs.get(name)? {
+        };
+        match knobs.iter().find(|(k, _)| is_cap(k))?.1 {
             crate::space::Value::Int(n) => Some((*n).max(1) as usize),
             crate::space::Value::Float(x) => Some(x.round().max(1.0) as usize),
             crate::space::Value::Text(t) => t.parse().ok(),
