@@ -14,7 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 K8S_VERSION="${K8S_VERSION:-1.31.0}"
 venv=target/deploy-venv
-if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/yamllint" ]; then
+# A venv whose tools do not run (missing, or moved with its folder: its scripts' shebangs name
+# the old path) is made again.
+if ! "$venv/bin/kubernetes-validate" --version > /dev/null 2>&1 || ! "$venv/bin/yamllint" --version > /dev/null 2>&1; then
+  rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0' 'yamllint==1.35.1'
 fi
