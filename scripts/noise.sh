@@ -53,11 +53,15 @@ def spread(xs):
     m = st.median(xs)
     return f"median {m:.1f}, min {min(xs):.1f} ({100*(min(xs)/m-1):+.0f}%), max {max(xs):.1f} ({100*(max(xs)/m-1):+.0f}%), CV {100*st.pstdev(xs)/st.mean(xs):.1f}%"
 lines = [f"# Noise of one configuration's sustainable-rate search ({len(runs)} runs)\n",
-         f"`BIN=target/release scripts/noise.sh {out} {n} '{target}'`: profiles/default.toml's knobs pinned, default probes (4 s measured, 1 s warm-up, up to 7 probes, 10% bisection), 3 confirmation runs, on this 2-core VM (server and load generator share it).\n",
+         f"`BIN=target/release scripts/noise.sh {out} {n} '{target}'`: profiles/default.toml's knobs pinned, default probe and confirmation settings of the revision that ran (`tuner search --help`), on this 2-core VM (server and load generator share it).\n",
          "| run | probes: rate → verdict (p95, achieved) | sustainable | bracket | confirmed (passes per step) |", "|---:|---|---:|---|---|"]
 for k, prov, res in runs:
     probes = "; ".join(f"{p['rate']:.1f} {'✓' if p['pass'] else '✗'} ({p['p95']:.2f} s, {p['achieved_rps']:.1f})" for p in res["probes"])
-    steps = ", ".join(f"{r:.1f}: {c}/3" for r, c in prov["confirmation_steps"])
+    # Journals before the race wrote [rate, passed of 3]; since, one table per verdict.
+    steps = ", ".join(
+        f"{s['rate_rps']:.1f}: {s['passed']}/{s['probes']} {s['verdict']}" if isinstance(s, dict)
+        else f"{s[0]:.1f}: {s[1]}/3"
+        for s in prov["confirmation_steps"])
     lines.append(f"| {k} | {probes} | {res['sustainable_rps']:.1f} | {res['sustainable_rps']:.1f}–{res.get('failed_rps') or 0:.1f} | {prov['sustainable_rps']:.1f} ({steps}) |")
 sus = [r["sustainable_rps"] for _, _, r in runs]
 conf = [p["sustainable_rps"] for _, p, _ in runs]

@@ -4,12 +4,14 @@
 //!
 //! Where to look: [`space`] (knobs → unit box), [`trial`] (the sustainable rate of one
 //! configuration: bracket and bisect), [`strategy`] (Nelder–Mead via argmin, grid, random, hill
-//! climbing), [`search`] (the live loop, re-measurement, profile writer), [`journal`] (resume),
+//! climbing), [`search`] (the live loop, profile writer), [`confirm`] (the leaders raced, the
+//! winner's rate with an interval), [`journal`] (resume),
 //! [`server`] (the server under test: batchtune's runtime, or any HTTP server through an
 //! adapter file; spawned, reconfigured, stopped).
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod confirm;
 pub mod gate;
 pub mod gate_calibration;
 pub mod journal;

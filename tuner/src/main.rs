@@ -271,8 +271,8 @@ struct SearchArgs {
     /// Warm-up per probe.
     #[arg(long, env = "TUNER_PROBE_WARMUP", default_value = "1s")]
     probe_warmup: String,
-    /// Most probes per trial.
-    #[arg(long, env = "TUNER_MAX_PROBES", default_value_t = 7)]
+    /// Most probes per trial (repeated verdicts included).
+    #[arg(long, env = "TUNER_MAX_PROBES", default_value_t = 10)]
     max_probes: usize,
     /// Highest rate a probe offers (requests/s); the search reports this when everything passes.
     #[arg(long, env = "TUNER_MAX_RATE", default_value_t = 100_000.0)]
@@ -280,9 +280,16 @@ struct SearchArgs {
     /// rate_limit in the output = this fraction of the sustainable rate (overload is shed as 429).
     #[arg(long, env = "TUNER_RATE_LIMIT_FRACTION", default_value_t = 0.9)]
     rate_limit_fraction: f64,
-    /// Times the winner is re-measured at its sustainable rate.
-    #[arg(long, env = "TUNER_REMEASURE", default_value_t = 3)]
-    remeasure: usize,
+    /// Most probes behind one rate's verdict. A probe whose verdict is within the noise of a
+    /// bound (latency drift near the 5%/s limit, a percentile within ~10% of its target) is
+    /// repeated and the evidence pooled, up to this many; 1 lets every probe decide alone.
+    #[arg(long, env = "TUNER_REPEATS", default_value_t = 3)]
+    repeats: usize,
+    /// Leaders raced after the search: the trials within the bisection tolerance of the best
+    /// are probed afresh at the best rate (stepping down while none holds), the winner is
+    /// refined one lattice step up, and the profile gets its rate with an interval.
+    #[arg(long, env = "TUNER_LEADERS", default_value_t = 3)]
+    leaders: usize,
     /// Strategy seed.
     #[arg(long, env = "TUNER_SEED", default_value_t = 1)]
     seed: u64,
@@ -659,6 +666,7 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
         warmup: dur("probe-warmup", &a.probe_warmup)?,
         max_probes: a.max_probes.max(1),
         max_rate: a.max_rate,
+        repeats: a.repeats.max(1),
         ..ProbeSettings::default()
     };
     if generation {
@@ -700,7 +708,7 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             journal_dir: a.journal_dir.clone(),
             resume: a.resume.clone(),
             rate_limit_fraction: a.rate_limit_fraction,
-            remeasure: a.remeasure,
+            leaders: a.leaders,
             quiet: a.quiet,
             headers,
             shard,
@@ -750,7 +758,19 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
                 prov.get("remeasured_passed"),
                 prov.get("remeasured_runs"),
             ) {
-                println!("re-measured: {passed}/{runs} runs met the targets; median p95 {p95}s");
+                println!("confirmed by {passed}/{runs} probes at that rate; median p95 {p95}s");
+            }
+            if let Some(toml::Value::Array(i)) = prov.get("sustainable_rps_interval") {
+                let show = |v: Option<&toml::Value>| match v {
+                    Some(toml::Value::Float(x)) => format!("{x:.1}"),
+                    Some(other) => other.to_string().trim_matches('"').to_string(),
+                    None => "?".into(),
+                };
+                println!(
+                    "interval: sustained at {} req/s, not at {} req/s",
+                    show(i.first()),
+                    show(i.get(1))
+                );
             }
             for w in written {
                 println!("wrote {}", w.display());

@@ -426,13 +426,7 @@ mod tests {
                 let probe = Probe {
                     rate: rate.max(1.0) * scale,
                     pass: true,
-                    reason: String::new(),
-                    achieved_rps: 0.0,
-                    p50: 0.0,
-                    p95: 0.0,
-                    p99: 0.0,
-                    error_rate: 0.0,
-                    tokens: None,
+                    ..Probe::default()
                 };
                 Trial {
                     index: i,

@@ -8,7 +8,8 @@ use crate::server::{Server, Target as Runtime};
 use crate::space::{key, Knobs, Space};
 use crate::strategy::{self, Evaluator, Strategy};
 use crate::trial::{
-    effective_targets, next_rate, result_of, ProbeSettings, RateResult, RateSearch,
+    effective_targets, next_rate, result_of, start_from_estimate, ProbeSettings, RateResult,
+    RateSearch,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use loadgen::slo::{format_secs, Target};
@@ -43,7 +44,7 @@ pub struct SearchOptions {
     pub space: Space,
     /// Most trials.
     pub budget: usize,
-    /// Wall-clock budget for trials (re-measurement comes on top, about `remeasure` probes).
+    /// Wall-clock budget for trials (the confirmation race comes on top).
     pub time: Duration,
     /// Strategy.
     pub strategy: Strategy,
@@ -67,8 +68,8 @@ pub struct SearchOptions {
     pub resume: Option<String>,
     /// `rate_limit` = this × sustainable rate.
     pub rate_limit_fraction: f64,
-    /// Re-measurements of the winner.
-    pub remeasure: usize,
+    /// Leaders (trials within the bisection tolerance of the best) raced to confirm the winner.
+    pub leaders: usize,
     /// No progress bars.
     pub quiet: bool,
     /// Extra request headers.
@@ -148,7 +149,7 @@ struct Live<'a> {
 
 impl Live<'_> {
     fn best(&self) -> Option<&Trial> {
-        winner(&self.order)
+        crate::confirm::winner(&self.order)
     }
 
     fn measure(&mut self, knobs: &Knobs) -> Result<RateResult, SearchError> {
@@ -192,8 +193,8 @@ impl Live<'_> {
                 }
                 let est = rt.block_on(search.saturation());
                 rt.block_on(server.wait_idle(Duration::from_secs(60)));
-                est.map(|x| 0.5 * x)
-                    .filter(|x| x.is_finite() && *x > 0.0)
+                est.filter(|x| x.is_finite() && *x > 0.0)
+                    .map(start_from_estimate)
                     .unwrap_or(16.0)
             }
         };
@@ -537,62 +538,94 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         });
     }
 
-    // Re-measure the winner at its sustainable rate to see whether it holds up.
+    // The leaders raced, the winner's rate measured with an interval (confirm.rs says why).
+    let settings = crate::confirm::RaceSettings {
+        leaders: opts.leaders.max(1),
+        repeats: header.probe.repeats.max(1),
+        probe_secs: header.probe.duration.as_secs_f64(),
+        tolerance: header.probe.tolerance,
+        max_down: 4,
+        max_up: 2,
+    };
+    let mut race = crate::confirm::Race::new(&trials, settings).ok_or_else(|| {
+        SearchError::NothingFeasible {
+            search_id: header.search_id.clone(),
+            trials: trials.len(),
+        }
+    })?;
     eprintln!(
-        "re-measuring the winner {} times at {:.1} req/s",
-        opts.remeasure, best.result.sustainable_rps
+        "confirming: {} raced at {:.1} req/s (probes repeated while a verdict is uncertain)",
+        race.leaders()
+            .iter()
+            .map(|&i| format!("trial {}", trials[i].index + 1))
+            .collect::<Vec<_>>()
+            .join(", "),
+        best.result.sustainable_rps
     );
-    rt.block_on(server.apply(&best.knobs))?;
-    rt.block_on(server.wait_idle(Duration::from_secs(60)));
-    let rs = RateSearch {
-        url: server.url(),
-        workload: &opts.workload,
-        targets: &effective,
-        settings: &header.probe,
-        cancel: cancel.clone(),
-        headers: opts.headers.clone(),
-        max_in_flight: server.client_concurrency(&best.knobs),
-    };
-    // Confirm the rate: the search's best is the maximum of noisy measurements, so it is biased
-    // upwards. Re-measure it; if most runs fail, step down by the bisection tolerance and try
-    // again. The profile carries the confirmed rate, and every run is in the provenance.
-    let mut rate = best.result.sustainable_rps;
-    // The winner's own probes say how long its latencies are: warm up at least that long.
-    let settle = best
-        .result
-        .probes
-        .iter()
-        .map(|p| p.p99)
-        .min_by(f64::total_cmp);
-    let mut again = Vec::new();
-    let mut confirmed = false;
-    let mut tried = Vec::new();
-    for step in 0..4u64 {
-        again.clear();
-        for i in 0..opts.remeasure.max(1) {
-            let (p, _) = rt
-                .block_on(rs.probe(rate, 9_000 + step * 100 + i as u64, settle))
-                .map_err(|e| SearchError::Config(e.to_string()))?;
+    let mut applied: Option<usize> = None;
+    let mut seed = 9_000u64;
+    while let Some((i, rate)) = race.next_probe() {
+        let t = &trials[i];
+        if applied != Some(i) {
+            rt.block_on(server.apply(&t.knobs))?;
             rt.block_on(server.wait_idle(Duration::from_secs(60)));
-            again.push(p);
+            applied = Some(i);
         }
-        let passed = again.iter().filter(|p| p.pass).count();
-        tried.push((rate, passed));
+        let rs = RateSearch {
+            url: server.url(),
+            workload: &opts.workload,
+            targets: &effective,
+            settings: &header.probe,
+            cancel: cancel.clone(),
+            headers: opts.headers.clone(),
+            max_in_flight: server.client_concurrency(&t.knobs),
+        };
+        // The trial's own probes say how long its latencies are: warm up at least that long.
+        let settle = t.result.probes.iter().map(|p| p.p99).min_by(f64::total_cmp);
+        seed += 1;
+        let (p, _) = rt
+            .block_on(rs.probe(rate, seed, settle))
+            .map_err(|e| SearchError::Config(e.to_string()))?;
+        rt.block_on(server.wait_idle(Duration::from_secs(60)));
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SearchError::Interrupted {
+                search_id: header.search_id.clone(),
+                trials: trials.len(),
+            });
+        }
         eprintln!(
-            "  {rate:.1} req/s: {passed}/{} re-measurements met the targets",
-            again.len()
+            "  trial {} at {rate:.1} req/s: {} (p95 {}, drift {})",
+            t.index + 1,
+            if p.pass { "met the targets" } else { "missed" },
+            loadgen::slo::format_secs(p.p95),
+            p.drift
+                .map(|d| format!("{:+.0} ms/s", d[0] * 1e3))
+                .unwrap_or_else(|| "n/a".into())
         );
-        if passed * 2 > again.len() {
-            confirmed = true;
-            break;
-        }
-        rate /= 1.0 + header.probe.tolerance;
+        race.record(i, p);
     }
-    let confirmation = Confirmation {
-        rate,
-        confirmed,
-        tried,
-    };
+    let confirmation = race.outcome();
+    let best = trials[confirmation.trial].clone();
+    // The winner's own knobs on the server when the files are written (the race may have
+    // ended on another leader).
+    if applied != Some(confirmation.trial) {
+        rt.block_on(server.apply(&best.knobs))?;
+    }
+    eprintln!(
+        "  {}: {:.1} req/s, interval {:.1}–{} req/s",
+        if confirmation.confirmed {
+            format!("confirmed trial {}", best.index + 1)
+        } else {
+            format!("NOT confirmed (trial {})", best.index + 1)
+        },
+        confirmation.rate,
+        confirmation.rate,
+        confirmation
+            .failed_above
+            .map(|f| format!("{f:.1}"))
+            .unwrap_or_else(|| "∞".into())
+    );
+    let again = confirmation.probes.clone();
     let mut profile = tuned_profile(
         &opts,
         &confirmation,
@@ -735,20 +768,10 @@ fn provenance_file(header: &str, knobs: &Knobs, profile: &mut Profile) -> String
     format!("{header}\n{}", toml::to_string(&doc).unwrap_or_default())
 }
 
-/// The rate that held up when the winner was re-measured.
-struct Confirmation {
-    /// Rate written to the profile.
-    rate: f64,
-    /// A majority of re-measurements passed at `rate`.
-    confirmed: bool,
-    /// (rate, runs passed) for each confirmation step.
-    tried: Vec<(f64, usize)>,
-}
-
 #[allow(clippy::too_many_arguments)]
 fn tuned_profile(
     opts: &SearchOptions,
-    conf: &Confirmation,
+    conf: &crate::confirm::Outcome,
     header: &Header,
     base: &Profile,
     best: &Trial,
@@ -789,16 +812,44 @@ fn tuned_profile(
     );
     put("sustainable_rps", T::Float(round4(rate)));
     put("sustainable_rps_confirmed", T::Boolean(conf.confirmed));
+    // [highest lattice rate whose pooled verdict passed, lowest above it whose verdict failed].
+    put(
+        "sustainable_rps_interval",
+        T::Array(vec![
+            T::Float(round4(rate)),
+            conf.failed_above
+                .map(|f| T::Float(round4(f)))
+                .unwrap_or(T::String("not reached".into())),
+        ]),
+    );
+    put("winner_trial", T::Integer(best.index as i64 + 1));
     put(
         "search_best_rps",
-        T::Float(round4(best.result.sustainable_rps)),
+        T::Float(round4(
+            trials
+                .iter()
+                .map(|t| t.result.sustainable_rps)
+                .fold(0.0, f64::max),
+        )),
     );
+    // Every verdict of the race: trial (1-based), rate, probes, probes passed, verdict.
     put(
         "confirmation_steps",
         T::Array(
-            conf.tried
+            conf.steps
                 .iter()
-                .map(|(r, n)| T::Array(vec![T::Float(round4(*r)), T::Integer(*n as i64)]))
+                .map(|st| {
+                    let mut t = toml::Table::new();
+                    t.insert(
+                        "trial".into(),
+                        T::Integer(trials[st.trial].index as i64 + 1),
+                    );
+                    t.insert("rate_rps".into(), T::Float(round4(st.rate)));
+                    t.insert("probes".into(), T::Integer(st.probes as i64));
+                    t.insert("passed".into(), T::Integer(st.passed as i64));
+                    t.insert("verdict".into(), T::String(st.verdict.name().into()));
+                    T::Table(t)
+                })
                 .collect(),
         ),
     );
@@ -876,36 +927,6 @@ fn round4(x: f64) -> f64 {
     }
 }
 
-/// Trials whose sustainable rates are within this fraction of the highest count as tied: probe
-/// rates sit on a lattice about 9% apart (the 10% rate tolerance), so distinct lattice points
-/// never fall inside it, while one lattice point reached along two paths (last-bit differences)
-/// always does.
-const TIE: f64 = 0.01;
-
-/// The search's winner: the highest sustainable rate; among trials tied at it (common, since
-/// rates sit on a lattice), the one whose passing probe at that rate had the lowest p95, which
-/// leaves the most room under the target for the confirmation and for production.
-pub fn winner(trials: &[Trial]) -> Option<&Trial> {
-    let top = trials
-        .iter()
-        .map(|t| t.result.sustainable_rps)
-        .fold(f64::NEG_INFINITY, f64::max);
-    trials
-        .iter()
-        .filter(|t| t.result.sustainable_rps >= top * (1.0 - TIE))
-        .min_by(|a, b| p95_at_sustainable(a).total_cmp(&p95_at_sustainable(b)))
-}
-
-/// p95 of the trial's passing probe at its sustainable rate (infinite when none passed).
-fn p95_at_sustainable(t: &Trial) -> f64 {
-    t.result
-        .probes
-        .iter()
-        .filter(|p| p.pass && p.rate == t.result.sustainable_rps)
-        .map(|p| p.p95)
-        .fold(f64::INFINITY, f64::min)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -918,47 +939,5 @@ mod tests {
         assert_eq!(left_of(Some(600.0), 0.0, asked), Duration::from_secs(600));
         assert_eq!(left_of(Some(600.0), 500.0, asked), Duration::from_secs(100));
         assert_eq!(left_of(Some(600.0), 700.0, asked), Duration::ZERO);
-    }
-    use crate::trial::{result_of, Probe};
-
-    fn trial(index: usize, passes: &[(f64, f64)]) -> Trial {
-        let probes = passes
-            .iter()
-            .map(|&(rate, p95)| Probe {
-                rate,
-                pass: true,
-                reason: String::new(),
-                achieved_rps: rate,
-                p50: p95 / 2.0,
-                p95,
-                p99: p95 * 1.2,
-                error_rate: 0.0,
-                tokens: None,
-            })
-            .collect();
-        Trial {
-            index,
-            key: format!("t{index}"),
-            knobs: Knobs::new(),
-            result: result_of(probes),
-            elapsed_s: 0.0,
-        }
-    }
-
-    #[test]
-    fn the_winner_is_the_fastest_and_among_ties_the_one_with_most_latency_headroom() {
-        assert!(winner(&[]).is_none());
-        // A higher rate wins whatever its latency.
-        let t = [trial(0, &[(100.0, 0.1)]), trial(1, &[(110.0, 3.9)])];
-        assert_eq!(winner(&t).unwrap().index, 1);
-        // Tied at one lattice point (up to the last bits): the lower p95 at that rate wins,
-        // and a lower p95 at a lower probe rate of the same trial does not count.
-        let t = [
-            trial(0, &[(50.0, 0.01), (103.7472, 2.5)]),
-            trial(1, &[(103.74720000001, 0.9)]),
-            trial(2, &[(103.7472, 1.8)]),
-            trial(3, &[(95.0, 0.2)]),
-        ];
-        assert_eq!(winner(&t).unwrap().index, 1);
     }
 }

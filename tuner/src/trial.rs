@@ -37,6 +37,15 @@ pub struct ProbeSettings {
     /// Length of that run, seconds (generation needs several request lengths).
     #[serde(default = "default_saturation_secs")]
     pub saturation_secs: f64,
+    /// Most probes behind one rate's verdict: a probe whose verdict is uncertain (its latency
+    /// drift or a target's margin within the noise of the bound) is repeated and the evidence
+    /// pooled, up to this many. Journals from before it read 1 (every probe decides alone).
+    #[serde(default = "one")]
+    pub repeats: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_saturation_clients() -> usize {
@@ -56,16 +65,17 @@ impl Default for ProbeSettings {
             min_rate: 0.5,
             max_rate: 100_000.0,
             tolerance: 0.1,
-            max_probes: 7,
+            max_probes: 10,
             arrival: "poisson".into(),
             saturation_clients: default_saturation_clients(),
             saturation_secs: default_saturation_secs(),
+            repeats: 3,
         }
     }
 }
 
 /// One probe's verdict.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Probe {
     /// Offered rate.
     pub rate: f64,
@@ -86,6 +96,22 @@ pub struct Probe {
     /// Streamed generation: token-level figures (absent for embeddings and old journals).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenFigures>,
+    /// Latency drift: seconds of latency gained per second of schedule, and its standard error
+    /// (absent when too few requests completed, and in old journals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<[f64; 2]>,
+    /// The tightest target's margin: observed ÷ bound for upper bounds, bound ÷ observed for
+    /// lower ones, so above 1 misses (absent in old journals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
+    /// Failed for a reason repeating cannot overturn: stopped early (a target clearly missed),
+    /// errors over their limit, or an invalid run.
+    #[serde(default)]
+    pub hard: bool,
+    /// Requests past the percentile that sets the margin (e.g. 1% of the completed requests
+    /// for a p99 target); absent when the margin is not a percentile's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<f64>,
 }
 
 /// A generation probe's token-level figures, seconds and tokens/s.
@@ -161,15 +187,56 @@ pub fn lag_allowance(targets: &[Target]) -> Duration {
     Duration::from_secs_f64(secs)
 }
 
+/// A finished probe's verdict on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// Every condition held.
+    pub pass: bool,
+    /// Why not (empty when it passed).
+    pub reason: String,
+    /// The tightest target's margin (see [`Probe::margin`]).
+    pub margin: f64,
+    /// Failed for a reason repeating cannot overturn (see [`Probe::hard`]).
+    pub hard: bool,
+    /// Requests past the margin's percentile (see [`Probe::tail`]).
+    pub tail: Option<f64>,
+}
+
 /// Judges a finished probe.
-pub fn judge(r: &Report, targets: &[Target]) -> (bool, String) {
+pub fn judge(r: &Report, targets: &[Target]) -> Judgement {
     let mut why = Vec::new();
+    let mut hard = false;
     if let Some(s) = &r.stopped_early {
         why.push(format!("stopped early: {s}"));
+        hard = true;
     }
+    let mut margin: f64 = 0.0;
+    let mut tail = None;
     for t in targets {
+        let v = t.observe(r);
         if !t.holds(r) {
-            why.push(format!("{t} missed ({})", t.format_value(t.observe(r))));
+            why.push(format!("{t} missed ({})", t.format_value(v)));
+            // Errors are not a sampling question: a server that drops requests at a rate is
+            // not given a second chance at it.
+            hard |= t.metric == Metric::ErrorRate;
+        }
+        if t.metric != Metric::ErrorRate && t.value > 0.0 {
+            let m = if t.is_upper_bound() {
+                v / t.value
+            } else if v > 0.0 {
+                t.value / v
+            } else {
+                f64::INFINITY
+            };
+            if m >= margin {
+                margin = m;
+                tail = match t.metric {
+                    Metric::Percentile(q) | Metric::Token(_, q) => {
+                        Some(r.ok as f64 * (1.0 - q / 100.0))
+                    }
+                    _ => None,
+                };
+            }
         }
     }
     // Keeping up: latency must not grow with schedule time. Completion counts cannot say it
@@ -187,8 +254,106 @@ pub fn judge(r: &Report, targets: &[Target]) -> (bool, String) {
     }
     if !r.valid {
         why.extend(r.invalid_reasons.iter().cloned());
+        hard = true;
     }
-    (why.is_empty(), why.join("; "))
+    Judgement {
+        pass: why.is_empty(),
+        reason: why.join("; "),
+        margin,
+        hard,
+        tail,
+    }
+}
+
+/// One rate's verdict from every probe there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Sustained.
+    Pass,
+    /// Not sustained.
+    Fail,
+    /// Too close to call with this evidence: probe again.
+    Uncertain,
+}
+
+/// Spread of one 4 s probe's latency drift near capacity, seconds per second. Measured on the
+/// CPU runtime (results/cpu-ground-truth.md: eight probes per rate had standard deviations of
+/// 0.027 at 100 req/s, 0.045 at 108 and 0.040 at 116): several times the least-squares standard
+/// error each probe reports, because a queue near capacity wanders, so successive latencies are
+/// far from independent. Assumed to shrink with the square root of the probe's length.
+pub const DRIFT_NOISE_4S: f64 = 0.03;
+
+/// Relative spread of a latency percentile between probes at one rate near capacity (the
+/// noise table in results/noise-cpu/: p95 at one rate varied by about ±20% between 4 s probes
+/// near capacity, ±10% below it), for a percentile with [`TAIL_REF`] requests past it.
+pub const MARGIN_NOISE: f64 = 0.1;
+
+/// Requests past the percentile at which [`MARGIN_NOISE`] was seen: a p95 of ~400 requests
+/// (4 s near 100 req/s). A percentile with fewer past it is looser in proportion to 1/√tail,
+/// so its verdict needs more probes before it is clear (a p99 of 400 requests rests on 4).
+pub const TAIL_REF: f64 = 20.0;
+
+/// The verdict at one rate from the probes there (`at`, all at that rate), when at most
+/// `repeats` probes may stand behind it. Evidence is pooled: the mean drift against
+/// [`MAX_DRIFT`](loadgen::record::MAX_DRIFT) and the mean margin against 1, each with a band of
+/// its noise ÷ √n. Outside the band the verdict is clear; inside it the rate is probed again,
+/// and once `repeats` probes are in, the pooled means decide. A hard failure decides at once.
+/// Probes without statistics (old journals) decide by majority.
+pub fn verdict(at: &[&Probe], repeats: usize, probe_secs: f64) -> Verdict {
+    use loadgen::record::MAX_DRIFT;
+    if at.is_empty() {
+        return Verdict::Uncertain;
+    }
+    if at.iter().any(|p| p.hard) {
+        return Verdict::Fail;
+    }
+    let n = at.len() as f64;
+    let done = at.len() >= repeats.max(1);
+    let Some(margins) = at.iter().map(|p| p.margin).collect::<Option<Vec<f64>>>() else {
+        let passed = at.iter().filter(|p| p.pass).count() as f64;
+        return if passed * 2.0 > n {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        };
+    };
+    let margin = margins.iter().sum::<f64>() / n;
+    let looseness = at
+        .iter()
+        .map(|p| {
+            p.tail
+                .map_or(1.0, |t| (TAIL_REF / t.max(1.0)).sqrt().max(1.0))
+        })
+        .sum::<f64>()
+        / n;
+    let band_m = MARGIN_NOISE * looseness / n.sqrt();
+    let drifts: Vec<[f64; 2]> = at.iter().filter_map(|p| p.drift).collect();
+    let (drift, band_d, se) = if drifts.is_empty() {
+        (0.0, 0.0, 0.0)
+    } else {
+        let k = drifts.len() as f64;
+        let mean = drifts.iter().map(|d| d[0]).sum::<f64>() / k;
+        let se = drifts.iter().map(|d| d[1] * d[1]).sum::<f64>().sqrt() / k;
+        let noise = DRIFT_NOISE_4S * (4.0 / probe_secs.max(0.5)).sqrt() / k.sqrt();
+        (mean, noise.max(2.0 * se), se)
+    };
+    if margin > 1.0 + band_m || drift > MAX_DRIFT + band_d {
+        return Verdict::Fail;
+    }
+    if margin <= 1.0 - band_m && drift <= MAX_DRIFT - band_d {
+        return Verdict::Pass;
+    }
+    if !done {
+        return Verdict::Uncertain;
+    }
+    // The last word: the pooled means, with the single probe's rule for the drift (over the
+    // limit and clearly positive).
+    let growing = drift > MAX_DRIFT && drift > 2.0 * se;
+    if margin <= 1.0 && !growing {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    }
 }
 
 /// Stops a probe once an upper-bound target is missed by 50% with enough samples, or errors pile up.
@@ -254,7 +419,6 @@ impl RateSearch<'_> {
             },
             self.workload.clone(),
         );
-        cfg.duration = self.settings.duration;
         let bound = self
             .targets
             .iter()
@@ -264,8 +428,13 @@ impl RateSearch<'_> {
         cfg.warmup = self.settings.warmup.max(Duration::from_secs_f64(
             settle.unwrap_or(0.0).clamp(0.0, bound.min(60.0)),
         ));
+        // Measured for several of the server's own latencies (up to three latency bounds), so
+        // a probe of a slow server holds more than a handful of completed requests.
+        cfg.duration = self.settings.duration.max(Duration::from_secs_f64(
+            (3.0 * settle.unwrap_or(0.0)).clamp(0.0, (3.0 * bound).min(60.0)),
+        ));
         cfg.window = Some(Duration::from_secs_f64(
-            (self.settings.duration.as_secs_f64() / 4.0).max(0.25),
+            (cfg.duration.as_secs_f64() / 4.0).max(0.25),
         ));
         cfg.stability_percent = self.settings.stability_percent;
         cfg.max_lag_p99 = lag_allowance(self.targets);
@@ -276,11 +445,15 @@ impl RateSearch<'_> {
         cfg.goodput = loadgen::slo::GoodputLimits::from_targets(self.targets);
         cfg.cancel = Some(self.cancel.clone());
         let r = loadgen::run(cfg).await?;
-        let (pass, reason) = judge(&r, self.targets);
+        let j = judge(&r, self.targets);
         let probe = Probe {
             rate,
-            pass,
-            reason,
+            pass: j.pass,
+            reason: j.reason,
+            drift: r.latency_drift.map(|d| [d.slope, d.stderr]),
+            margin: Some(j.margin),
+            hard: j.hard,
+            tail: j.tail,
             achieved_rps: r.achieved_rps,
             p50: r.latency_quantile(0.5),
             p95: r.latency_quantile(0.95),
@@ -325,64 +498,179 @@ impl RateSearch<'_> {
     }
 }
 
-/// The bracket-then-bisect rule, separated from I/O so it is unit-tested: given the probes so far,
-/// the next rate to try, or `None` when done.
+/// Points per doubling of the rate lattice every probe sits on: 16, so neighbours are 4.4%
+/// apart. The lattice is anchored at 1 req/s and does not depend on where a search starts, so
+/// two searches of one server probe the same rates and their answers agree or differ by whole
+/// steps (before it, runs that started from different saturation estimates ended on three
+/// different lattices: results/noise-cpu/).
+pub const LATTICE: f64 = 16.0;
+
+/// The lattice point nearest `rate`.
+pub fn lattice_index(rate: f64) -> i64 {
+    (rate.max(1e-9).log2() * LATTICE).round() as i64
+}
+
+/// The rate of lattice point `i`.
+pub fn lattice_rate(i: i64) -> f64 {
+    (i as f64 / LATTICE).exp2()
+}
+
+/// Lattice steps that fit inside a relative tolerance (at least one).
+pub fn tolerance_steps(tolerance: f64) -> i64 {
+    (((1.0 + tolerance).log2() * LATTICE) + 1e-9)
+        .floor()
+        .max(1.0) as i64
+}
+
+/// Where a search with no better hint starts: the power of two at or below half a saturation
+/// estimate. Powers of two, not the estimate itself, so that runs whose estimates differ by
+/// noise take the same path through the lattice.
+pub fn start_from_estimate(estimate: f64) -> f64 {
+    lattice_rate(lattice_index(estimate * 0.5).div_euclid(LATTICE as i64) * LATTICE as i64)
+}
+
+/// Each probed lattice point's verdict from the probes there (in the order first probed).
+fn verdicts(probes: &[Probe], repeats: usize, probe_secs: f64) -> Vec<(i64, Verdict)> {
+    let mut order: Vec<i64> = Vec::new();
+    for p in probes {
+        let i = lattice_index(p.rate);
+        if !order.contains(&i) {
+            order.push(i);
+        }
+    }
+    order
+        .into_iter()
+        .map(|i| {
+            let at: Vec<&Probe> = probes
+                .iter()
+                .filter(|p| lattice_index(p.rate) == i)
+                .collect();
+            (i, verdict(&at, repeats, probe_secs))
+        })
+        .collect()
+}
+
+/// The bracket-then-bisect rule on the lattice, separated from I/O so it is unit-tested: given
+/// the probes so far, the next rate to try (the same rate again while its verdict is
+/// uncertain), or `None` when done.
 pub fn next_rate(probes: &[Probe], start: f64, s: &ProbeSettings) -> Option<f64> {
     if probes.len() >= s.max_probes {
         return None;
     }
-    if probes.is_empty() {
-        return Some(start.clamp(s.min_rate, s.max_rate));
+    let (min_i, max_i) = (
+        (s.min_rate.max(1e-9).log2() * LATTICE).ceil() as i64,
+        (s.max_rate.max(1e-9).log2() * LATTICE).floor() as i64,
+    );
+    let Some(last) = probes.last() else {
+        return Some(lattice_rate(lattice_index(start).clamp(min_i, max_i)));
+    };
+    let secs = s.duration.as_secs_f64();
+    let all = verdicts(probes, s.repeats, secs);
+    if all
+        .iter()
+        .any(|&(i, v)| i == lattice_index(last.rate) && v == Verdict::Uncertain)
+    {
+        return Some(last.rate);
     }
-    let lo = probes
+    let decided = verdicts(probes, 1, secs);
+    let lo = decided
         .iter()
-        .filter(|p| p.pass)
-        .map(|p| p.rate)
-        .fold(None, |a: Option<f64>, r| Some(a.map_or(r, |a| a.max(r))));
-    let hi = probes
+        .filter(|(_, v)| *v == Verdict::Pass)
+        .map(|(i, _)| *i)
+        .max();
+    let hi = decided
         .iter()
-        .filter(|p| !p.pass)
-        .map(|p| p.rate)
-        .fold(None, |a: Option<f64>, r| Some(a.map_or(r, |a| a.min(r))));
+        .filter(|(_, v)| *v == Verdict::Fail)
+        .map(|(i, _)| *i)
+        .min();
+    let aim = hi.and_then(|h| aim_below(probes, h));
     match (lo, hi) {
         (Some(lo), None) => {
-            let up = (lo * climb_factor(probes)).min(s.max_rate);
-            (up > lo).then_some(up)
+            let up = (lo + climb_steps(probes)).min(max_i);
+            (up > lo).then(|| lattice_rate(up))
         }
-        (None, Some(hi)) => (hi / 2.0 >= s.min_rate).then_some(hi / 2.0),
-        (Some(lo), Some(hi)) if hi > lo * (1.0 + s.tolerance) => Some((lo * hi).sqrt()),
+        (None, Some(hi)) => {
+            let down = match aim {
+                Some(a) if a < hi => a,
+                _ => hi - LATTICE as i64,
+            };
+            (hi > min_i).then(|| lattice_rate(down.max(min_i)))
+        }
+        (Some(lo), Some(hi)) if hi - lo > tolerance_steps(s.tolerance) => {
+            let next = match aim {
+                Some(a) if a > lo && a < hi => a,
+                // The estimate says the boundary is at or just above a rate that passed: one
+                // tolerance up settles it (done if that fails).
+                Some(a) if a <= lo => lo + tolerance_steps(s.tolerance),
+                _ => lo + (hi - lo) / 2,
+            };
+            Some(lattice_rate(next))
+        }
         _ => None,
     }
 }
 
-/// How far to climb while no probe has failed: ×4 while the latest pass's p95 is within twice
-/// the first probe's (latency still flat, so the server is far from saturation: a GPU that
-/// sustains 10,000 req/s is reached from 16 in 6 probes instead of 10), ×2 once it has grown.
-fn climb_factor(probes: &[Probe]) -> f64 {
+/// Where the lowest failed rate's drift puts the capacity, as a lattice point (rounded down).
+/// A server offered λ while completing μ gains (λ − μ)/μ seconds of latency per second of
+/// schedule, so μ ≈ λ ÷ (1 + drift): one overloaded probe aims the next one, where bisection
+/// would need several (seen here: probes at 1.2–3.5× capacity put it within 10%). `None` when
+/// that rate failed without a clear drift (a latency or error target, or no fit).
+fn aim_below(probes: &[Probe], hi: i64) -> Option<i64> {
+    use loadgen::record::MAX_DRIFT;
+    let drifts: Vec<f64> = probes
+        .iter()
+        .filter(|p| lattice_index(p.rate) == hi)
+        .filter_map(|p| p.drift.map(|d| d[0]))
+        .collect();
+    if drifts.is_empty() {
+        return None;
+    }
+    let d = drifts.iter().sum::<f64>() / drifts.len() as f64;
+    if d <= MAX_DRIFT {
+        return None;
+    }
+    let mu = lattice_rate(hi) / (1.0 + d);
+    Some((mu.log2() * LATTICE).floor() as i64)
+}
+
+/// How far to climb while no probe has failed, in lattice steps: ×4 while the latest pass's p95
+/// is within twice the first probe's (latency still flat, so the server is far from saturation:
+/// a GPU that sustains 10,000 req/s is reached from 16 in 6 probes instead of 10), ×2 once it
+/// has grown.
+fn climb_steps(probes: &[Probe]) -> i64 {
     let first = probes.first().map_or(0.0, |p| p.p95);
     let last = probes.iter().rev().find(|p| p.pass).map_or(0.0, |p| p.p95);
-    if probes.len() >= 2 && last <= 2.0 * first || probes.len() == 1 {
-        4.0
+    let distinct = verdicts(probes, 1, 4.0).len();
+    if distinct >= 2 && last <= 2.0 * first || distinct == 1 {
+        2 * LATTICE as i64
     } else {
-        2.0
+        LATTICE as i64
     }
 }
 
-/// The result implied by a list of probes.
+/// The result implied by a list of probes: each rate's pooled verdict, taken as final.
 pub fn result_of(probes: Vec<Probe>) -> RateResult {
-    let sustainable = probes
+    let decided = verdicts(&probes, 1, 4.0);
+    let sustainable = decided
         .iter()
-        .filter(|p| p.pass)
-        .map(|p| p.rate)
-        .fold(0.0, f64::max);
-    let failed = probes
+        .filter(|(_, v)| *v == Verdict::Pass)
+        .map(|(i, _)| *i)
+        .max();
+    let failed = decided
         .iter()
-        .filter(|p| !p.pass && p.rate > sustainable)
-        .map(|p| p.rate)
-        .fold(None, |a: Option<f64>, r| Some(a.map_or(r, |a| a.min(r))));
+        .filter(|(i, v)| *v == Verdict::Fail && sustainable.is_none_or(|s| *i > s))
+        .map(|(i, _)| *i)
+        .min();
+    // The probes' own rates (lattice points up to rounding), not recomputed ones.
+    let rate_of = |i: i64| {
+        probes
+            .iter()
+            .find(|p| lattice_index(p.rate) == i)
+            .map_or(lattice_rate(i), |p| p.rate)
+    };
     RateResult {
-        sustainable_rps: sustainable,
-        failed_rps: failed,
+        sustainable_rps: sustainable.map_or(0.0, rate_of),
+        failed_rps: failed.map(rate_of),
         probes,
     }
 }
@@ -395,13 +683,8 @@ mod tests {
         Probe {
             rate,
             pass,
-            reason: String::new(),
             achieved_rps: rate,
-            p50: 0.0,
-            p95: 0.0,
-            p99: 0.0,
-            error_rate: 0.0,
-            tokens: None,
+            ..Probe::default()
         }
     }
 
@@ -420,12 +703,18 @@ mod tests {
         for (cap, start) in [(100.0, 10.0), (100.0, 1000.0), (37.0, 37.0), (5.0, 64.0)] {
             let r = search(cap, start);
             assert!(r.sustainable_rps <= cap, "{cap}: {r:?}");
+            // Within the tolerance: the bracket ends on neighbouring lattice points ≤ 9% apart.
             assert!(
-                r.sustainable_rps >= cap / 1.2,
+                r.sustainable_rps >= cap / 1.1,
                 "{cap} from {start}: found {}",
                 r.sustainable_rps
             );
-            assert!(r.probes.len() <= 7);
+            // Clear verdicts: one probe each; a decade of bracketing costs at most 4 of them.
+            assert!(
+                r.probes.len() <= 8,
+                "{cap} from {start}: {}",
+                r.probes.len()
+            );
         }
         assert_eq!(search(0.1, 8.0).sustainable_rps, 0.0);
     }
@@ -441,11 +730,119 @@ mod tests {
         assert_eq!(next_rate(&flat, 16.0, &s), Some(256.0));
         let grown = [with_p95(16.0, 0.010), with_p95(64.0, 0.030)];
         assert_eq!(next_rate(&grown, 16.0, &s), Some(128.0));
-        // Never past the ceiling, and done once the ceiling itself passed.
+        // Never past the ceiling (its lattice point at or below it), and done once that passed.
+        let top = lattice_rate((s.max_rate.log2() * LATTICE).floor() as i64);
+        assert!(top <= s.max_rate && top * 1.05 > s.max_rate);
         let near = [with_p95(60_000.0, 0.01)];
-        assert_eq!(next_rate(&near, 60_000.0, &s), Some(s.max_rate));
-        let top = [with_p95(s.max_rate, 0.01)];
-        assert_eq!(next_rate(&top, s.max_rate, &s), None);
+        assert_eq!(next_rate(&near, 60_000.0, &s), Some(top));
+        assert_eq!(next_rate(&[with_p95(top, 0.01)], top, &s), None);
+    }
+
+    #[test]
+    fn an_overloaded_probes_drift_aims_the_next_one() {
+        let s = ProbeSettings::default();
+        let drifting = |rate: f64, d: f64| Probe {
+            drift: Some([d, 0.01]),
+            margin: Some(0.5),
+            ..p(rate, false)
+        };
+        // 256 offered, latency growing 1.5 s/s: capacity ≈ 256 / 2.5 = 102.4 → lattice 98.7.
+        let probes = vec![p(64.0, true), drifting(256.0, 1.5)];
+        let aimed = next_rate(&probes, 64.0, &s).unwrap();
+        assert_eq!(lattice_index(aimed), 106);
+        // It passed: the boundary is at or just above it; one tolerance up settles it.
+        let mut probes = probes;
+        probes.push(p(aimed, true));
+        assert_eq!(next_rate(&probes, 64.0, &s).map(lattice_index), Some(108));
+        // Without a lower pass the aim replaces halving, and a failure without drift (a latency
+        // target) falls back to bisection.
+        assert_eq!(
+            next_rate(&[drifting(200.0, 1.0)], 200.0, &s).map(lattice_index),
+            Some(((100.0f64).log2() * LATTICE).floor() as i64)
+        );
+        let latency_miss = Probe {
+            margin: Some(1.5),
+            ..p(256.0, false)
+        };
+        assert_eq!(
+            next_rate(&[p(64.0, true), latency_miss], 64.0, &s).map(lattice_index),
+            Some(lattice_index(128.0))
+        );
+    }
+
+    #[test]
+    fn every_probe_sits_on_one_lattice_whatever_the_start() {
+        // Two searches of one server starting from different estimates end on the same point.
+        let ends: Vec<f64> = [70.0, 96.0, 112.0, 130.0, 250.0]
+            .iter()
+            .map(|&est| search(100.0, start_from_estimate(est)).sustainable_rps)
+            .collect();
+        assert!(ends.windows(2).all(|w| w[0] == w[1]), "{ends:?}");
+        assert!(ends[0] <= 100.0 && ends[0] > 100.0 / 1.1, "{ends:?}");
+        let s = ProbeSettings::default();
+        for r in search(100.0, 37.0).probes.iter().map(|p| p.rate) {
+            assert!((lattice_rate(lattice_index(r)) - r).abs() < 1e-9 * r, "{r}");
+        }
+        assert_eq!(tolerance_steps(s.tolerance), 2);
+        assert_eq!(tolerance_steps(0.0), 1);
+    }
+
+    /// A probe with statistics: drift slope (s/s) and the target margin.
+    fn stat(rate: f64, drift: f64, margin: f64) -> Probe {
+        Probe {
+            drift: Some([drift, 0.005]),
+            margin: Some(margin),
+            pass: drift <= 0.05 && margin <= 1.0,
+            ..p(rate, false)
+        }
+    }
+
+    #[test]
+    fn uncertain_verdicts_are_repeated_and_pooled() {
+        let v = |ps: &[Probe]| verdict(&ps.iter().collect::<Vec<_>>(), 3, 4.0);
+        // Far from the bound: one probe decides either way.
+        assert_eq!(v(&[stat(90.0, 0.00, 0.1)]), Verdict::Pass);
+        assert_eq!(v(&[stat(130.0, 0.20, 0.4)]), Verdict::Fail);
+        assert_eq!(v(&[stat(130.0, 0.00, 1.3)]), Verdict::Fail);
+        // Near it: asked again; then the pooled mean decides.
+        assert_eq!(v(&[stat(100.0, 0.055, 0.2)]), Verdict::Uncertain);
+        assert_eq!(
+            v(&[stat(100.0, 0.055, 0.2), stat(100.0, 0.02, 0.2)]),
+            Verdict::Uncertain
+        );
+        let three = |rate: f64, drifts: [f64; 3]| v(&drifts.map(|d| stat(rate, d, 0.2)));
+        assert_eq!(three(100.0, [0.055, 0.02, 0.0]), Verdict::Pass);
+        assert_eq!(three(108.0, [0.047, 0.083, 0.071]), Verdict::Fail);
+        // A latency percentile just under its bound is asked again too, and a percentile with
+        // few requests past it (a p99 of 400 requests) is looser than one with many.
+        assert_eq!(v(&[stat(100.0, 0.0, 0.95)]), Verdict::Uncertain);
+        let tail = |t: f64| Probe {
+            tail: Some(t),
+            ..stat(100.0, 0.0, 0.8)
+        };
+        assert_eq!(v(&[tail(20.0)]), Verdict::Pass);
+        assert_eq!(v(&[tail(4.0)]), Verdict::Uncertain);
+        // A hard failure is final, and old journals' probes (no statistics) vote.
+        let hard = Probe {
+            hard: true,
+            ..stat(100.0, 0.0, 0.2)
+        };
+        assert_eq!(v(&[stat(100.0, 0.055, 0.2), hard]), Verdict::Fail);
+        assert_eq!(v(&[p(100.0, true)]), Verdict::Pass);
+        // next_rate repeats the uncertain rate, then moves on.
+        let s = ProbeSettings::default();
+        let probes = [stat(64.0, 0.0, 0.1), stat(128.0, 0.06, 0.5)];
+        assert_eq!(next_rate(&probes, 64.0, &s), Some(128.0));
+        let probes = [
+            stat(64.0, 0.0, 0.1),
+            stat(128.0, 0.06, 0.5),
+            stat(128.0, 0.09, 0.5),
+            stat(128.0, 0.08, 0.5),
+        ];
+        // Failed with a pooled drift of 0.077: aimed at 128 ÷ 1.077 ≈ 119 → lattice 117.4.
+        assert_eq!(next_rate(&probes, 64.0, &s), Some(lattice_rate(110)));
+        let r = result_of(probes.to_vec());
+        assert_eq!((r.sustainable_rps, r.failed_rps), (64.0, Some(128.0)));
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn options(dir: &std::path::Path, budget: usize) -> SearchOptions {
         journal_dir: dir.join("searches"),
         resume: None,
         rate_limit_fraction: 0.9,
-        remeasure: 2,
+        leaders: 2,
         quiet: true,
         headers: vec![],
         shard: None,

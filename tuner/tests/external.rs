@@ -77,7 +77,7 @@ fn tune(dir: &Path, name: &str, space: &str, budget: usize) -> (f64, String) {
             "--max-probes",
             "5",
         ])
-        .args(["--remeasure", "2", "--quiet"])
+        .args(["--leaders", "2", "--quiet"])
         .arg("--space")
         .arg(&space_file)
         .arg("--out")
