@@ -313,6 +313,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Sample>();
     let bodies = Arc::new(requests);
 
+    let mut pacers = Vec::new();
     match &cfg.mode {
         Mode::Open {
             rate,
@@ -335,7 +336,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                     let own = own.clone();
                     Box::pin(async move { own.send_timed(body).await })
                 });
-                pacer::spawn(pacer::Share {
+                let handle = pacer::spawn(pacer::Share {
                     k,
                     n,
                     start,
@@ -351,6 +352,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                     send,
                 })
                 .map_err(|e| LoadgenError::Config(format!("cannot start a pacer thread: {e}")))?;
+                pacers.push(handle);
             }
         }
         Mode::Closed { concurrency } => {
@@ -443,6 +445,19 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     }
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    // The pacers' wake-up delays. Their samples are all in; a pacer returns microseconds after
+    // its last one, except one still holding a request past the hard deadline, left out.
+    let waited = Instant::now();
+    for h in pacers {
+        while !h.is_finished() && waited.elapsed() < Duration::from_millis(200) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if h.is_finished() {
+            if let Ok(w) = h.join() {
+                let _ = col.histos.wake.add(&w);
+            }
+        }
     }
     let ended = if stopped_early.is_some() {
         Instant::now()

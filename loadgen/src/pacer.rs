@@ -70,8 +70,11 @@ pub(crate) struct Share {
     pub send: SendFn,
 }
 
-/// Starts pacer `share.k` on its own thread; it returns once its share is sent and answered.
-pub(crate) fn spawn(share: Share) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Starts pacer `share.k` on its own thread; it returns once its share is sent and answered,
+/// with its event loop's wake-up delays (µs; see [`crate::record::Histos::wake`]).
+pub(crate) fn spawn(
+    share: Share,
+) -> std::io::Result<std::thread::JoinHandle<hdrhistogram::Histogram<u64>>> {
     std::thread::Builder::new()
         .name(format!("loadgen-pacer-{}", share.k))
         .spawn(move || {
@@ -79,11 +82,11 @@ pub(crate) fn spawn(share: Share) -> std::io::Result<std::thread::JoinHandle<()>
                 .enable_all()
                 .build()
                 .expect("a pacer's runtime");
-            rt.block_on(pace(share));
+            rt.block_on(pace(share))
         })
 }
 
-async fn pace(s: Share) {
+async fn pace(s: Share) -> hdrhistogram::Histogram<u64> {
     let timer = Timer::new();
     let mut sched = Schedule::new(s.arrival, s.rate, s.seed);
     let mut tasks = tokio::task::JoinSet::new();
@@ -135,6 +138,7 @@ async fn pace(s: Share) {
     }
     drop(s.tx);
     while tasks.join_next().await.is_some() {}
+    timer.wakes.into_inner()
 }
 
 /// A precise async sleep: a timerfd armed with an absolute deadline, awaited through the
@@ -149,6 +153,8 @@ struct Timer {
     /// How late the reactor wakes after the timer fires (smoothed, µs): the timer is armed
     /// that much early and the rest is spun, so sends leave on time without spinning whole gaps.
     wake_us: std::cell::Cell<f64>,
+    /// Every wake-up delay seen (µs): the receive side's lag bound.
+    wakes: std::cell::RefCell<hdrhistogram::Histogram<u64>>,
 }
 
 /// The longest early wake-up (and so the longest spin before a send).
@@ -161,12 +167,14 @@ impl Timer {
             Timer {
                 fd: linux::timerfd(),
                 wake_us: std::cell::Cell::new(20.0),
+                wakes: std::cell::RefCell::new(crate::record::new_hist()),
             }
         }
         #[cfg(not(target_os = "linux"))]
         {
             Timer {
                 wake_us: std::cell::Cell::new(20.0),
+                wakes: std::cell::RefCell::new(crate::record::new_hist()),
             }
         }
     }
@@ -188,6 +196,7 @@ impl Timer {
                 .saturating_duration_since(wake_at)
                 .as_secs_f64()
                 * 1e6;
+            self.wakes.borrow_mut().saturating_record(late as u64);
             self.wake_us
                 .set(0.9 * self.wake_us.get() + 0.1 * late.min(1_000.0));
         }

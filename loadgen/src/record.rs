@@ -145,6 +145,10 @@ pub struct Histos {
     pub itl: Histogram<u64>,
     /// Streaming: per request, (end − first token) ÷ (output tokens − 1).
     pub tpot: Histogram<u64>,
+    /// Open loop: how late each pacer's event loop woke after its timer fired (µs). A
+    /// response's completion is timestamped by the same loop, so this bounds the receive side's
+    /// lag the way `lag` measures the send side's. Merged from the pacers at the end.
+    pub wake: Histogram<u64>,
 }
 
 impl Default for Histos {
@@ -156,6 +160,7 @@ impl Default for Histos {
             ttft: new_hist(),
             itl: new_hist(),
             tpot: new_hist(),
+            wake: new_hist(),
         }
     }
 }

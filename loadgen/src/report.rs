@@ -58,6 +58,11 @@ pub struct Report {
     pub service: LatencyStats,
     /// The generator's own lag: when it got to a request minus when it should have.
     pub send_lag: LatencyStats,
+    /// Open loop: how late the pacers' event loops woke after a timer fired, which bounds how
+    /// late a response was timestamped (the same loop reads it). Absent for a closed loop and
+    /// when no pacer ever slept (a saturated pacer, which its send lag already shows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_lag: Option<LatencyStats>,
     /// Streaming only: time to first token (first SSE event carrying text), from the intended
     /// send.
     pub ttft: Option<LatencyStats>,
@@ -138,6 +143,14 @@ impl Report {
                 format_secs(p50)
             ));
         }
+        let receive_lag = (!col.histos.wake.is_empty()).then(|| LatencyStats::of(&col.histos.wake));
+        if let Some(r) = receive_lag.as_ref().filter(|r| r.p99 > limit) {
+            invalid.push(format!(
+                "receive lag p99 {} exceeds {}: the pacers' event loops woke that late after a timer, so responses were timestamped late and latencies read high",
+                format_secs(r.p99),
+                format_secs(limit)
+            ));
+        }
         if let Some(d) = errors.get("dropped") {
             invalid.push(format!(
                 "{d} requests dropped by the in-flight safety cap (--max-in-flight)"
@@ -193,6 +206,7 @@ impl Report {
             latency: LatencyStats::of(&col.histos.latency),
             service: LatencyStats::of(&col.histos.service),
             send_lag: lag,
+            receive_lag,
             ttft: streamed.then(|| LatencyStats::of(&col.histos.ttft)),
             inter_token: streamed.then(|| LatencyStats::of(&col.histos.itl)),
             tpot: streamed.then(|| LatencyStats::of(&col.histos.tpot)),
@@ -288,6 +302,14 @@ impl Report {
             format_secs(self.send_lag.p99),
             format_secs(self.send_lag.max)
         );
+        if let Some(r) = &self.receive_lag {
+            let _ = writeln!(
+                s,
+                "  receive lag p99 {}  (max {}; event-loop wake-up after a timer)",
+                format_secs(r.p99),
+                format_secs(r.max)
+            );
+        }
         let _ = writeln!(
             s,
             "  stable: {} (last 3 of {} windows within {}%)",

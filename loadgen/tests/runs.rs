@@ -549,6 +549,18 @@ async fn the_self_check_is_relative_to_the_latency_it_measures() {
         "{:?}",
         r.invalid_reasons
     );
+    // The receive side is checked too: no event loop wakes within 1 µs of its timer, and a
+    // response is timestamped by the same loop.
+    let recv = r
+        .receive_lag
+        .as_ref()
+        .expect("an open loop reports its receive lag");
+    assert!(recv.p99 > 1e-6 && recv.p99 < 0.05, "{recv:?}");
+    assert!(
+        r.invalid_reasons.iter().any(|x| x.contains("receive lag")),
+        "{:?}",
+        r.invalid_reasons
+    );
     // Allowed as much lag as the latency itself: valid.
     cfg.lag_fraction = 1.0;
     cfg.max_lag_p99 = Duration::from_millis(5);
