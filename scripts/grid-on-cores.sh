@@ -6,7 +6,8 @@
 # A device call is limited to 10 minutes, so a grid may take two calls: RESUME=grid.tar.gz (the
 # previous call's output, carried back) resumes every shard from its journal, repeating no
 # finished trial.
-# Usage: BIN=folder-with-tuner-and-runtime [RESUME=grid.tar.gz] scripts/grid-on-cores.sh OUT_DIR [shards] [time per shard]
+# MAX_PROBES (default 6) caps the probes per point (repeated verdicts included).
+# Usage: BIN=folder-with-tuner-and-runtime [RESUME=grid.tar.gz] [MAX_PROBES=6] scripts/grid-on-cores.sh OUT_DIR [shards] [time per shard]
 set -uo pipefail
 OUT="${1:?output folder}"; N="${2:-8}"; TIME="${3:-8m30s}"
 BIN="${BIN:-target/release}"
@@ -19,7 +20,7 @@ for k in $(seq 0 $((N - 1))); do
     how=(--resume "$(basename "$(dirname "$prev")")")
   else
     how=(--target 'p95<1s' --strategy grid --budget 243 --shard "$k/$N" --seed 1 --probe 2s
-      --probe-warmup 500ms --max-probes 6)
+      --probe-warmup 500ms --max-probes "${MAX_PROBES:-6}")
   fi
   taskset -c $((2 * k)),$((2 * k + 1)) "$BIN/tuner" search "${how[@]}" \
     --time "$TIME" --journal-dir $J --quiet >> $J/shard-$k.log 2>&1 &

@@ -31,7 +31,10 @@ for k in $(seq "$n"); do
   )
   cp "$dir/profiles/tuned.toml" "$out/run-$k.toml" 2>/dev/null
   cp "$dir/search.log" "$out/run-$k.log"
-  cp -r "$dir"/results/searches/* "$out/searches/" 2>/dev/null
+  # This run's journals only (the clone also holds the committed ones).
+  for j in "$dir"/results/searches/*; do
+    [ -e "$root/results/searches/$(basename "$j")" ] || cp -r "$j" "$out/searches/"
+  done
   grep -E 'sustainable rate|interval' "$dir/search.log" | sed "s/^/run $k: /"
   warm="$dir/target"
 done
@@ -67,7 +70,7 @@ while read -r k rate; do
 done < "$out/winners.txt"
 
 python3 - "$out" "$n" <<'PY'
-import glob, json, statistics as st, sys, tomllib
+import glob, json, os, statistics as st, sys, tomllib
 out, n = sys.argv[1], int(sys.argv[2])
 rev = open(f"{out}/revision").read().strip()
 times = {int(l.split()[0]): (int(l.split()[1]), int(l.split()[2])) for l in open(f"{out}/times.txt") if l.strip()}
@@ -84,7 +87,7 @@ for k in range(1, n + 1):
     rows.append(f"| {k} | {knobs} | {v['trials']} | {v['search_best_rps']:.1f} | **{v['sustainable_rps']:.1f}** ({lo:.1f}–{hi if isinstance(hi, str) else f'{hi:.1f}'}) | {s // 60} min {s % 60} s | {b} s |")
 med = st.median(rates) if rates else 0
 lines = [f"# Reproducibility of the main job (README command 1) on {len(rates)} fresh clones of {rev}\n",
-         f"`scripts/repro.sh {out.split('/batchtune/')[-1] if '/batchtune/' in out else out} {n}`: each clone built with `cargo build --release --workspace` (a target folder moved in from the previous clone: dependencies compiled once, the workspace rebuilt) and ran `target/release/tuner search --target 'p95<4s'`, one after another on this 2-core VM.\n",
+         f"`scripts/repro.sh {os.path.relpath(out)} {n}`: each clone built with `cargo build --release --workspace` (a target folder moved in from the previous clone: dependencies compiled once, the workspace rebuilt) and ran `target/release/tuner search --target 'p95<4s'`, one after another on this 2-core VM.\n",
          "| run | winner's knobs | trials | search best | confirmed (interval) | search time | build |", "|---:|---|---:|---:|---|---:|---:|"] + rows
 if rates:
     lines += ["", f"Confirmed rates: median {med:.1f} req/s, min {min(rates):.1f} ({100*(min(rates)/med-1):+.1f}%), max {max(rates):.1f} ({100*(max(rates)/med-1):+.1f}%)."]
