@@ -15,7 +15,9 @@
 //! [`Race`] is the decision logic alone (no I/O, tested without a server); the search drives it.
 
 use crate::journal::Trial;
-use crate::trial::{lattice_index, lattice_rate, tolerance_steps, verdict, Probe, Verdict};
+use crate::trial::{
+    lattice_index, lattice_rate, tolerance_steps, verdict, verdicts, Probe, Verdict,
+};
 
 /// The search's winner: the highest sustainable rate; among trials at the same lattice point
 /// (common, since every probe sits on the lattice), the one whose passing probes at that rate
@@ -70,12 +72,22 @@ pub struct RaceSettings {
 struct Runner {
     /// Index of its trial in the search's trials.
     trial: usize,
-    /// Race probes, each with its lattice point.
-    probes: Vec<(i64, Probe)>,
+    /// Race probes (each rate a lattice point).
+    probes: Vec<Probe>,
     /// Lowest lattice point its trial failed above its sustainable rate.
     trial_failed: Option<i64>,
     /// Out of the race (failed at a level another leader passed).
     out: bool,
+}
+
+impl Runner {
+    /// Its race probes at lattice point `level`.
+    fn at(&self, level: i64) -> Vec<&Probe> {
+        self.probes
+            .iter()
+            .filter(|p| lattice_index(p.rate) == level)
+            .collect()
+    }
 }
 
 /// What the race is doing.
@@ -189,12 +201,7 @@ impl Race {
     }
 
     fn verdict_of(&self, runner: usize, level: i64) -> Verdict {
-        let at: Vec<&Probe> = self.runners[runner]
-            .probes
-            .iter()
-            .filter(|(l, _)| *l == level)
-            .map(|(_, p)| p)
-            .collect();
+        let at = self.runners[runner].at(level);
         if at.is_empty() {
             return Verdict::Uncertain;
         }
@@ -233,10 +240,9 @@ impl Race {
                     }
                     let headroom = |i: usize| {
                         let ps: Vec<f64> = self.runners[i]
-                            .probes
+                            .at(self.level)
                             .iter()
-                            .filter(|(l, _)| *l == self.level)
-                            .filter_map(|(_, p)| p.margin)
+                            .filter_map(|p| p.margin)
                             .collect();
                         ps.iter().sum::<f64>() / ps.len().max(1) as f64
                     };
@@ -275,11 +281,10 @@ impl Race {
     /// Lowest lattice point above `level` where runner `w` failed (race or trial).
     fn failed_above(&self, w: usize, level: i64) -> Option<i64> {
         let r = &self.runners[w];
-        let mut levels: Vec<i64> = r.probes.iter().map(|(l, _)| *l).collect();
-        levels.dedup();
-        levels
+        verdicts(&r.probes, self.s.repeats, self.s.probe_secs)
             .into_iter()
-            .filter(|&l| l > level && self.verdict_of(w, l) == Verdict::Fail)
+            .filter(|&(l, v)| l > level && v == Verdict::Fail)
+            .map(|(l, _)| l)
             .chain(r.trial_failed.filter(|&l| l > level))
             .min()
     }
@@ -287,7 +292,7 @@ impl Race {
     /// Records the probe measured for `next`'s (trial, rate).
     pub fn record(&mut self, trial: usize, probe: Probe) {
         if let Some(r) = self.runners.iter_mut().find(|r| r.trial == trial) {
-            r.probes.push((lattice_index(probe.rate), probe));
+            r.probes.push(probe);
         }
     }
 
@@ -295,25 +300,14 @@ impl Race {
     pub fn outcome(&self) -> Outcome {
         let mut steps = Vec::new();
         for r in &self.runners {
-            let mut levels: Vec<i64> = Vec::new();
-            for (l, _) in &r.probes {
-                if !levels.contains(l) {
-                    levels.push(*l);
-                }
-            }
-            for l in levels {
-                let at: Vec<&Probe> = r
-                    .probes
-                    .iter()
-                    .filter(|(x, _)| *x == l)
-                    .map(|(_, p)| p)
-                    .collect();
+            for (l, v) in verdicts(&r.probes, 1, self.s.probe_secs) {
+                let at = r.at(l);
                 steps.push(Step {
                     trial: r.trial,
                     rate: lattice_rate(l),
                     probes: at.len(),
                     passed: at.iter().filter(|p| p.pass).count(),
-                    verdict: verdict(&at, 1, self.s.probe_secs),
+                    verdict: v,
                 });
             }
         }
@@ -325,12 +319,15 @@ impl Race {
             Some(l) => (l, true),
             None => (self.level, false),
         };
-        let probes = self.runners[w]
-            .probes
-            .iter()
-            .filter(|(l, _)| confirmed && *l == rate_level)
-            .map(|(_, p)| p.clone())
-            .collect();
+        let probes = if confirmed {
+            self.runners[w]
+                .at(rate_level)
+                .into_iter()
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         Outcome {
             trial: self.runners[w].trial,
             rate: lattice_rate(rate_level),

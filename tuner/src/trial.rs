@@ -530,7 +530,7 @@ pub fn start_from_estimate(estimate: f64) -> f64 {
 }
 
 /// Each probed lattice point's verdict from the probes there (in the order first probed).
-fn verdicts(probes: &[Probe], repeats: usize, probe_secs: f64) -> Vec<(i64, Verdict)> {
+pub(crate) fn verdicts(probes: &[Probe], repeats: usize, probe_secs: f64) -> Vec<(i64, Verdict)> {
     let mut order: Vec<i64> = Vec::new();
     for p in probes {
         let i = lattice_index(p.rate);
