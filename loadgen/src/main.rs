@@ -66,7 +66,8 @@ struct Cli {
     #[arg(long, env = "LOADGEN_MEDIAN_WORDS", default_value_t = 24.0)]
     median_words: f64,
     /// Generation workloads: `max_tokens` per request, drawn from N, fixed:N, uniform:A:B or
-    /// lognormal:MEDIAN:SIGMA.
+    /// lognormal:MEDIAN:SIGMA[:MAX] (long-tailed, as chat outputs are; MAX caps the draws at the
+    /// server's `max_new_tokens`, which refuses a larger `max_tokens` with a 400).
     #[arg(long, env = "LOADGEN_OUTPUT_TOKENS", default_value = "64")]
     output_tokens: String,
     /// Generation workloads: ask the server to ignore EOS so every request generates exactly

@@ -45,20 +45,21 @@ pub struct TextOptions {
     pub seed: u64,
 }
 
-/// A length distribution: `fixed:N`, `uniform:A:B` (inclusive), `lognormal:MEDIAN:SIGMA`
-/// (clamped to 1..=32768).
+/// A length distribution: `fixed:N`, `uniform:A:B` (inclusive), `lognormal:MEDIAN:SIGMA[:MAX]`
+/// (clamped to 1..=MAX, MAX 32768 when not given: a server refuses `max_tokens` over its own
+/// limit, so a long-tailed workload names the limit it is drawn under).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lengths {
     /// Always N.
     Fixed(usize),
     /// Uniform over A..=B.
     Uniform(usize, usize),
-    /// Log-normal around a median with σ of ln(length).
-    LogNormal(f64, f64),
+    /// Log-normal around a median with σ of ln(length), clamped to at most the third value.
+    LogNormal(f64, f64, usize),
 }
 
 impl Lengths {
-    /// Parses `64`, `fixed:64`, `uniform:16:256`, `lognormal:128:0.5`.
+    /// Parses `64`, `fixed:64`, `uniform:16:256`, `lognormal:128:0.5`, `lognormal:32:1:128`.
     pub fn parse(s: &str) -> Result<Lengths, String> {
         let parts: Vec<&str> = s.trim().split(':').collect();
         let int = |t: &str| {
@@ -77,16 +78,20 @@ impl Lengths {
                 }
                 Ok(Lengths::Uniform(a, b))
             }
-            ["lognormal", m, sd] => {
+            ["lognormal", m, sd] | ["lognormal", m, sd, _] => {
                 let m: f64 = m.trim().parse().map_err(|_| format!("`{m}` in `{s}` is not a number"))?;
                 let sd: f64 = sd.trim().parse().map_err(|_| format!("`{sd}` in `{s}` is not a number"))?;
                 if !(m >= 1.0 && sd >= 0.0 && sd.is_finite()) {
                     return Err(format!("`{s}`: the median must be ≥ 1 and σ ≥ 0"));
                 }
-                Ok(Lengths::LogNormal(m, sd))
+                let max = match parts.get(3) {
+                    Some(t) => int(t)?,
+                    None => 32_768,
+                };
+                Ok(Lengths::LogNormal(m, sd, max))
             }
             _ => Err(format!(
-                "`{s}` is not a length distribution; write N, fixed:N, uniform:A:B or lognormal:MEDIAN:SIGMA"
+                "`{s}` is not a length distribution; write N, fixed:N, uniform:A:B or lognormal:MEDIAN:SIGMA[:MAX]"
             )),
         }
     }
@@ -96,9 +101,9 @@ impl Lengths {
         match *self {
             Lengths::Fixed(n) => n,
             Lengths::Uniform(a, b) => rng.random_range(a..=b),
-            Lengths::LogNormal(m, sd) => {
+            Lengths::LogNormal(m, sd, max) => {
                 let d = LogNormal::new(m.ln(), sd).expect("validated parameters");
-                (d.sample(rng).round() as usize).clamp(1, 32_768)
+                (d.sample(rng).round() as usize).clamp(1, max)
             }
         }
     }
@@ -477,6 +482,30 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn length_distributions_parse_and_a_lognormal_cap_holds() {
+        assert_eq!(Lengths::parse("64"), Ok(Lengths::Fixed(64)));
+        assert_eq!(
+            Lengths::parse("uniform:16:128"),
+            Ok(Lengths::Uniform(16, 128))
+        );
+        assert_eq!(
+            Lengths::parse("lognormal:32:1"),
+            Ok(Lengths::LogNormal(32.0, 1.0, 32_768))
+        );
+        let capped = Lengths::parse("lognormal:32:1.5:128").unwrap();
+        assert_eq!(capped, Lengths::LogNormal(32.0, 1.5, 128));
+        let mut rng = StdRng::seed_from_u64(7);
+        let draws: Vec<usize> = (0..2000).map(|_| capped.sample(&mut rng)).collect();
+        assert!(draws.iter().all(|&n| (1..=128).contains(&n)));
+        // σ = 1.5 puts ~25% of draws above 4× the median: the cap is reached, not idle.
+        assert!(draws.iter().filter(|&&n| n == 128).count() > 100);
+        let err = Lengths::parse("lognormal:32:1:0").unwrap_err();
+        assert!(err.contains("between 1 and 32768"), "{err}");
+        assert!(Lengths::parse("lognormal:32").is_err());
+    }
 
     #[test]
     fn texts_are_deterministic_with_a_median_near_the_option() {

@@ -164,6 +164,10 @@ pub struct DecodePoint {
     pub tokens_per_s: f64,
     /// Median time of one step, seconds.
     pub median_step_s: f64,
+    /// Fresh prompts prefilled in every timed step beside the decodes (0: decode only).
+    pub prefill_chunks: usize,
+    /// Tokens per such prompt.
+    pub prefill_tokens: usize,
 }
 
 /// What [`raw_decode`] measures.
@@ -178,6 +182,10 @@ pub struct DecodeOptions {
     /// Sampling temperature of every sequence: 0 is greedy; above 0 samples on the device
     /// as the engine does for plain temperature requests, so the difference is sampling's cost.
     pub temperature: f32,
+    /// `(chunks, tokens)`: every timed step also prefills this many fresh prompts of this
+    /// length, as a served step admits newcomers, so a mixed step's cost can be compared with
+    /// a pure decode step's. Their first tokens are not counted in `tokens_per_s`.
+    pub prefill: Option<(usize, usize)>,
 }
 
 /// Times decode steps of `b` sequences at once, each with `context_tokens` already cached, for
@@ -197,6 +205,12 @@ pub fn raw_decode(
         model: spec.into(),
         reason: e.to_string(),
     };
+    if device != "cpu" {
+        // The KV write is the project's own GPU kernel: check it where it runs, before timing.
+        let d = model::resolve_devices(&[device.to_string()])?.remove(0);
+        crate::model::kv_write::self_check(&d, model::candle_dtype(dtype)).map_err(err)?;
+        eprintln!("kv-write self-check on {device}: equal to scatter_set");
+    }
     let vocab = model.config().vocab_size as u32;
     let mut out = Vec::new();
     for &b in &o.sizes {
@@ -234,12 +248,33 @@ pub fn raw_decode(
                 times.clear();
             }
             let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-            let mut chunks = Chunk::decodes(&tokens, &mut caches);
+            // Newcomers first, as the engine lays out a step; their caches are dropped after.
+            let (np, lp) = o.prefill.unwrap_or((0, 0));
+            let prompt: Vec<u32> = (0..lp as u32)
+                .map(|j| 16 + (step as u32 * 31 + j * 104_729) % (vocab - 16))
+                .collect();
+            let mut fresh = (0..np)
+                .map(|_| model.new_cache(lp + 1))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            let mut chunks: Vec<Chunk<'_>> = fresh
+                .iter_mut()
+                .map(|cache| Chunk {
+                    tokens: &prompt,
+                    cache,
+                    logits: true,
+                })
+                .collect();
+            chunks.extend(Chunk::decodes(&tokens, &mut caches));
+            let rows = vec![placement[0]; np + b];
             // Timed as the engine runs a step: forward, then the ids drawn on the device.
             let t = Instant::now();
             let logits = model.forward(&mut chunks).map_err(err)?;
-            last = sample_on_device(&logits.expect("asked for logits"), &placement).map_err(err)?;
+            let ids = sample_on_device(&logits.expect("asked for logits"), &rows).map_err(err)?;
             times.push(t.elapsed().as_secs_f64());
+            drop(chunks);
+            drop(fresh);
+            last = ids[np..].to_vec();
         }
         let total: f64 = times.iter().sum();
         times.sort_by(f64::total_cmp);
@@ -249,6 +284,8 @@ pub fn raw_decode(
             steps: times.len(),
             tokens_per_s: (b * times.len()) as f64 / total,
             median_step_s: times[times.len() / 2],
+            prefill_chunks: o.prefill.map_or(0, |p| p.0),
+            prefill_tokens: o.prefill.map_or(0, |p| p.1),
         });
     }
     Ok(out)

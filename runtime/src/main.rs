@@ -66,6 +66,13 @@ enum Cmd {
         /// the device as the server does, so the difference is sampling's cost).
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
+        /// Generation: also prefill this many fresh prompts in every timed step, as a served
+        /// step admits newcomers beside its decodes (the raw cost of a mixed step).
+        #[arg(long, default_value_t = 0)]
+        prefill_chunks: usize,
+        /// Generation: tokens per prompt of `--prefill-chunks`.
+        #[arg(long, default_value_t = 46)]
+        prefill_tokens: usize,
         /// Also write the texts used, one per line (so another stack can embed the same inputs).
         #[arg(long)]
         dump_texts: Option<PathBuf>,
@@ -167,6 +174,8 @@ fn main() -> ExitCode {
             context_tokens,
             steps,
             temperature,
+            prefill_chunks,
+            prefill_tokens,
         } => {
             let mut p = Profile::default();
             if let Err(e) = p.set_knob("dtype", &dtype) {
@@ -179,6 +188,7 @@ fn main() -> ExitCode {
                     context_tokens,
                     steps,
                     temperature,
+                    prefill: (prefill_chunks > 0).then_some((prefill_chunks, prefill_tokens)),
                 };
                 return print_points(runtime::bench::raw_decode(&model, &device, p.dtype, &o));
             }

@@ -3,6 +3,7 @@
 # tool; binaries in .gpu/bin as scripts/gpu/common.sh expects). Phases, in one call or several:
 #   raw     the engine's raw batched-decode ceiling (runtime bench, bf16, both synthetic shapes)
 #           and HF transformers `generate` with whole-request batches on the Qwen2.5 shape
+#   mixed   the raw decode step with and without fresh prompts prefilled in it (MIXED_PREFILLS)
 #   sample  the raw decode step greedy (temperature 0) and sampled on the device (temperature 1)
 #   served  loadgen closed loops against the runtime at one batch cap (served ÷ raw); with
 #           RUNTIMES="name:binary …" each binary in turn (an A/B of two builds in one call)
@@ -28,6 +29,15 @@ if has raw; then
     --new-tokens 64 > "$OUT/hf.jsonl" 2>> "$OUT/log.txt"
   cat "$OUT/hf.jsonl"; }
 fi
+if has mixed; then
+  # A served step also prefills newcomers: the raw cost of decode steps that carry P fresh
+  # prompts of 46 tokens (a closed loop of 256 clients with 64-token outputs brings ~4 a step).
+  for p in ${MIXED_PREFILLS:-0 4}; do
+    timeout 120 $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 64,256 \
+      --steps 32 --context-tokens 110 --prefill-chunks $p > "$OUT/mixed-p$p.jsonl" 2>> "$OUT/log.txt"
+    echo "== raw qwen2.5-0.5b, $p prompts prefilled per step"; cat "$OUT/mixed-p$p.jsonl"
+  done
+fi
 if has sample; then
   for t in 0 1; do
     timeout 120 $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 1,64,256 \
@@ -41,7 +51,9 @@ gen_profile() { # src dst
   sed -n '/^\[provenance\]/q;p' "$1" | grep -v -E '^(model|devices|dtype|rate_limit|kv_cache_tokens|request_timeout|queue_timeout) *=' > "$2"
   printf 'model = "synthetic:qwen2.5-0.5b"\ndevices = ["cuda:0"]\ndtype = "bf16"\nrate_limit = 0.0\nkv_cache_tokens = 262144\nrequest_timeout = "120s"\nqueue_timeout = "120s"\n' >> "$2"
 }
-WORK="--output-tokens uniform:16:128"
+# Output lengths of the open-loop phases (hf, tune, compare); OUTPUT=lognormal:32:1:128 gives a
+# long-tailed mix capped at the seeds' MAX_NEW_TOKENS.
+WORK="--output-tokens ${OUTPUT:-uniform:16:128}"
 mkdir -p "$OUT/p"
 if has served; then
   gen_profile profiles/llm-default.toml "$OUT/p/served.toml"
@@ -110,9 +122,9 @@ if has compare; then
   # The tuned profile as written (its KV budget and rate limit are part of what was tuned).
   TUNED=${TUNED:-$OUT/h200-llm.toml}; [ -f "$TUNED" ] && list="$list,$TUNED"
   timeout ${COMPARE_LIMIT:-330} $B/tuner compare --profiles "$list" --workload completions $WORK --target 'p95<4s' \
-    --rates ${RATES:-8,16,32,48,64,96,128} --duration 10s --warmup 3s --name generate-h200-compare \
+    --rates ${RATES:-8,16,32,48,64,96,128} --duration 10s --warmup 3s --name generate-h200-compare${COMPARE_SUFFIX:-} \
     --results-dir "$OUT" 2>&1 | tail -30
-  cat "$OUT/generate-h200-compare/table.md"
+  cat "$OUT/generate-h200-compare${COMPARE_SUFFIX:-}/table.md"
 fi
 tail -5 "$OUT/log.txt" 2>/dev/null
 tar czf /tmp/all.tgz -C "$OUT" . && mv /tmp/all.tgz "$OUT/all.tgz"

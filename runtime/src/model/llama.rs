@@ -21,7 +21,7 @@
 //!
 //! KV memory: a pool per replica, per layer a K and a V tensor `[kv_heads, rows, head_dim]`,
 //! handed out in blocks of [`KV_BLOCK`] positions (vLLM's paged layout without its kernels:
-//! candle's `index_select` gathers a step's rows, `scatter_set` writes the new ones). A sequence
+//! candle's `index_select` gathers a step's rows, `kv_write.rs` writes the new ones). A sequence
 //! reserves prompt + `max_tokens` positions when it starts, rounded up to whole blocks, and gives
 //! them back when its [`SeqCache`] is dropped: `2 × layers × kv_heads × head_dim × dtype size`
 //! bytes per position (SmolLM2-135M in f32: 46,080 bytes, 45 KiB; Qwen2.5-0.5B in bf16: 12,288
@@ -30,6 +30,7 @@
 //! (doubling, one copy) when a reservation does not fit and never shrinks: its size is the
 //! high-water mark of what the scheduler's `kv_cache_tokens` budget let run at once.
 
+use super::kv_write::write_rows;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
@@ -255,6 +256,11 @@ pub struct Llama {
     device: Device,
     dtype: DType,
     pool: Arc<Mutex<KvPool>>,
+    /// A prompt chunk whose query × key cells are at most this attends as one-query lanes
+    /// beside the decodes ([`Lane`]): on a GPU, where a step's cost is its launches, this saves
+    /// a second chain of attention kernels per layer; 0 on a CPU, where every gathered row is
+    /// copied and the padded chunk group is cheaper.
+    flat_cells: usize,
 }
 
 /// The replica's KV memory: per layer `[kv_heads, blocks × KV_BLOCK, head_dim]` for K and V,
@@ -357,14 +363,34 @@ struct AttnGroup {
     pad: Option<(Tensor, Tensor)>,
 }
 
+/// A run of one chunk's queries that attends as a unit: queries `q0 .. q0 + n` of chunk
+/// `chunk`, seeing the chunk's cache up to each query's own position. A chunk is one lane
+/// (`q0 = 0`, all its tokens), or, when small, one lane per token, so that a short prompt's
+/// queries join the decodes' width-1 group instead of forming a padded group of their own:
+/// the attention is the same arithmetic (each query sees the same keys, the rest masked to
+/// −∞), gathered once per query instead of once per chunk.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    chunk: usize,
+    q0: usize,
+    n: usize,
+}
+
 /// Splits a step's chunks, given as `(new tokens, cached positions)`, into attention groups:
 /// returns chunk indices per group, in the order their rows are laid out. Chunks are taken
 /// longest first and a chunk joins the open group when that adds no more padded cells than
-/// twice its own work (or no more than `free`): batching saves a chain of launches per group,
-/// padding costs compute and memory, and a short prompt beside a long one would otherwise cost
-/// as much as the long one. `free` is the padding (query × key cells) that costs less than a
-/// group's launches: large on a GPU, where a launch costs microseconds whatever its size,
-/// small on a CPU, where every padded cell is computed.
+/// twice its own work (or no more than `free`) and the group's padding stays within its real
+/// work (or within `free`): batching saves a chain of launches per group, padding costs
+/// compute and memory, and a short prompt beside a long one would otherwise cost as much as
+/// the long one. `free` is the padding (query × key cells) that costs less than a group's
+/// launches: large on a GPU, where a launch costs microseconds whatever its size, small on a
+/// CPU, where every padded cell is computed.
+///
+/// The bound on the group's total padding matters on a GPU: each one-token decode adds only
+/// a prefill's width × span cells, under `free` every time, so with a per-join test alone all
+/// 250 decodes of a served step joined 4 prompts' group of width 46, padding it to 1.3 M mask
+/// cells that the host builds and copies every step (seen as served steps 10 ms slower than
+/// the raw decode step, `results/generate-h200/`).
 pub(crate) fn group_chunks(shapes: &[(usize, usize)], free: usize) -> Vec<Vec<usize>> {
     let mut idx: Vec<usize> = (0..shapes.len()).collect();
     idx.sort_by_key(|&i| {
@@ -372,21 +398,24 @@ pub(crate) fn group_chunks(shapes: &[(usize, usize)], free: usize) -> Vec<Vec<us
         (std::cmp::Reverse(n), std::cmp::Reverse(start + n))
     });
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    let (mut width, mut span) = (0, 0);
+    // The open group's widest chunk, longest span and real (unpadded) cells.
+    let (mut width, mut span, mut real) = (0, 0, 0);
     for i in idx {
         let (n, start) = shapes[i];
         let cells = n * (start + n);
         if let Some(g) = groups.last_mut() {
             let (w, s) = (width.max(n), span.max(start + n));
-            let added = (g.len() + 1) * w * s - g.len() * width * span;
-            if added <= (2 * cells).max(free) {
+            let padded = (g.len() + 1) * w * s;
+            let added = padded - g.len() * width * span;
+            let padding = padded - (real + cells);
+            if added <= (2 * cells).max(free) && padding <= (real + cells).max(free) {
                 g.push(i);
-                (width, span) = (w, s);
+                (width, span, real) = (w, s, real + cells);
                 continue;
             }
         }
         groups.push(vec![i]);
-        (width, span) = (n, start + n);
+        (width, span, real) = (n, start + n, cells);
     }
     groups
 }
@@ -454,6 +483,7 @@ impl Llama {
                 blocks: 0,
                 free: BTreeSet::new(),
             })),
+            flat_cells: if device.is_cpu() { 0 } else { 1 << 16 },
             device,
             dtype,
         })
@@ -545,19 +575,23 @@ impl Llama {
                 candle_core::bail!("a chunk with no tokens");
             }
         }
+        let mut lanes = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let n = c.tokens.len();
+            if n > 1 && n * (c.cache.len + n) <= self.flat_cells {
+                lanes.extend((0..n).map(|q0| Lane { chunk: i, q0, n: 1 }));
+            } else {
+                lanes.push(Lane { chunk: i, q0: 0, n });
+            }
+        }
         // Rows are laid out group by group, so each group's tokens are one narrow away.
-        let shapes: Vec<(usize, usize)> = chunks
+        let shapes: Vec<(usize, usize)> = lanes
             .iter()
-            .map(|c| (c.tokens.len(), c.cache.len))
+            .map(|l| (l.n, chunks[l.chunk].cache.len + l.q0))
             .collect();
         let free = if self.on_gpu() { 1 << 16 } else { 1 << 10 };
         let groups = group_chunks(&shapes, free);
-        let order: Vec<usize> = groups.iter().flatten().copied().collect();
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut writes = Vec::new();
-        for &i in &order {
-            let c = &chunks[i];
+        for c in chunks.iter() {
             if !Arc::ptr_eq(&c.cache.pool, &self.pool) {
                 candle_core::bail!("a sequence's cache belongs to another replica");
             }
@@ -575,28 +609,43 @@ impl Llama {
                     self.cfg.max_position_embeddings
                 );
             }
-            ids.extend_from_slice(c.tokens);
-            positions.extend((start..end).map(|p| p as u32));
-            writes.extend((start..end).map(|p| c.cache.row(p)));
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut writes = Vec::new();
+        // Row of each chunk's last token in the step's (reordered) matrix.
+        let mut last_row = vec![0usize; chunks.len()];
+        for &li in groups.iter().flatten() {
+            let Lane { chunk, q0, n } = lanes[li];
+            let c = &chunks[chunk];
+            let start = c.cache.len + q0;
+            ids.extend_from_slice(&c.tokens[q0..q0 + n]);
+            positions.extend((start..start + n).map(|p| p as u32));
+            writes.extend((start..start + n).map(|p| c.cache.row(p)));
+            if q0 + n == c.tokens.len() {
+                last_row[chunk] = ids.len() - 1;
+            }
         }
         let t = ids.len();
         let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
         let mut offset = 0;
         let mut attn = Vec::with_capacity(groups.len());
         for g in &groups {
-            let group = self.attn_group(chunks, g, offset)?;
+            let group = self.attn_group(chunks, &lanes, g, offset)?;
             offset += group.tokens;
             attn.push(group);
         }
-        // scatter_set wants an index per element of the source `[kv_heads, t, head_dim]`.
-        let writes = Tensor::from_vec(writes, (1, t, 1), &self.device)?
-            .broadcast_as((kvh, t, hd))?
-            .contiguous()?;
+        let pool = lock(&self.pool);
+        // The GPU kernel trusts its rows (an out-of-range one would write outside the pool).
+        let pool_rows = pool.blocks * KV_BLOCK;
+        if let Some(&r) = writes.iter().find(|&&r| r as usize >= pool_rows) {
+            candle_core::bail!("KV row {r} is outside the pool's {pool_rows}");
+        }
+        let writes = Tensor::from_vec(writes, t, &self.device)?;
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        let pool = lock(&self.pool);
         let mut x = self.embed.forward(&ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
@@ -613,8 +662,8 @@ impl Llama {
                 .reshape((t, kvh, hd))?
                 .transpose(0, 1)?
                 .contiguous()?;
-            pool.k[l].scatter_set(&writes, &k, 1)?;
-            pool.v[l].scatter_set(&writes, &v, 1)?;
+            write_rows(&pool.k[l], &k, &writes)?;
+            write_rows(&pool.v[l], &v, &writes)?;
             let mut outs = Vec::with_capacity(attn.len());
             for g in &attn {
                 outs.push(self.attend(&q, &pool.k[l], &pool.v[l], g)?);
@@ -631,13 +680,6 @@ impl Llama {
             x = (x + mlp)?;
         }
         drop(pool);
-        // Row of each chunk's last token in the step's (reordered) matrix.
-        let mut last_row = vec![0usize; chunks.len()];
-        let mut off = 0;
-        for &i in &order {
-            off += chunks[i].tokens.len();
-            last_row[i] = off - 1;
-        }
         let mut rows = Vec::new();
         for (i, c) in chunks.iter_mut().enumerate() {
             c.cache.len += c.tokens.len();
@@ -659,10 +701,12 @@ impl Llama {
     fn attn_group(
         &self,
         chunks: &[Chunk<'_>],
+        lanes: &[Lane],
         which: &[usize],
         offset: usize,
     ) -> candle_core::Result<AttnGroup> {
-        let shape = |i: usize| (chunks[i].tokens.len(), chunks[i].cache.len);
+        // A lane attends like a chunk of `n` tokens whose cache already holds `len + q0`.
+        let shape = |i: usize| (lanes[i].n, chunks[lanes[i].chunk].cache.len + lanes[i].q0);
         let width = which.iter().map(|&i| shape(i).0).max().unwrap_or(1);
         let span = which
             .iter()
@@ -676,7 +720,7 @@ impl Llama {
         let mut row = offset;
         for (b, &i) in which.iter().enumerate() {
             let (n, start) = shape(i);
-            let c = &chunks[i].cache;
+            let c = &chunks[lanes[i].chunk].cache;
             rows.extend((0..span).map(|p| c.row(if p < start + n { p } else { 0 })));
             for j in 0..width {
                 // Query j sees positions 0 ..= start + j; a padded query (j ≥ n) sees only
@@ -864,7 +908,18 @@ mod tests {
 
     #[test]
     fn a_sequence_decodes_the_same_alone_and_among_others() {
-        let m = tiny();
+        // Prompt chunks attending as their own group (the CPU's way) and as one-query lanes
+        // beside the decodes (the GPU's way) must both give what the sequence gives alone.
+        for flat_cells in [0, 1 << 16] {
+            let mut m = tiny();
+            m.flat_cells = flat_cells;
+            decodes_the_same_among_others(&tiny(), &m);
+        }
+    }
+
+    /// Runs 4 sequences joining one per step on `m`, prompts in chunks of 5, and checks each
+    /// one's greedy tokens against the same sequence run alone on `reference`.
+    fn decodes_the_same_among_others(reference: &Llama, m: &Llama) {
         let prompts: Vec<Vec<u32>> = vec![
             (100..117).collect(),
             vec![7, 8, 9],
@@ -872,7 +927,7 @@ mod tests {
             vec![42],
         ];
         let n = 12;
-        let expect: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, n)).collect();
+        let expect: Vec<Vec<u32>> = prompts.iter().map(|p| alone(reference, p, n)).collect();
         // Together: sequence i joins at step i, prompts prefilled in chunks of 5 tokens, all
         // running sequences advanced in one step.
         let mut caches: Vec<SeqCache> = prompts
@@ -943,6 +998,31 @@ mod tests {
         // With free padding (a GPU) small decodes join a small prefill's group.
         assert_eq!(group_chunks(&[(8, 0), (1, 20), (1, 30)], 1 << 16).len(), 1);
         assert_eq!(group_chunks(&[(8, 0), (1, 20), (1, 30)], 0).len(), 2);
+        // A served GPU step: 4 prompts of 46 tokens and 252 decodes at 46..110 cached
+        // positions. Decodes may fill the prompts' group only up to `free` padded cells; the
+        // rest form their own width-1 group instead of padding it to 1.3 M cells.
+        let free = 1 << 16;
+        let step: Vec<(usize, usize)> = (0..4)
+            .map(|_| (46, 0))
+            .chain((0..252).map(|i| (1, 46 + i % 64)))
+            .collect();
+        let g = group_chunks(&step, free);
+        assert_eq!(
+            g.len(),
+            2,
+            "{:?}",
+            g.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        for group in &g {
+            let width = group.iter().map(|&i| step[i].0).max().unwrap();
+            let span = group.iter().map(|&i| step[i].0 + step[i].1).max().unwrap();
+            let real: usize = group
+                .iter()
+                .map(|&i| step[i].0 * (step[i].0 + step[i].1))
+                .sum();
+            assert!(group.len() * width * span - real <= real.max(free));
+        }
+        assert!(g[1].len() > 200 && g[1].iter().all(|&i| step[i].0 == 1));
     }
 
     #[test]

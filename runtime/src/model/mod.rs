@@ -8,6 +8,7 @@
 pub mod bert;
 pub mod chat;
 pub mod gguf;
+pub mod kv_write;
 pub mod llama;
 pub mod lm;
 pub mod lm_tokenizer;
