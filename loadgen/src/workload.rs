@@ -78,16 +78,13 @@ impl Lengths {
                 }
                 Ok(Lengths::Uniform(a, b))
             }
-            ["lognormal", m, sd] | ["lognormal", m, sd, _] => {
+            ["lognormal", m, sd, max @ ..] if max.len() <= 1 => {
                 let m: f64 = m.trim().parse().map_err(|_| format!("`{m}` in `{s}` is not a number"))?;
                 let sd: f64 = sd.trim().parse().map_err(|_| format!("`{sd}` in `{s}` is not a number"))?;
                 if !(m >= 1.0 && sd >= 0.0 && sd.is_finite()) {
                     return Err(format!("`{s}`: the median must be ≥ 1 and σ ≥ 0"));
                 }
-                let max = match parts.get(3) {
-                    Some(t) => int(t)?,
-                    None => 32_768,
-                };
+                let max = max.first().map_or(Ok(32_768), |t| int(t))?;
                 Ok(Lengths::LogNormal(m, sd, max))
             }
             _ => Err(format!(

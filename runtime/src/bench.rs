@@ -205,10 +205,11 @@ pub fn raw_decode(
         model: spec.into(),
         reason: e.to_string(),
     };
-    if device != "cpu" {
-        // The KV write is the project's own GPU kernel: check it where it runs, before timing.
-        let d = model::resolve_devices(&[device.to_string()])?.remove(0);
-        crate::model::kv_write::self_check(&d, model::candle_dtype(dtype)).map_err(err)?;
+    if model.on_gpu() {
+        // The KV write is the project's own GPU kernel: check it where it runs (the replica's
+        // own device and dtype), before timing.
+        crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
+            .map_err(err)?;
         eprintln!("kv-write self-check on {device}: equal to scatter_set");
     }
     let vocab = model.config().vocab_size as u32;
@@ -232,6 +233,9 @@ pub fn raw_decode(
                 .map_err(err)?;
             last.push(argmax(l[0].as_ref().expect("asked for logits")));
         }
+        // Newcomers (fresh caches each step, freed after it) come first, as the engine lays
+        // out a step.
+        let (np, lp) = o.prefill.unwrap_or((0, 0));
         let placement = vec![
             if o.temperature > 0.0 {
                 Placement::Device {
@@ -240,7 +244,7 @@ pub fn raw_decode(
             } else {
                 Placement::Greedy
             };
-            b
+            np + b
         ];
         let mut times = Vec::new();
         for step in 0..o.steps + 2 {
@@ -248,8 +252,6 @@ pub fn raw_decode(
                 times.clear();
             }
             let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-            // Newcomers first, as the engine lays out a step; their caches are dropped after.
-            let (np, lp) = o.prefill.unwrap_or((0, 0));
             let prompt: Vec<u32> = (0..lp as u32)
                 .map(|j| 16 + (step as u32 * 31 + j * 104_729) % (vocab - 16))
                 .collect();
@@ -266,14 +268,12 @@ pub fn raw_decode(
                 })
                 .collect();
             chunks.extend(Chunk::decodes(&tokens, &mut caches));
-            let rows = vec![placement[0]; np + b];
             // Timed as the engine runs a step: forward, then the ids drawn on the device.
             let t = Instant::now();
             let logits = model.forward(&mut chunks).map_err(err)?;
-            let ids = sample_on_device(&logits.expect("asked for logits"), &rows).map_err(err)?;
+            let ids =
+                sample_on_device(&logits.expect("asked for logits"), &placement).map_err(err)?;
             times.push(t.elapsed().as_secs_f64());
-            drop(chunks);
-            drop(fresh);
             last = ids[np..].to_vec();
         }
         let total: f64 = times.iter().sum();
@@ -284,8 +284,8 @@ pub fn raw_decode(
             steps: times.len(),
             tokens_per_s: (b * times.len()) as f64 / total,
             median_step_s: times[times.len() / 2],
-            prefill_chunks: o.prefill.map_or(0, |p| p.0),
-            prefill_tokens: o.prefill.map_or(0, |p| p.1),
+            prefill_chunks: np,
+            prefill_tokens: lp,
         });
     }
     Ok(out)

@@ -16,7 +16,7 @@
 
 use crate::journal::Trial;
 use crate::trial::{
-    lattice_index, lattice_rate, tolerance_steps, verdict, verdicts, Probe, Verdict,
+    decided, lattice_index, lattice_rate, tolerance_steps, verdict, verdicts, Probe, Verdict,
 };
 
 /// The search's winner: the highest sustainable rate; among trials at the same lattice point
@@ -200,12 +200,13 @@ impl Race {
         self.runners.iter().map(|r| r.trial).collect()
     }
 
+    /// Runner `runner`'s pooled verdict at `level` (uncertain while it has no probe there).
     fn verdict_of(&self, runner: usize, level: i64) -> Verdict {
-        let at = self.runners[runner].at(level);
-        if at.is_empty() {
-            return Verdict::Uncertain;
-        }
-        verdict(&at, self.s.repeats, self.s.probe_secs)
+        verdict(
+            &self.runners[runner].at(level),
+            self.s.repeats,
+            self.s.probe_secs,
+        )
     }
 
     /// The next measurement: (trial index, rate), or `None` when the race is over.
@@ -231,11 +232,9 @@ impl Race {
                         .collect();
                     if passers.is_empty() {
                         if self.top - self.level >= self.s.max_down {
-                            self.level -= 1;
                             self.phase = Phase::Done;
-                        } else {
-                            self.level -= 1;
                         }
+                        self.level -= 1;
                         continue;
                     }
                     let headroom = |i: usize| {
@@ -300,7 +299,7 @@ impl Race {
     pub fn outcome(&self) -> Outcome {
         let mut steps = Vec::new();
         for r in &self.runners {
-            for (l, v) in verdicts(&r.probes, 1, self.s.probe_secs) {
+            for (l, v) in decided(&r.probes) {
                 let at = r.at(l);
                 steps.push(Step {
                     trial: r.trial,

@@ -8,8 +8,8 @@ use crate::server::{Server, Target as Runtime};
 use crate::space::{key, Knobs, Space};
 use crate::strategy::{self, Evaluator, Strategy};
 use crate::trial::{
-    effective_targets, next_rate, result_of, start_from_estimate, ProbeSettings, RateResult,
-    RateSearch,
+    effective_targets, next_rate, result_of, settle, start_from_estimate, ProbeSettings,
+    RateResult, RateSearch,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use loadgen::slo::{format_secs, Target};
@@ -204,14 +204,8 @@ impl Live<'_> {
                 b.set_message(format!("probing {rate:.1}/s"));
             }
             self.seed += 1;
-            // Warm up at least as long as the least-loaded probe's p99 so far: about the
-            // server's own latency, not an overloaded probe's backlog.
-            let settle = probes
-                .iter()
-                .map(|p: &crate::trial::Probe| p.p99)
-                .min_by(f64::total_cmp);
             let (probe, _) = rt
-                .block_on(search.probe(rate, self.seed, settle))
+                .block_on(search.probe(rate, self.seed, settle(&probes)))
                 .map_err(|e| SearchError::Config(e.to_string()))?;
             rt.block_on(server.wait_idle(Duration::from_secs(60)));
             if self.cancel.load(Ordering::Relaxed) {
@@ -581,10 +575,9 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
             max_in_flight: server.client_concurrency(&t.knobs),
         };
         // The trial's own probes say how long its latencies are: warm up at least that long.
-        let settle = t.result.probes.iter().map(|p| p.p99).min_by(f64::total_cmp);
         seed += 1;
         let (p, _) = rt
-            .block_on(rs.probe(rate, seed, settle))
+            .block_on(rs.probe(rate, seed, settle(&t.result.probes)))
             .map_err(|e| SearchError::Config(e.to_string()))?;
         rt.block_on(server.wait_idle(Duration::from_secs(60)));
         if cancel.load(Ordering::Relaxed) {

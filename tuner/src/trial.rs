@@ -529,8 +529,8 @@ pub fn start_from_estimate(estimate: f64) -> f64 {
     lattice_rate(lattice_index(estimate * 0.5).div_euclid(LATTICE as i64) * LATTICE as i64)
 }
 
-/// Each probed lattice point's verdict from the probes there (in the order first probed).
-pub(crate) fn verdicts(probes: &[Probe], repeats: usize, probe_secs: f64) -> Vec<(i64, Verdict)> {
+/// The lattice points probed, in the order first probed.
+fn points(probes: &[Probe]) -> Vec<i64> {
     let mut order: Vec<i64> = Vec::new();
     for p in probes {
         let i = lattice_index(p.rate);
@@ -539,6 +539,17 @@ pub(crate) fn verdicts(probes: &[Probe], repeats: usize, probe_secs: f64) -> Vec
         }
     }
     order
+}
+
+/// The p99 of the least-loaded probe so far on a configuration (seconds): about the server's
+/// own latency, not an overloaded probe's backlog, so the next probe warms up at least that long.
+pub fn settle(probes: &[Probe]) -> Option<f64> {
+    probes.iter().map(|p| p.p99).min_by(f64::total_cmp)
+}
+
+/// Each probed lattice point's verdict from the probes there (in the order first probed).
+pub(crate) fn verdicts(probes: &[Probe], repeats: usize, probe_secs: f64) -> Vec<(i64, Verdict)> {
+    points(probes)
         .into_iter()
         .map(|i| {
             let at: Vec<&Probe> = probes
@@ -548,6 +559,13 @@ pub(crate) fn verdicts(probes: &[Probe], repeats: usize, probe_secs: f64) -> Vec
             (i, verdict(&at, repeats, probe_secs))
         })
         .collect()
+}
+
+/// Each probed lattice point's final verdict, whatever the evidence there: with one probe
+/// allowed nothing is uncertain, and the probe length (which only widens the bands of a verdict
+/// still open) cannot change a final one, so none is passed.
+pub(crate) fn decided(probes: &[Probe]) -> Vec<(i64, Verdict)> {
+    verdicts(probes, 1, 4.0)
 }
 
 /// The bracket-then-bisect rule on the lattice, separated from I/O so it is unit-tested: given
@@ -572,13 +590,13 @@ pub fn next_rate(probes: &[Probe], start: f64, s: &ProbeSettings) -> Option<f64>
     {
         return Some(last.rate);
     }
-    let decided = verdicts(probes, 1, secs);
-    let lo = decided
+    let fin = decided(probes);
+    let lo = fin
         .iter()
         .filter(|(_, v)| *v == Verdict::Pass)
         .map(|(i, _)| *i)
         .max();
-    let hi = decided
+    let hi = fin
         .iter()
         .filter(|(_, v)| *v == Verdict::Fail)
         .map(|(i, _)| *i)
@@ -640,7 +658,7 @@ fn aim_below(probes: &[Probe], hi: i64) -> Option<i64> {
 fn climb_steps(probes: &[Probe]) -> i64 {
     let first = probes.first().map_or(0.0, |p| p.p95);
     let last = probes.iter().rev().find(|p| p.pass).map_or(0.0, |p| p.p95);
-    let distinct = verdicts(probes, 1, 4.0).len();
+    let distinct = points(probes).len();
     if distinct >= 2 && last <= 2.0 * first || distinct == 1 {
         2 * LATTICE as i64
     } else {
@@ -650,13 +668,13 @@ fn climb_steps(probes: &[Probe]) -> i64 {
 
 /// The result implied by a list of probes: each rate's pooled verdict, taken as final.
 pub fn result_of(probes: Vec<Probe>) -> RateResult {
-    let decided = verdicts(&probes, 1, 4.0);
-    let sustainable = decided
+    let fin = decided(&probes);
+    let sustainable = fin
         .iter()
         .filter(|(_, v)| *v == Verdict::Pass)
         .map(|(i, _)| *i)
         .max();
-    let failed = decided
+    let failed = fin
         .iter()
         .filter(|(i, v)| *v == Verdict::Fail && sustainable.is_none_or(|s| *i > s))
         .map(|(i, _)| *i)

@@ -256,6 +256,10 @@ pub struct Llama {
     device: Device,
     dtype: DType,
     pool: Arc<Mutex<KvPool>>,
+    /// Padding (query × key cells) a group takes on for free ([`group_chunks`]'s `free`): large
+    /// on a GPU, where a launch costs microseconds whatever its size, small on a CPU, where
+    /// every padded cell is computed. Set from the device at load.
+    free_cells: usize,
     /// A prompt chunk whose query × key cells are at most this attends as one-query lanes
     /// beside the decodes ([`Lane`]): on a GPU, where a step's cost is its launches, this saves
     /// a second chain of attention kernels per layer; 0 on a CPU, where every gathered row is
@@ -376,6 +380,14 @@ struct Lane {
     n: usize,
 }
 
+impl Lane {
+    /// `(new tokens, cached positions)` as [`group_chunks`] takes them: a lane attends like a
+    /// chunk of `n` tokens whose cache already holds `len + q0`.
+    fn shape(&self, chunks: &[Chunk<'_>]) -> (usize, usize) {
+        (self.n, chunks[self.chunk].cache.len + self.q0)
+    }
+}
+
 /// Splits a step's chunks, given as `(new tokens, cached positions)`, into attention groups:
 /// returns chunk indices per group, in the order their rows are laid out. Chunks are taken
 /// longest first and a chunk joins the open group when that adds no more padded cells than
@@ -483,6 +495,7 @@ impl Llama {
                 blocks: 0,
                 free: BTreeSet::new(),
             })),
+            free_cells: if device.is_cpu() { 1 << 10 } else { 1 << 16 },
             flat_cells: if device.is_cpu() { 0 } else { 1 << 16 },
             device,
             dtype,
@@ -497,6 +510,11 @@ impl Llama {
     /// True on a CUDA device.
     pub fn on_gpu(&self) -> bool {
         self.device.is_cuda()
+    }
+
+    /// The device this replica runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// An empty cache for a sequence of at most `capacity` positions: reserves its blocks in
@@ -585,12 +603,8 @@ impl Llama {
             }
         }
         // Rows are laid out group by group, so each group's tokens are one narrow away.
-        let shapes: Vec<(usize, usize)> = lanes
-            .iter()
-            .map(|l| (l.n, chunks[l.chunk].cache.len + l.q0))
-            .collect();
-        let free = if self.on_gpu() { 1 << 16 } else { 1 << 10 };
-        let groups = group_chunks(&shapes, free);
+        let shapes: Vec<(usize, usize)> = lanes.iter().map(|l| l.shape(chunks)).collect();
+        let groups = group_chunks(&shapes, self.free_cells);
         for c in chunks.iter() {
             if !Arc::ptr_eq(&c.cache.pool, &self.pool) {
                 candle_core::bail!("a sequence's cache belongs to another replica");
@@ -705,8 +719,7 @@ impl Llama {
         which: &[usize],
         offset: usize,
     ) -> candle_core::Result<AttnGroup> {
-        // A lane attends like a chunk of `n` tokens whose cache already holds `len + q0`.
-        let shape = |i: usize| (lanes[i].n, chunks[lanes[i].chunk].cache.len + lanes[i].q0);
+        let shape = |i: usize| lanes[i].shape(chunks);
         let width = which.iter().map(|&i| shape(i).0).max().unwrap_or(1);
         let span = which
             .iter()
