@@ -96,7 +96,14 @@ pub enum Scheduling {
     /// Whole-request batching (the seeds' servers): a batch of up to `max_batch_size` sequences
     /// starts together and takes no newcomers until its last sequence ends; up to
     /// `max_concurrent_batches` such batches run at once. Kept as the baseline to beat.
+    /// Finished sequences leave the computation at once, so this is a stronger baseline than
+    /// what the seeds run.
     Static,
+    /// Static batching as HF transformers' `generate` runs it (seed 001's `llm_model` design):
+    /// like `static`, and a batch's finished sequences keep being computed as padding rows
+    /// until its last sequence ends. Their answers still go out when they finish, which is
+    /// kinder to this baseline than `generate`, which returns the whole batch at once.
+    Padded,
 }
 
 /// Numeric precision of the model weights and activations.
@@ -163,7 +170,8 @@ pub struct Profile {
     /// and nothing is preempted; waiting sequences start when enough is free. Default 32768;
     /// 16..=16,777,216.
     pub kv_cache_tokens: usize,
-    /// Generation: `continuous` (join between steps) or `static` (whole-request batches).
+    /// Generation: `continuous` (join between steps), `static` (whole-request batches) or
+    /// `padded` (whole-request batches computing finished rows, as HF `generate` does).
     pub scheduling: Scheduling,
     /// Longest a shutdown waits for queued and in-flight work. Default 30s.
     #[serde(with = "duration::serde_dur")]
@@ -278,6 +286,17 @@ pub enum EnvUnit {
 }
 
 impl Profile {
+    /// Generation: sequences the server runs at once over all its replicas (the running cap,
+    /// times the groups of static and padded scheduling). A closed loop of this many clients
+    /// fills every batch, which is what a saturation estimate needs.
+    pub fn running_capacity(&self) -> usize {
+        let groups = match self.scheduling {
+            Scheduling::Continuous => 1,
+            Scheduling::Static | Scheduling::Padded => self.max_concurrent_batches,
+        };
+        self.max_batch_size * groups * self.devices.len().max(1)
+    }
+
     /// Parses a profile from TOML text; unknown knobs and bad types are errors naming the knob.
     pub fn from_toml_str(text: &str) -> Result<Profile, ProfileError> {
         toml::from_str(text).map_err(|e| ProfileError::Parse(e.to_string().trim_end().to_string()))
@@ -406,7 +425,8 @@ impl Profile {
                 self.scheduling = match value.trim().to_ascii_lowercase().as_str() {
                     "continuous" => Scheduling::Continuous,
                     "static" => Scheduling::Static,
-                    _ => return Err(bad("must be \"continuous\" or \"static\"")),
+                    "padded" => Scheduling::Padded,
+                    _ => return Err(bad("must be \"continuous\", \"static\" or \"padded\"")),
                 }
             }
             "drain_timeout" => self.drain_timeout = dur()?,

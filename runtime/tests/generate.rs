@@ -244,6 +244,47 @@ async fn static_scheduling_serves_whole_batches() {
     stop(server).await;
 }
 
+/// Padded scheduling computes what HF `generate` computes: a group's finished sequences stay
+/// as padding rows until its longest ends; static drops them at once. The rows each mode ran
+/// are counted exactly (one group of 4 gathered by the batch wait, one prefill step, then
+/// decodes), and the padding rows change no live sequence's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn padded_scheduling_computes_finished_rows_until_the_group_ends() {
+    let mut texts = Vec::new();
+    for (mode, rows) in [
+        (Scheduling::Static, 4 + 1 + 1 + 1 + 11),
+        (Scheduling::Padded, 4 + 4 * 11),
+    ] {
+        let (server, c) = start(llm(Profile {
+            max_batch_size: 4,
+            scheduling: mode,
+            batch_wait_timeout: Duration::from_secs(5),
+            ..Profile::default()
+        }))
+        .await;
+        let a = server.addr;
+        let mut all = Vec::new();
+        for (i, n) in [2, 2, 2, 12].into_iter().enumerate() {
+            let c = c.clone();
+            all.push(tokio::spawn(async move {
+                let body = json!({"prompt": format!("padded {i}"), "max_tokens": n, "temperature": 0, "ignore_eos": true});
+                complete(&c, a, body).await
+            }));
+        }
+        let mut got = Vec::new();
+        for r in all {
+            let r = r.await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.text);
+            got.push(text(&r));
+        }
+        texts.push(got);
+        let ran = metric(&c, a, "batchtune_step_sequences_sum").await;
+        assert_eq!(ran, rows as f64, "{mode:?}: rows computed");
+        stop(server).await;
+    }
+    assert_eq!(texts[0], texts[1]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_generation_requests_get_400s_naming_the_field() {
     let (server, c) = start(llm(Profile {

@@ -7,8 +7,12 @@
 #   sample  the raw decode step greedy (temperature 0) and sampled on the device (temperature 1)
 #   served  loadgen closed loops against the runtime at one batch cap (served ÷ raw); with
 #           RUNTIMES="name:binary …" each binary in turn (an A/B of two builds in one call)
-#   tune    tuner search for a completions workload, then tuner compare: the tuned profile,
-#           continuous vs static at the same cap, and the seed presets (GPU-ised)
+#   kernels every kernel of raw decode steps timed by Nsight Compute (ncu, clocks not locked),
+#           with and without prompts prefilled in the step: GPU-busy time against the step's
+#           wall time (scripts/gpu/ncu-steps.py reads the CSVs)
+#   tune    tuner search for a completions workload (SPACE: the search space file)
+#   compare tuner compare: the tuned profile, continuous vs static at the same cap, and the
+#           seed presets (GPU-ised)
 # Usage (device): bash scripts/gpu/generate-batched-h200.sh OUT raw,served,tune
 set -uo pipefail
 OUT="${1:?output folder}"
@@ -43,6 +47,21 @@ if has sample; then
     timeout 120 $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 1,64,256 \
       --steps 32 --context-tokens 110 --temperature $t > "$OUT/sample-t$t.jsonl" 2>> "$OUT/log.txt"
     echo "== raw qwen2.5-0.5b, temperature $t"; cat "$OUT/sample-t$t.jsonl"
+  done
+fi
+if has kernels; then
+  # Two runs per prefill count, differing only in timed steps: their difference is what the
+  # extra steps launched, free of loading, warm-up and the contexts' prefill.
+  for p in ${MIXED_PREFILLS:-0 4}; do
+    for s in 2 6; do
+      timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+        $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 256 \
+        --steps $s --context-tokens 110 --prefill-chunks $p > "$OUT/ncu-p$p-s$s.csv" 2>> "$OUT/log.txt"
+      echo "== ncu p$p s$s: $(grep -c gpu__time_duration "$OUT/ncu-p$p-s$s.csv") kernels"
+    done
+    timeout 120 $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 256 \
+      --steps 32 --context-tokens 110 --prefill-chunks $p > "$OUT/wall-p$p.jsonl" 2>> "$OUT/log.txt"
+    cat "$OUT/wall-p$p.jsonl"
   done
 fi
 # A generation profile for this GPU from any profile: the Qwen2.5-0.5B shape in bf16 on cuda:0,
@@ -108,7 +127,8 @@ if has hf; then
 fi
 if has tune; then
   gen_profile profiles/llm-default.toml "$OUT/p/base.toml"
-  timeout ${TUNE_LIMIT:-260} $B/tuner search --workload completions $WORK --target 'p95<4s' --space scripts/gpu/gen-space-h200.toml \
+  # SIGINT: the tuner finishes its probe and leaves the journal consistent (resumable).
+  timeout -s INT ${TUNE_LIMIT:-260} $B/tuner search --workload completions $WORK --target 'p95<4s' --space ${SPACE:-scripts/gpu/gen-space-h200.toml} \
     --spawn "$B/runtime serve --profile $OUT/p/base.toml" --time ${TUNE_TIME:-2m} --out "$OUT/h200-llm.toml" \
     --journal-dir "$OUT/searches" --quiet 2>&1 | tail -25
 fi

@@ -681,8 +681,10 @@ fn run_search(a: SearchArgs) -> anyhow::Result<()> {
             .duration
             .max(std::time::Duration::from_secs_f64((3.0 * bound).min(60.0)));
         probe.min_rate = 0.02;
-        // Few enough clients that each request finishes inside the estimating run.
+        // Few enough clients that each request finishes inside the estimating run, unless the
+        // server says how many sequences it batches (then that many fill it).
         probe.saturation_clients = 8;
+        probe.saturation_fill = true;
         probe.saturation_secs = probe.duration.as_secs_f64();
     }
     let mut headers = Vec::new();

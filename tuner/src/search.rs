@@ -191,7 +191,11 @@ impl Live<'_> {
                         self.settings.saturation_secs
                     ));
                 }
-                let est = rt.block_on(search.saturation());
+                let fill = match self.settings.saturation_fill {
+                    true => rt.block_on(server.running_capacity()),
+                    false => None,
+                };
+                let est = rt.block_on(search.saturation(fill));
                 rt.block_on(server.wait_idle(Duration::from_secs(60)));
                 est.filter(|x| x.is_finite() && *x > 0.0)
                     .map(start_from_estimate)

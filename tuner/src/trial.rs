@@ -34,6 +34,12 @@ pub struct ProbeSettings {
     /// Clients of the closed-loop run that estimates the first trial's order of magnitude.
     #[serde(default = "default_saturation_clients")]
     pub saturation_clients: usize,
+    /// Generation: run that estimate with as many clients as the server runs sequences at
+    /// once (its running cap, from batchtune's `GET /config`) instead of
+    /// `saturation_clients`. A few clients against a server batching hundreds estimate a
+    /// fraction of its rate (8 of 256 on an H200: 1/32, five doublings of bracketing).
+    #[serde(default)]
+    pub saturation_fill: bool,
     /// Length of that run, seconds (generation needs several request lengths).
     #[serde(default = "default_saturation_secs")]
     pub saturation_secs: f64,
@@ -68,6 +74,7 @@ impl Default for ProbeSettings {
             max_probes: 10,
             arrival: "poisson".into(),
             saturation_clients: default_saturation_clients(),
+            saturation_fill: false,
             saturation_secs: default_saturation_secs(),
             repeats: 3,
         }
@@ -470,10 +477,10 @@ impl RateSearch<'_> {
     /// 0.5 s of warm-up): roughly what the configuration can do, to start the rate search near
     /// it. When requests outlast the window (generation) so that few complete inside it,
     /// Little's law (clients ÷ mean latency) estimates the rate instead.
-    pub async fn saturation(&self) -> Option<f64> {
-        let clients = self
-            .settings
-            .saturation_clients
+    /// `clients` overrides the settings' count.
+    pub async fn saturation(&self, clients: Option<usize>) -> Option<f64> {
+        let clients = clients
+            .unwrap_or(self.settings.saturation_clients)
             .min(self.max_in_flight.unwrap_or(usize::MAX))
             .max(1);
         let mut cfg = Config::new(

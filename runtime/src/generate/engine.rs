@@ -154,6 +154,13 @@ struct Seq {
     first_token: Option<Instant>,
 }
 
+/// A finished sequence kept as a padding row (padded scheduling): only its cache and a token
+/// to feed; what it computes is thrown away.
+struct Padding {
+    cache: SeqCache,
+    token: u32,
+}
+
 enum End {
     Finished(FinishReason),
     Failed(GenFailure),
@@ -177,6 +184,7 @@ pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
         ctx,
         sched: Scheduler::default(),
         seqs: HashMap::new(),
+        padding: HashMap::new(),
         next_id: 0,
         draining: false,
         published: [0; 3],
@@ -227,6 +235,8 @@ struct Engine {
     phases: [Histogram; 3],
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
+    /// Finished sequences still computed as their group's padding rows.
+    padding: HashMap<SeqId, Padding>,
     next_id: SeqId,
     draining: bool,
     /// Running, waiting and KV tokens last added to the shared gauges.
@@ -298,6 +308,9 @@ impl Engine {
             draining: self.draining,
         };
         let plan = self.sched.schedule(Instant::now(), &lim);
+        for id in &plan.released {
+            self.padding.remove(id);
+        }
         for &id in &plan.expired {
             self.ctx.space.release(1);
             self.end_removed(id, End::Failed(GenFailure::Expired));
@@ -352,13 +365,19 @@ impl Engine {
         for &id in &plan.decode {
             if let Some(&last) = self.seqs.get(&id).and_then(|s| s.out.last()) {
                 order.push((id, vec![last], true));
+            } else if let Some(p) = self.padding.get_mut(&id) {
+                // A padding row must stay inside the blocks it reserved.
+                if p.cache.len() >= p.cache.capacity() {
+                    p.cache.truncate(p.cache.capacity() - 1);
+                }
+                order.push((id, vec![p.token], true));
             }
         }
         let mut caches: Vec<(SeqId, SeqCache)> = order
             .iter()
-            .filter_map(|(id, _, _)| {
-                let s = self.seqs.get_mut(id)?;
-                s.cache.take().map(|c| (*id, c))
+            .filter_map(|(id, _, _)| match self.seqs.get_mut(id) {
+                Some(s) => s.cache.take().map(|c| (*id, c)),
+                None => self.padding.remove(id).map(|p| (*id, p.cache)),
             })
             .collect();
         order.retain(|(id, _, _)| caches.iter().any(|(c, _)| c == id));
@@ -400,6 +419,9 @@ impl Engine {
         for (id, cache) in caches {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.cache = Some(cache);
+            } else if let Some((_, tokens, _)) = order.iter().find(|o| o.0 == id) {
+                let token = tokens[0];
+                self.padding.insert(id, Padding { cache, token });
             }
         }
         let logits = match result {
@@ -524,11 +546,33 @@ impl Engine {
         }
     }
 
-    /// Ends a sequence the scheduler still holds.
+    /// Ends a sequence the scheduler still holds. Under padded scheduling one that finished
+    /// or was cancelled may stay computed as a padding row; its client is answered either way.
     fn end(&mut self, id: SeqId, how: End) {
         let waiting = self.sched.waiting_ids().any(|w| w == id);
-        if self.sched.finish(id) && waiting {
-            self.ctx.space.release(1);
+        let normal = matches!(how, End::Finished(_) | End::Cancelled);
+        if normal && !waiting && self.sched.retire(id) {
+            let s = self.seqs.get_mut(&id);
+            let kept = s.and_then(|s| {
+                let token = s.out.last().or(s.req.prompt.last()).copied()?;
+                Some(Padding {
+                    cache: s.cache.take()?,
+                    token,
+                })
+            });
+            match kept {
+                Some(p) => {
+                    self.padding.insert(id, p);
+                }
+                None => {
+                    self.sched.finish(id);
+                }
+            }
+        } else {
+            if self.sched.finish(id) && waiting {
+                self.ctx.space.release(1);
+            }
+            self.padding.remove(&id);
         }
         self.end_removed(id, how);
     }

@@ -19,6 +19,10 @@
 //! - **Static scheduling** (the seeds' whole-request batching, the baseline): a group of up to
 //!   `max_batch_size` starts together and takes no newcomers until all its sequences end; up to
 //!   `max_groups` groups run at once.
+//! - **Padded scheduling** (static as HF transformers' `generate` runs it): a group's finished
+//!   sequences stay in it as padding rows, decoded every step and holding their KV, until the
+//!   group's last live sequence ends ([`Scheduler::retire`]); then [`Plan::released`] lists
+//!   them for the engine to drop.
 
 use profiles::Scheduling;
 use std::collections::VecDeque;
@@ -92,6 +96,8 @@ pub struct Plan {
     pub decode: Vec<SeqId>,
     /// Waiting sequences past their deadline, removed (answer 504).
     pub expired: Vec<SeqId>,
+    /// Padding rows whose group has ended, removed (the engine drops their caches).
+    pub released: Vec<SeqId>,
     /// With nothing to compute: the earliest time something could change without a new
     /// arrival (the batch wait ending, a deadline passing).
     pub wake_at: Option<Instant>,
@@ -113,6 +119,10 @@ struct Running {
     decoding: bool,
     reserved: usize,
     group: u64,
+    /// Its group keeps finished sequences as padding (padded scheduling).
+    pads: bool,
+    /// Finished, kept as a padding row until its group ends.
+    padding: bool,
 }
 
 /// Waiting and running sequences and the KV they hold.
@@ -175,9 +185,49 @@ impl Scheduler {
         false
     }
 
+    /// A sequence that ended normally: under padded scheduling, while other sequences of its
+    /// group still run, it stays as a padding row (still decoded, KV still held) and this
+    /// returns true; otherwise it is removed as by [`Scheduler::finish`] and this returns
+    /// false.
+    pub fn retire(&mut self, id: SeqId) -> bool {
+        let Some(i) = self.running.iter().position(|r| r.id == id) else {
+            self.finish(id);
+            return false;
+        };
+        let r = &self.running[i];
+        let (group, keep) = (r.group, r.pads && r.decoding && !r.padding);
+        let others_live = self
+            .running
+            .iter()
+            .any(|o| o.group == group && o.id != id && !o.padding);
+        if keep && others_live {
+            self.running[i].padding = true;
+            return true;
+        }
+        self.finish(id);
+        false
+    }
+
     /// Plans one step at `now`.
     pub fn schedule(&mut self, now: Instant, lim: &Limits) -> Plan {
         let mut plan = Plan::default();
+        // Groups left with only padding rows have ended.
+        let live: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|r| !r.padding)
+            .map(|r| r.group)
+            .collect();
+        let mut freed = 0;
+        self.running.retain(|r| {
+            let keep = !r.padding || live.contains(&r.group);
+            if !keep {
+                plan.released.push(r.id);
+                freed += r.reserved;
+            }
+            keep
+        });
+        self.kv_used -= freed;
         // Expired waiting sequences leave first: they must not hold up the rest.
         self.waiting.retain(|w| {
             let keep = w.deadline > now;
@@ -237,7 +287,7 @@ impl Scheduler {
                 while self.running.len() < lim.max_running && self.start_front(lim, 0, plan) {}
                 None
             }
-            Scheduling::Static => {
+            Scheduling::Static | Scheduling::Padded => {
                 let mut groups: Vec<u64> = self.running.iter().map(|r| r.group).collect();
                 groups.dedup();
                 let mut open = groups.len();
@@ -287,6 +337,8 @@ impl Scheduler {
             decoding: false,
             reserved: s.reservation(),
             group,
+            pads: lim.scheduling == Scheduling::Padded,
+            padding: false,
         });
         true
     }
@@ -447,6 +499,51 @@ mod tests {
         }
         let p = s.schedule(t0, &Limits { max_groups: 2, ..l });
         assert_eq!(p.started, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn padded_groups_keep_finished_rows_until_their_last_sequence_ends() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::default();
+        let l = Limits {
+            max_running: 3,
+            scheduling: Scheduling::Padded,
+            ..lim()
+        };
+        for id in 0..4 {
+            s.push(seq(id, 2, 4, t0));
+        }
+        let p = s.schedule(t0, &l);
+        assert_eq!(p.started, vec![0, 1, 2]);
+        let p = s.schedule(t0, &l);
+        assert_eq!(p.decode, vec![0, 1, 2]);
+        // 0 ends: it stays as a padding row, decoded and holding its KV.
+        assert!(s.retire(0));
+        let p = s.schedule(t0 + Duration::from_secs(1), &l);
+        assert_eq!(p.decode, vec![0, 1, 2]);
+        assert!(p.released.is_empty() && p.started.is_empty());
+        assert_eq!(s.kv_used(), 18);
+        assert!(s.retire(1));
+        // The last live sequence ends: it is removed, and the next plan releases the padding
+        // rows and starts the next group.
+        assert!(!s.retire(2));
+        let p = s.schedule(t0 + Duration::from_secs(1), &l);
+        assert_eq!(p.released, vec![0, 1]);
+        assert_eq!(p.started, vec![3]);
+        assert_eq!(s.kv_used(), 6);
+        // Static and continuous never pad.
+        let mut s = Scheduler::default();
+        s.push(seq(7, 2, 4, t0));
+        s.push(seq(8, 2, 4, t0));
+        let st = Limits {
+            scheduling: Scheduling::Static,
+            ..l
+        };
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(s.schedule(later, &st).started, vec![7, 8]);
+        s.schedule(later, &st);
+        assert!(!s.retire(7));
+        assert_eq!(s.schedule(later, &st).decode, vec![8]);
     }
 
     #[test]

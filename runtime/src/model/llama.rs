@@ -308,6 +308,13 @@ impl SeqCache {
         self.capacity
     }
 
+    /// Forgets positions from `len` on, so the next token overwrites them. Padding rows
+    /// (padded scheduling) decode past their own end; stepping back keeps them inside the
+    /// blocks they reserved, at the cost of a context that stops growing.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// The pool row holding position `p`.
     fn row(&self, p: usize) -> u32 {
         self.blocks[p / KV_BLOCK] * KV_BLOCK as u32 + (p % KV_BLOCK) as u32

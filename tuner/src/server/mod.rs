@@ -101,6 +101,19 @@ impl Server {
         }
     }
 
+    /// Generation sequences the server runs at once, read from batchtune's `GET /config`
+    /// (None for other servers, or when it cannot be read).
+    pub async fn running_capacity(&self) -> Option<usize> {
+        match self {
+            Server::Runtime(t) if t.is_batchtune => {
+                let v = t.get("/config").await.ok()?;
+                let p: profiles::Profile = serde_json::from_value(v).ok()?;
+                Some(p.running_capacity())
+            }
+            _ => None,
+        }
+    }
+
     /// The client's cap on requests in flight under `knobs`, if a client knob sets one.
     pub fn client_concurrency(&self, knobs: &Knobs) -> Option<usize> {
         let is_cap = |k: &str| match self {
