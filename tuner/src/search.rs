@@ -191,9 +191,10 @@ impl Live<'_> {
                         self.settings.saturation_secs
                     ));
                 }
-                let fill = match self.settings.saturation_fill {
-                    true => rt.block_on(server.running_capacity()),
-                    false => None,
+                let fill = if self.settings.saturation_fill {
+                    rt.block_on(server.running_capacity())
+                } else {
+                    None
                 };
                 let est = rt.block_on(search.saturation(fill));
                 rt.block_on(server.wait_idle(Duration::from_secs(60)));

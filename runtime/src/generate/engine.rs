@@ -416,12 +416,14 @@ impl Engine {
             .metrics
             .prefill_tokens
             .inc_by(prefill_tokens as u64);
-        for (id, cache) in caches {
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.cache = Some(cache);
-            } else if let Some((_, tokens, _)) = order.iter().find(|o| o.0 == id) {
-                let token = tokens[0];
-                self.padding.insert(id, Padding { cache, token });
+        // `order` and `caches` are aligned (the chunks were built by zipping them).
+        for ((_, tokens, _), (id, cache)) in order.iter().zip(caches) {
+            match self.seqs.get_mut(&id) {
+                Some(s) => s.cache = Some(cache),
+                None => {
+                    let token = tokens[0];
+                    self.padding.insert(id, Padding { cache, token });
+                }
             }
         }
         let logits = match result {

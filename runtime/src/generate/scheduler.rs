@@ -211,23 +211,11 @@ impl Scheduler {
     /// Plans one step at `now`.
     pub fn schedule(&mut self, now: Instant, lim: &Limits) -> Plan {
         let mut plan = Plan::default();
-        // Groups left with only padding rows have ended.
-        let live: Vec<u64> = self
-            .running
-            .iter()
-            .filter(|r| !r.padding)
-            .map(|r| r.group)
-            .collect();
-        let mut freed = 0;
-        self.running.retain(|r| {
-            let keep = !r.padding || live.contains(&r.group);
-            if !keep {
-                plan.released.push(r.id);
-                freed += r.reserved;
-            }
-            keep
-        });
-        self.kv_used -= freed;
+        // Groups left with only padding rows have ended (nothing to look for without padding,
+        // which is every step outside padded scheduling).
+        if self.running.iter().any(|r| r.padding) {
+            self.release_ended_groups(&mut plan);
+        }
         // Expired waiting sequences leave first: they must not hold up the rest.
         self.waiting.retain(|w| {
             let keep = w.deadline > now;
@@ -269,6 +257,26 @@ impl Scheduler {
             plan.wake_at = wake;
         }
         plan
+    }
+
+    /// Removes the padding rows of groups with no live sequence left, into `plan.released`.
+    fn release_ended_groups(&mut self, plan: &mut Plan) {
+        let live: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|r| !r.padding)
+            .map(|r| r.group)
+            .collect();
+        let mut freed = 0;
+        self.running.retain(|r| {
+            let keep = !r.padding || live.contains(&r.group);
+            if !keep {
+                plan.released.push(r.id);
+                freed += r.reserved;
+            }
+            keep
+        });
+        self.kv_used -= freed;
     }
 
     /// Moves waiting sequences to running as the mode, the caps and the KV budget allow.
