@@ -7,9 +7,9 @@
 #   sample  the raw decode step greedy (temperature 0) and sampled on the device (temperature 1)
 #   served  loadgen closed loops against the runtime at one batch cap (served ÷ raw); with
 #           RUNTIMES="name:binary …" each binary in turn (an A/B of two builds in one call)
-#   kernels every kernel of raw decode steps timed by Nsight Compute (ncu, clocks not locked),
-#           with and without prompts prefilled in the step: GPU-busy time against the step's
-#           wall time (scripts/gpu/ncu-steps.py reads the CSVs)
+#   kernels every kernel of raw decode steps timed by Nsight Compute (ncu, clocks not locked,
+#           only the timed steps recorded), with and without prompts prefilled in the step:
+#           GPU-busy time against the step's wall time (scripts/gpu/ncu-steps.py reads the CSVs)
 #   tune    tuner search for a completions workload (SPACE: the search space file)
 #   compare tuner compare: the tuned profile, continuous vs static at the same cap, and the
 #           seed presets (GPU-ised)
@@ -50,19 +50,20 @@ if has sample; then
   done
 fi
 if has kernels; then
-  # Two runs per prefill count, differing only in timed steps: their difference is what the
-  # extra steps launched, free of loading, warm-up and the contexts' prefill.
+  # ncu records only the bench's timed decode steps (the bench opens the profiler window around
+  # them): the contexts' prefill, ~850 serialized kernels per sequence under ncu, outlasted a
+  # 200 s run when everything was recorded. KERNEL_STEPS steps, then the same run unprofiled.
+  s=${KERNEL_STEPS:-3}
   for p in ${MIXED_PREFILLS:-0 4}; do
-    for s in 2 6; do
-      timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-        $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 256 \
-        --steps $s --context-tokens 110 --prefill-chunks $p > "$OUT/ncu-p$p-s$s.csv" 2>> "$OUT/log.txt"
-      echo "== ncu p$p s$s: $(grep -c gpu__time_duration "$OUT/ncu-p$p-s$s.csv") kernels"
-    done
+    timeout ${KERNEL_LIMIT:-200} ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --print-units base \
+      $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 256 \
+      --steps $s --context-tokens 110 --prefill-chunks $p > "$OUT/ncu-p$p-s$s.csv" 2>> "$OUT/log.txt"
+    echo "== ncu p$p: $(grep -c gpu__time_duration "$OUT/ncu-p$p-s$s.csv") kernels in $s steps"
     timeout 120 $B/runtime bench --model synthetic:qwen2.5-0.5b --device cuda:0 --dtype bf16 --sizes 256 \
       --steps 32 --context-tokens 110 --prefill-chunks $p > "$OUT/wall-p$p.jsonl" 2>> "$OUT/log.txt"
     cat "$OUT/wall-p$p.jsonl"
   done
+  python3 scripts/gpu/ncu-steps.py "$OUT"
 fi
 # A generation profile for this GPU from any profile: the Qwen2.5-0.5B shape in bf16 on cuda:0,
 # rate limit off, the KV budget raised to what the GPU holds for the cap.

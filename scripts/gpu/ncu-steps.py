@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Per-step kernel counts and GPU-busy time from the `kernels` phase of
-generate-batched-h200.sh: each prefill count P has ncu CSVs of runs with 2 and 6 timed steps;
-their difference divided by 4 is one step, free of loading, warm-up and context prefill.
-Compared with the step's wall time (wall-pP.jsonl, no profiler), it says whether a step is
-bound by the GPU's work or by launching it. Usage: ncu-steps.py DIR"""
+generate-batched-h200.sh: each prefill count P has one ncu CSV (ncu-pP-sS.csv) of a bench run
+whose profiler window holds only its S timed decode steps (ncu --profile-from-start off; the
+bench opens the window around them), so every kernel in it belongs to a timed step. Compared
+with the step's wall time (wall-pP.jsonl, no profiler), it says whether a step is bound by the
+GPU's work or by launching it. Usage: ncu-steps.py DIR"""
 import collections
 import csv
 import glob
@@ -31,13 +32,15 @@ def short(name):
 
 
 def main(d):
-    for p in sorted({os.path.basename(f).split("-")[1] for f in glob.glob(f"{d}/ncu-p*-s2.csv")}):
-        a, b = kernels(f"{d}/ncu-{p}-s2.csv"), kernels(f"{d}/ncu-{p}-s6.csv")
-        if not a or not b:
+    for path in sorted(glob.glob(f"{d}/ncu-p*-s*.csv")):
+        _, p, steps = os.path.basename(path)[:-4].split("-")
+        steps = int(steps[1:])
+        ks = kernels(path)
+        if not ks:
             print(f"{p}: missing or empty CSV")
             continue
-        n = (len(b) - len(a)) / 4
-        busy = (sum(t for _, t in b) - sum(t for _, t in a)) / 4 / 1e6
+        n = len(ks) / steps
+        busy = sum(t for _, t in ks) / steps / 1e6
         wall = None
         try:
             with open(f"{d}/wall-{p}.jsonl") as f:
@@ -48,15 +51,12 @@ def main(d):
         print(f"## {p}: {n:.0f} kernels a step, GPU busy {busy:.2f} ms a step"
               + (f", wall {wall:.2f} ms ({100 * busy / wall:.0f}% busy)" if wall else ""))
         by = collections.defaultdict(lambda: [0, 0.0])
-        for name, t in b:
+        for name, t in ks:
             by[short(name)][0] += 1
             by[short(name)][1] += t
-        for name, t in a:
-            by[short(name)][0] -= 1
-            by[short(name)][1] -= t
         print("| kernel | a step | ms a step |\n|---|---:|---:|")
         for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:15]:
-            print(f"| `{name}` | {c / 4:.0f} | {t / 4 / 1e6:.3f} |")
+            print(f"| `{name}` | {c / steps:.1f} | {t / steps / 1e6:.3f} |")
 
 
 if __name__ == "__main__":

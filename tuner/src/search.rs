@@ -8,8 +8,8 @@ use crate::server::{Server, Target as Runtime};
 use crate::space::{key, Knobs, Space};
 use crate::strategy::{self, Evaluator, Strategy};
 use crate::trial::{
-    effective_targets, next_rate, result_of, settle, start_from_estimate, ProbeSettings,
-    RateResult, RateSearch,
+    cannot_win, effective_targets, next_rate, result_of, settle, start_from_estimate,
+    ProbeSettings, RateResult, RateSearch,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use loadgen::slo::{format_secs, Target};
@@ -205,6 +205,9 @@ impl Live<'_> {
         };
         let mut probes = Vec::new();
         while let Some(rate) = next_rate(&probes, hint, &self.settings) {
+            if best.is_some_and(|b| cannot_win(&probes, b, &self.settings)) {
+                break;
+            }
             if let Some(b) = &bar {
                 b.set_message(format!("probing {rate:.1}/s"));
             }

@@ -490,7 +490,8 @@ impl RateSearch<'_> {
             },
             self.workload.clone(),
         );
-        cfg.duration = Duration::from_secs_f64(self.settings.saturation_secs.max(0.5));
+        let cfg_secs = self.settings.saturation_secs.max(0.5);
+        cfg.duration = Duration::from_secs_f64(cfg_secs);
         cfg.warmup = Duration::from_millis(500);
         cfg.headers = self.headers.clone();
         cfg.cancel = Some(self.cancel.clone());
@@ -498,7 +499,13 @@ impl RateSearch<'_> {
         if r.error_rate >= 0.5 {
             return None;
         }
-        if r.achieved_rps > 0.0 || r.ok == 0 {
+        if r.ok == 0 {
+            // Nothing finished inside the run: every client's request outlasted it, so the
+            // rate is below clients ÷ (warm-up + window), an upper bound that the start halves.
+            // (Reading it as 0 started a CPU chat search at 16 req/s where 0.4 was the most.)
+            return Some(clients as f64 / (cfg_secs + 0.5));
+        }
+        if r.achieved_rps > 0.0 {
             return Some(r.achieved_rps);
         }
         Some(clients as f64 / r.latency.mean.max(1e-9))
@@ -635,6 +642,21 @@ pub fn next_rate(probes: &[Probe], start: f64, s: &ProbeSettings) -> Option<f64>
     }
 }
 
+/// Whether a trial may stop before its bracket is tight because it cannot win: a rate at or
+/// below `best` (the best trial's sustainable rate) has failed for good and a lower rate has
+/// passed for good. The winner is the trial with the highest sustainable rate, so this one only
+/// needs its place among the losers, which its passing rate gives (a lower bound, as every
+/// sustainable rate is); bisecting the rest of its bracket would cost most of a trial's probes
+/// for nothing the search uses (on an H200 at a 4 s target a trial was ~150 s, so an 8-minute
+/// search measured 3 points).
+pub fn cannot_win(probes: &[Probe], best: f64, s: &ProbeSettings) -> bool {
+    let all = verdicts(probes, s.repeats, s.duration.as_secs_f64());
+    let top = lattice_index(best);
+    let failed_below_best = all.iter().any(|&(i, v)| v == Verdict::Fail && i <= top);
+    let passed = all.iter().any(|&(_, v)| v == Verdict::Pass);
+    failed_below_best && passed
+}
+
 /// Where the lowest failed rate's drift puts the capacity, as a lattice point (rounded down).
 /// A server offered λ while completing μ gains (λ − μ)/μ seconds of latency per second of
 /// schedule, so μ ≈ λ ÷ (1 + drift): one overloaded probe aims the next one, where bisection
@@ -742,6 +764,27 @@ mod tests {
             );
         }
         assert_eq!(search(0.1, 8.0).sustainable_rps, 0.0);
+    }
+
+    #[test]
+    fn a_trial_that_failed_at_the_best_rate_stops_once_a_lower_rate_passed() {
+        let s = ProbeSettings::default();
+        // Failed at the best trial's rate, nothing passed yet: keep going (no place to give).
+        assert!(!cannot_win(&[p(128.0, false)], 128.0, &s));
+        // ... then passed lower: it cannot win, whatever lies between 64 and 128.
+        assert!(cannot_win(&[p(128.0, false), p(64.0, true)], 128.0, &s));
+        // Failed only above the best rate: it may still beat it, so the bracket is refined.
+        assert!(!cannot_win(&[p(64.0, true), p(256.0, false)], 128.0, &s));
+        // Just over the bound is uncertain (probed again), not a failure yet; once the repeats
+        // are in and still over, it is.
+        let near = || stat(128.0, 0.0, 1.05);
+        assert!(!cannot_win(&[near(), p(64.0, true)], 128.0, &s));
+        let repeated: Vec<Probe> = (0..s.repeats).map(|_| near()).collect();
+        assert!(cannot_win(
+            &[repeated, vec![p(64.0, true)]].concat(),
+            128.0,
+            &s
+        ));
     }
 
     #[test]

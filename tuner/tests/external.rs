@@ -137,9 +137,19 @@ fn the_tuned_env_beats_seed_001_medium_under_the_same_target() {
     // "medium" llm_model/.env, same target, same probes.
     let medium = "MAX_CONCURRENT_GENERATIONS=6\nMAX_INFERENCE_QUEUE_SIZE=1000\n\
                   MAX_INFERENCE_BATCH_SIZE=4\nBATCH_WAIT_TIMEOUT=0.08\n";
-    let (medium_rps, _) = tune(dir.path(), "medium", &pinned(medium), 1);
-    let (tuned_rps, _) = tune(dir.path(), "retuned", &pinned(&env), 1);
+    let measure = |name: &str, env: &str| tune(dir.path(), name, &pinned(env), 1).0;
+    let mut medium_rps = measure("medium", medium);
+    let mut tuned_rps = measure("retuned", &env);
     eprintln!("seed 001 medium {medium_rps:.1} req/s, tuned {tuned_rps:.1} req/s\n{env}");
+    if tuned_rps <= medium_rps {
+        // One short search each is one sample: on a shared 2-core CI host a stall of a second
+        // fails a 1 s probe far below capacity (seen once: the tuned env measured 29 req/s
+        // where its repeats here read 128-256). A second look at both, best of two each, as
+        // the tuner's own race re-measures before it decides; a worse env still loses.
+        medium_rps = medium_rps.max(measure("medium-2", medium));
+        tuned_rps = tuned_rps.max(measure("retuned-2", &env));
+        eprintln!("second look: medium {medium_rps:.1} req/s, tuned {tuned_rps:.1} req/s");
+    }
     assert!(
         tuned_rps > medium_rps,
         "tuned {tuned_rps:.1} req/s does not beat medium {medium_rps:.1} req/s:\n{env}"
