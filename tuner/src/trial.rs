@@ -767,6 +767,51 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_loop_in_which_nothing_finishes_bounds_the_rate_from_above() {
+        // A real socket whose server reads requests and never answers: every request outlasts
+        // the estimating run, as 64-token chats did on a slow CPU.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((sock, _)) = listener.accept().await {
+                    held.push(sock);
+                }
+            });
+            let workload = loadgen::workload::Workload {
+                name: "silent".into(),
+                path: "/v1/completions".into(),
+                bodies: vec![bytes::Bytes::from_static(b"{}")],
+                stream: false,
+            };
+            let settings = ProbeSettings {
+                saturation_secs: 1.5,
+                ..ProbeSettings::default()
+            };
+            let search = RateSearch {
+                url: &url,
+                workload: &workload,
+                targets: &[],
+                settings: &settings,
+                cancel: Arc::new(AtomicBool::new(false)),
+                headers: Vec::new(),
+                max_in_flight: None,
+            };
+            // 4 clients, none done after 0.5 s of warm-up and 1.5 s: under 4 ÷ 2 s.
+            let est = search.saturation(Some(4)).await;
+            assert_eq!(est, Some(2.0));
+            // A search starts from half of it, on the power of two at or below.
+            assert_eq!(start_from_estimate(est.unwrap()), 1.0);
+        });
+    }
+
+    #[test]
     fn a_trial_that_failed_at_the_best_rate_stops_once_a_lower_rate_passed() {
         let s = ProbeSettings::default();
         // Failed at the best trial's rate, nothing passed yet: keep going (no place to give).
