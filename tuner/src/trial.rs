@@ -490,9 +490,9 @@ impl RateSearch<'_> {
             },
             self.workload.clone(),
         );
-        let cfg_secs = self.settings.saturation_secs.max(0.5);
-        cfg.duration = Duration::from_secs_f64(cfg_secs);
+        cfg.duration = Duration::from_secs_f64(self.settings.saturation_secs.max(0.5));
         cfg.warmup = Duration::from_millis(500);
+        let run_secs = (cfg.duration + cfg.warmup).as_secs_f64();
         cfg.headers = self.headers.clone();
         cfg.cancel = Some(self.cancel.clone());
         let r = loadgen::run(cfg).await.ok()?;
@@ -503,7 +503,7 @@ impl RateSearch<'_> {
             // Nothing finished inside the run: every client's request outlasted it, so the
             // rate is below clients ÷ (warm-up + window), an upper bound that the start halves.
             // (Reading it as 0 started a CPU chat search at 16 req/s where 0.4 was the most.)
-            return Some(clients as f64 / (cfg_secs + 0.5));
+            return Some(clients as f64 / run_secs);
         }
         if r.achieved_rps > 0.0 {
             return Some(r.achieved_rps);
