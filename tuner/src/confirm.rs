@@ -7,8 +7,9 @@
 //! the bisection tolerance of the best, up to a few) are **raced**: each is probed afresh at the
 //! best rate, with the same pooled, sequentially extended verdicts as the trials; those that pass
 //! stay, the one with most headroom (lowest mean margin to the targets) wins; when none passes the
-//! rate steps down one lattice point and they race again. The winner is then **refined** one
-//! lattice step up while the step above it is untested. The reported rate is the highest lattice
+//! rate steps down one lattice point and they race again. The winner is then **refined** by
+//! bisecting the gap between its highest pass and the lowest failure above it (race or trial),
+//! down to one lattice step. The reported rate is the highest lattice
 //! point whose pooled verdict passed, and the interval runs from it to the lowest point above
 //! whose verdict failed: each end established by repeated probes.
 //!
@@ -258,19 +259,26 @@ impl Race {
                 }
                 Phase::Refining(w) => {
                     let passed = self.passed.unwrap_or(self.level);
-                    let up = passed + 1;
-                    let failed = self.failed_above(w, passed);
-                    let untested_gap = failed.is_none_or(|f| f > up);
-                    if up - self.top > self.s.max_up || !untested_gap {
+                    // Bisect the gap between the highest pass and the lowest fail above it;
+                    // with no fail above, one bisection tolerance up (at most `max_up` steps
+                    // above where the race started). Each verdict halves what is unknown, so
+                    // the reported rate ends one lattice step (2.2%) below the failure.
+                    let up = match self.failed_above(w, passed) {
+                        Some(f) if f - passed <= 1 => None,
+                        Some(f) => Some(passed + (f - passed) / 2),
+                        None => Some(passed + tolerance_steps(self.s.tolerance)),
+                    };
+                    let Some(up) = up.filter(|&u| u - self.top <= self.s.max_up) else {
                         self.phase = Phase::Done;
                         continue;
-                    }
+                    };
                     match self.verdict_of(w, up) {
                         Verdict::Uncertain => {
                             return Some((self.runners[w].trial, lattice_rate(up)));
                         }
                         Verdict::Pass => self.passed = Some(up),
-                        Verdict::Fail => self.phase = Phase::Done,
+                        // Recorded: `failed_above` now finds it.
+                        Verdict::Fail => {}
                     }
                 }
             }
@@ -389,8 +397,8 @@ mod tests {
             repeats: 3,
             probe_secs: 4.0,
             tolerance: 0.1,
-            max_down: 4,
-            max_up: 2,
+            max_down: 8,
+            max_up: 4,
         }
     }
 
@@ -439,7 +447,7 @@ mod tests {
         assert_eq!(winner(&t).unwrap().index, 1);
         // Tied at one lattice point (up to the last bits): the lower p95 at that rate wins,
         // and a lower p95 at a lower probe rate of the same trial does not count.
-        let r = lattice_rate(107);
+        let r = lattice_rate(214);
         let t = [
             passing(0, &[(50.0, 0.01), (r, 2.5)]),
             passing(1, &[(r * (1.0 + 1e-12), 0.9)]),
@@ -478,12 +486,35 @@ mod tests {
     }
 
     #[test]
+    fn the_winner_is_refined_by_bisection_to_one_step_below_a_failure() {
+        // The trial's bracket is the 10% tolerance wide (200 passed, 204 failed); the server
+        // truly holds up to 202. The race confirms 200, then bisects: 202 passes, 203 fails.
+        let trials = [trial(0, 200, 204)];
+        let (o, n) = run(&trials, &[202], &[]);
+        assert!(o.confirmed);
+        assert_eq!(lattice_index(o.rate), 202);
+        assert_eq!(o.failed_above.map(lattice_index), Some(203));
+        assert_eq!(n, 3);
+        // With no failure above, it bisects up from one tolerance above the start.
+        let mut race = Race::new(&[passing(0, &[(lattice_rate(200), 0.3)])], settings()).unwrap();
+        let mut rates = Vec::new();
+        while let Some((t, rate)) = race.next_probe() {
+            rates.push(lattice_index(rate));
+            let drift = if lattice_index(rate) <= 201 { 0.0 } else { 0.3 };
+            race.record(t, probe(rate, drift));
+        }
+        assert_eq!(rates, vec![200, 204, 202, 201]);
+        assert_eq!(lattice_index(race.outcome().rate), 201);
+    }
+
+    #[test]
     fn a_leader_that_never_passes_is_reported_unconfirmed_below_the_last_try() {
         let trials = [trial(0, 104, 106)];
         let (o, n) = run(&trials, &[0], &[]);
         assert!(!o.confirmed);
-        assert_eq!(n, 5);
-        assert_eq!(lattice_index(o.rate), 99);
+        // 104 down to 96 (max_down 8), then reported one below.
+        assert_eq!(n, 9);
+        assert_eq!(lattice_index(o.rate), 95);
         assert!(o.probes.is_empty());
     }
 }

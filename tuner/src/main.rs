@@ -286,8 +286,9 @@ struct SearchArgs {
     #[arg(long, env = "TUNER_REPEATS", default_value_t = 3)]
     repeats: usize,
     /// Leaders raced after the search: the trials within the bisection tolerance of the best
-    /// are probed afresh at the best rate (stepping down while none holds), the winner is
-    /// refined one lattice step up, and the profile gets its rate with an interval.
+    /// are probed afresh at the best rate (stepping down while none holds), the winner's rate
+    /// is refined to one lattice step (2.2%) below a failure, and the profile gets its rate
+    /// with an interval.
     #[arg(long, env = "TUNER_LEADERS", default_value_t = 3)]
     leaders: usize,
     /// Strategy seed.

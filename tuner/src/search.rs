@@ -168,7 +168,24 @@ impl Live<'_> {
             b
         });
         let (rt, server) = (self.rt, &mut *self.server);
-        rt.block_on(server.apply(knobs))?;
+        match rt.block_on(server.apply(knobs)) {
+            Ok(()) => {}
+            Err(crate::server::ControlError::Rejected(why)) => {
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                if !self.quiet {
+                    eprintln!("the server refused these knobs (counted as 0 req/s): {why}");
+                }
+                return Ok(RateResult {
+                    sustainable_rps: 0.0,
+                    failed_rps: None,
+                    probes: Vec::new(),
+                    rejected: Some(why),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
         rt.block_on(server.wait_idle(Duration::from_secs(60)));
         let search = RateSearch {
             url: server.url(),
@@ -546,8 +563,9 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         repeats: header.probe.repeats.max(1),
         probe_secs: header.probe.duration.as_secs_f64(),
         tolerance: header.probe.tolerance,
-        max_down: 4,
-        max_up: 2,
+        // In lattice steps: 8 is 19% down, 4 is 9% (the bisection tolerance) up.
+        max_down: 8,
+        max_up: 4,
     };
     let mut race = crate::confirm::Race::new(&trials, settings).ok_or_else(|| {
         SearchError::NothingFeasible {

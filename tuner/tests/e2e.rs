@@ -369,3 +369,38 @@ fn a_killed_tuner_leaves_no_server_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn knobs_the_server_refuses_count_as_infeasible_and_the_search_goes_on() {
+    // A token budget of 64 is below the runtime's max_input_tokens (512): PUT /config answers
+    // 422. The grid's other point (8192) is valid; the search must measure it and win with it,
+    // journaling the refused point with the server's reason (an H200 search once stopped here).
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path(), 2);
+    o.space =
+        Space::from_toml("[max_batch_tokens]\ntype = \"int\"\nmin = 64\nmax = 8192\n").unwrap();
+    o.strategy = Strategy::Grid;
+    let out = search(o, Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(out.trials.len(), 2);
+    let refused: Vec<_> = out
+        .trials
+        .iter()
+        .filter(|t| t.result.rejected.is_some())
+        .collect();
+    assert_eq!(refused.len(), 1, "{:?}", out.trials);
+    let why = refused[0].result.rejected.as_deref().unwrap();
+    assert!(
+        why.contains("422") && why.contains("max_batch_tokens"),
+        "{why}"
+    );
+    assert_eq!(refused[0].result.sustainable_rps, 0.0);
+    assert_eq!(out.best["max_batch_tokens"].to_string(), "8192");
+    assert!(out.best_rps > 0.0);
+    let journal = dir
+        .path()
+        .join("searches")
+        .join(&out.search_id)
+        .join("journal.jsonl");
+    let journal = std::fs::read_to_string(journal).unwrap();
+    assert!(journal.contains("\"rejected\""), "{journal}");
+}

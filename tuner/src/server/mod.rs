@@ -27,6 +27,11 @@ pub enum ControlError {
     /// An HTTP call failed or was refused.
     #[error("{0}")]
     Http(String),
+    /// The server answered a reconfiguration with a 4xx: it validated the knobs and refused
+    /// them (a point of the space it cannot run, such as a prefill budget below the longest
+    /// input it accepts). A search records the point as infeasible and moves on.
+    #[error("{0}")]
+    Rejected(String),
     /// The adapter file is unusable.
     #[error(transparent)]
     Adapter(#[from] adapter::AdapterError),

@@ -159,6 +159,9 @@ impl Target {
     pub async fn put_config(&self, body: serde_json::Value) -> Result<(), ControlError> {
         match self.call("PUT", "/config", Some(body.to_string())).await? {
             (200, _) => Ok(()),
+            (s @ 400..=499, text) => Err(ControlError::Rejected(format!(
+                "PUT /config {body}: {s} {text}"
+            ))),
             (s, text) => Err(ControlError::Http(format!(
                 "PUT /config {body}: {s} {text}"
             ))),
