@@ -40,8 +40,8 @@ for k in $(seq "$n"); do
 done
 bin="$warm/release"
 
-# Ground truth: 30 s runs (2 s warm-up) per lattice rate, two steps either side of each distinct
-# winner's confirmed rate, on a fresh runtime with the winner's profile and no rate limit.
+# Ground truth: 30 s runs (2 s warm-up) at the confirmed rate and 4.4% and 8.9% either side of it
+# (every second point of the tuner's 32-point lattice) for each distinct winner, on a fresh runtime with the winner's profile and no rate limit.
 python3 - "$out" "$n" > "$out/winners.txt" <<'PY'
 import sys, tomllib
 out, n = sys.argv[1], int(sys.argv[2])
@@ -62,7 +62,7 @@ while read -r k rate; do
   pid=$!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 0.2; done
   for step in -2 -1 0 1 2; do
-    r=$(python3 -c "import math; i=round(math.log2($rate)*16)+($step); print(f'{2**(i/16):.4f}')")
+    r=$(python3 -c "import math; i=round(math.log2($rate)*32)+2*($step); print(f'{2**(i/32):.4f}')")
     "$bin/loadgen" --url "http://127.0.0.1:$port" --rps "$r" --duration 30s --warmup 2s \
       --json "$out/gt-$k-$step.json" > /dev/null 2>&1
   done
