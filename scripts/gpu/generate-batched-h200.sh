@@ -80,7 +80,9 @@ if has served; then
   sed -i 's/^max_batch_size = .*/max_batch_size = 256/' "$OUT/p/served.toml"
   for rt in ${RUNTIMES:-new:$B/runtime}; do
     name=${rt%%:*}; bin=${rt#*:}
-    $bin serve --profile "$OUT/p/served.toml" --addr 127.0.0.1:9400 > "$OUT/server-$name.log" 2>&1 &
+    # SERVER_CPUS / LOADGEN_CPUS (taskset lists) keep the server's threads and the generator's
+    # apart: a launch-bound step is host work, and 256 streams' clients compete for the same cores.
+    ${SERVER_CPUS:+taskset -c $SERVER_CPUS} $bin serve --profile "$OUT/p/served.toml" --addr 127.0.0.1:9400 > "$OUT/server-$name.log" 2>&1 &
     srv=$!
     if wait_up http://127.0.0.1:9400; then
       # SERVED_TEMPS: "default" sends no temperature (1, the OpenAI default: sampled on the
@@ -89,7 +91,7 @@ if has served; then
         for c in ${SERVED_CLIENTS:-64 256}; do
           t=""; [ "$temp" = default ] || t="--temperature $temp"
           tag=$name-$c; [ "$temp" = default ] || tag=$tag-t$temp
-          timeout 60 $B/loadgen --url http://127.0.0.1:9400 --workload completions --output-tokens 64 --ignore-eos $t \
+          timeout 60 ${LOADGEN_CPUS:+taskset -c $LOADGEN_CPUS} $B/loadgen --url http://127.0.0.1:9400 --workload completions --output-tokens 64 --ignore-eos $t \
             --concurrency $c --duration 20s --warmup 5s --timeout 60s --quiet --json "$OUT/served-$tag.json" \
             > "$OUT/served-$tag.txt" 2>&1
           echo "== served qwen2.5-0.5b, runtime $name, $c clients, temperature $temp"; cat "$OUT/served-$tag.txt"

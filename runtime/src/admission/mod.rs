@@ -51,7 +51,7 @@ impl QueueSpace {
     pub fn try_reserve(&self, n: usize, max: usize) -> bool {
         self.depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
-                (d + n <= max).then_some(d + n)
+                d.checked_add(n).filter(|&after| after <= max)
             })
             .is_ok()
     }
@@ -210,8 +210,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_waiter_gets_in_as_room_is_released_one_at_a_time() {
         let (space, tasks) = full_with_waiters(1, 50).await;
-        // Each release lets exactly one more in; all 50 get in after 50 releases.
+        // Each release lets exactly one more in; all 50 get in after 50 releases. The next
+        // release waits until a waiter has taken the room (a release with nothing reserved
+        // would be a bug of the caller, and a busy host can be slower than a fixed sleep).
         for _ in 0..50 {
+            let t0 = std::time::Instant::now();
+            while space.depth.load(Ordering::Acquire) < 1 {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "no waiter took the room"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             tokio::time::sleep(Duration::from_millis(2)).await;
             space.release(1);
         }
