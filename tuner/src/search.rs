@@ -563,9 +563,10 @@ pub fn search(opts: SearchOptions, cancel: Arc<AtomicBool>) -> Result<SearchOutc
         repeats: header.probe.repeats.max(1),
         probe_secs: header.probe.duration.as_secs_f64(),
         tolerance: header.probe.tolerance,
-        // In lattice steps: 8 is 19% down, 4 is 9% (the bisection tolerance) up.
-        max_down: 8,
-        max_up: 4,
+        // Down a quarter of a doubling (19%), up one bisection tolerance (9% at the default
+        // 10%): relative, so the lattice's resolution does not change how far the race goes.
+        max_down: crate::trial::LATTICE as i64 / 4,
+        max_up: crate::trial::tolerance_steps(header.probe.tolerance),
     };
     let mut race = crate::confirm::Race::new(&trials, settings).ok_or_else(|| {
         SearchError::NothingFeasible {

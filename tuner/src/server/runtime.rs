@@ -157,14 +157,12 @@ impl Target {
 
     /// `PUT /config` with a JSON object.
     pub async fn put_config(&self, body: serde_json::Value) -> Result<(), ControlError> {
-        match self.call("PUT", "/config", Some(body.to_string())).await? {
-            (200, _) => Ok(()),
-            (s @ 400..=499, text) => Err(ControlError::Rejected(format!(
-                "PUT /config {body}: {s} {text}"
-            ))),
-            (s, text) => Err(ControlError::Http(format!(
-                "PUT /config {body}: {s} {text}"
-            ))),
+        let (status, text) = self.call("PUT", "/config", Some(body.to_string())).await?;
+        let what = format!("PUT /config {body}: {status} {text}");
+        match status {
+            200 => Ok(()),
+            400..=499 => Err(ControlError::Rejected(what)),
+            _ => Err(ControlError::Http(what)),
         }
     }
 
