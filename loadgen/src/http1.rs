@@ -137,6 +137,14 @@ impl Client {
     fn live_idle(&self) -> Option<Conn> {
         loop {
             let c = self.idle.lock().expect("idle stack").pop()?;
+            // Nothing has arrived since its response was read (that read drained the socket
+            // and cleared its readiness, and the reactor has seen no event since): open and
+            // quiet, known without a syscall. At 80,000 req/s on one core the probe below,
+            // on every reuse, was one read call per request.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if c.stream.poll_read_ready(&mut cx).is_pending() {
+                return Some(c);
+            }
             let mut probe = [0u8; 1];
             match c.stream.try_read(&mut probe) {
                 // Nothing to read: open and quiet, as an idle connection should be.

@@ -23,7 +23,7 @@ pub use report::Report;
 use schedule::{Arrival, Rate};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use workload::Workload;
@@ -138,10 +138,10 @@ impl Config {
     }
 
     /// Pacer threads for an open loop at `rate`: `pacers`, or one per 2,000 req/s of the peak
-    /// rate (one pacer on one core sends ~20,000 req/s; the margin keeps its lag low), at most
-    /// one per core, leaving a core to the sample collector from 4 cores up (measured on 8
-    /// cores at 240,000 req/s: 8 pacers sharing them with the collector had a send-lag p99 of
-    /// 4.7 ms, 8 pacers with 2 cores to spare 16 µs).
+    /// rate (one pacer on one core sends ~20,000 req/s with a low lag), at most one per core.
+    /// Pacers record their own samples, so no core is left for a collector (one had been,
+    /// when samples crossed to one thread: 8 pacers sharing 8 cores with it had a send-lag p99
+    /// of 4.7 ms at 240,000 req/s).
     pub fn pacers_for(&self, rate: &Rate) -> usize {
         if self.pacers > 0 {
             return self.pacers;
@@ -151,8 +151,7 @@ impl Config {
             Rate::Ramp { start, end, .. } => start.max(end),
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let room = if cores >= 4 { cores - 1 } else { cores };
-        ((peak / 2_000.0).ceil() as usize).clamp(1, room)
+        ((peak / 2_000.0).ceil() as usize).clamp(1, cores)
     }
 
     /// The measurement window in effect: `window`, or duration / 5 clamped to [1s, 10s].
@@ -252,6 +251,15 @@ impl Sender {
     }
 }
 
+/// One collector holding what all of `cols` recorded so far.
+fn merged(cols: &[Arc<Mutex<Collector>>]) -> Collector {
+    let mut all = pacer::lock(&cols[0]).clone();
+    for c in &cols[1..] {
+        all.merge(&pacer::lock(c));
+    }
+    all
+}
+
 /// Runs the load and returns the report. Must be called inside a multi-threaded tokio runtime.
 pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     let uri = target_uri(&cfg)?;
@@ -310,8 +318,13 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     let measure_start = start + cfg.warmup;
     let measure_end = measure_start + cfg.duration;
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Sample>();
+    // Producers hold a sender each and never send: the run is over when all have dropped theirs.
+    let (alive, mut done) = mpsc::channel::<()>(1);
     let bodies = Arc::new(requests);
+    let mut template = Collector::new(measure_start, measure_end, window);
+    template.goodput = cfg.goodput;
+    let new_col = || Arc::new(Mutex::new(template.clone()));
+    let mut cols = Vec::new();
 
     let mut pacers = Vec::new();
     match &cfg.mode {
@@ -348,7 +361,11 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                     in_flight: in_flight.clone(),
                     stop: stop.clone(),
                     bodies: bodies.clone(),
-                    tx: tx.clone(),
+                    col: {
+                        cols.push(new_col());
+                        cols[k].clone()
+                    },
+                    alive: alive.clone(),
                     send,
                 })
                 .map_err(|e| LoadgenError::Config(format!("cannot start a pacer thread: {e}")))?;
@@ -359,9 +376,13 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
             if *concurrency == 0 {
                 return Err(LoadgenError::Config("--concurrency must be ≥ 1".into()));
             }
+            // One collector for all clients: they share the run's worker threads, and a
+            // closed loop's rate is bounded by its clients' round trips, not by recording.
+            cols.push(new_col());
             for k in 0..*concurrency {
-                let (stop, tx, sender, bodies) =
-                    (stop.clone(), tx.clone(), sender.clone(), bodies.clone());
+                let (stop, alive, sender, bodies) =
+                    (stop.clone(), alive.clone(), sender.clone(), bodies.clone());
+                let col = cols[0].clone();
                 let n = *concurrency;
                 tokio::spawn(async move {
                     tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
@@ -371,7 +392,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                         let (sent, done, outcome) =
                             sender.send(bodies[i % bodies.len()].clone()).await;
                         i += n;
-                        let _ = tx.send(Sample {
+                        pacer::lock(&col).record(&Sample {
                             intended,
                             started: intended,
                             sent,
@@ -379,11 +400,12 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                             outcome,
                         });
                     }
+                    drop(alive);
                 });
             }
         }
     }
-    drop(tx);
+    drop(alive);
 
     let bar = (cfg.progress && std::io::stderr().is_terminal()).then(|| {
         let total = (cfg.warmup + cfg.duration).as_millis() as u64;
@@ -396,8 +418,6 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
         );
         b
     });
-    let mut col = Collector::new(measure_start, measure_end, window);
-    col.goodput = cfg.goodput;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut next_check = measure_start + window;
     let mut stopped_early: Option<String> = None;
@@ -405,18 +425,12 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     let mut last_ok = (Instant::now(), 0u64);
     loop {
         tokio::select! {
-            s = rx.recv() => match s {
-                Some(s) => {
-                    col.record(&s);
-                    while let Ok(s) = rx.try_recv() {
-                        col.record(&s);
-                    }
-                }
-                None => break,
-            },
+            // Never sent to: `None` once every producer has finished.
+            _ = done.recv() => break,
             _ = tick.tick() => {
                 let now = Instant::now();
                 if let Some(b) = &bar {
+                    let col = merged(&cols);
                     let rate = (col.ok - last_ok.1) as f64 / now.duration_since(last_ok.0).as_secs_f64().max(1e-3);
                     last_ok = (now, col.ok);
                     let p95 = col.histos.latency.value_at_quantile(0.95) as f64 / 1e6;
@@ -431,7 +445,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                 if now >= next_check && now <= measure_end && stopped_early.is_none() {
                     next_check += window;
                     if let Some(hook) = &cfg.early_stop {
-                        if let Some(reason) = hook(&col.progress(now)) {
+                        if let Some(reason) = hook(&merged(&cols).progress(now)) {
                             stopped_early = Some(reason);
                             stop.store(true, Ordering::Relaxed);
                         }
@@ -446,19 +460,10 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    // The pacers' wake-up delays. Their samples are all in; a pacer returns microseconds after
-    // its last one, except one still holding a request past the hard deadline, left out.
-    let waited = Instant::now();
-    for h in pacers {
-        while !h.is_finished() && waited.elapsed() < Duration::from_millis(200) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        if h.is_finished() {
-            if let Ok(w) = h.join() {
-                let _ = col.histos.wake.add(&w);
-            }
-        }
-    }
+    // Every producer is done (or one still holds a request past the hard deadline: what it
+    // recorded so far is taken, and it is left to finish on its own).
+    drop(pacers);
+    let col = merged(&cols);
     let ended = if stopped_early.is_some() {
         Instant::now()
             .min(measure_end)

@@ -151,8 +151,8 @@ struct Cli {
     #[arg(long)]
     dump_texts: Option<PathBuf>,
     /// Generator threads. Open loop: pacers, each with its own connections and an equal share
-    /// of the one schedule (default: one per 2,000 req/s of the peak rate, at most one per core,
-    /// less one core for collecting samples from 4 cores up).
+    /// of the one schedule, recording its own samples (default: one per 2,000 req/s of the
+    /// peak rate, at most one per core).
     /// Closed loop: the async runtime's workers (default: all cores).
     #[arg(long, env = "LOADGEN_THREADS")]
     threads: Option<usize>,

@@ -8,13 +8,15 @@
 //! the thread sleeps in `epoll` and serves responses, instead of spinning the last few hundred
 //! microseconds before each send (which used a whole core above ~2,500 req/s and clumped sends).
 //! A pacer that falls behind sends its overdue arrivals back to back: past saturation it holds
-//! the highest rate its core can send, and the lag it records says so.
+//! the highest rate its core can send, and the lag it records says so. Each pacer records into
+//! its own [`Collector`] (locked only by its own thread, and by the run's loop to merge once
+//! per progress tick), so no sample crosses threads on the hot path.
 
-use crate::record::{Outcome, Sample};
+use crate::record::{Collector, Outcome, Sample};
 use crate::schedule::{Arrival, Rate, Schedule};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -64,17 +66,18 @@ pub(crate) struct Share {
     pub stop: Arc<AtomicBool>,
     /// Pre-built requests, cycled.
     pub bodies: Arc<Vec<Bytes>>,
-    /// Where samples go.
-    pub tx: mpsc::UnboundedSender<Sample>,
+    /// This pacer's own collector.
+    pub col: Arc<Mutex<Collector>>,
+    /// Held until the pacer is done: the run ends when every holder has dropped its sender.
+    pub alive: mpsc::Sender<()>,
     /// A sender of this pacer's own (own connections).
     pub send: SendFn,
 }
 
 /// Starts pacer `share.k` on its own thread; it returns once its share is sent and answered,
-/// with its event loop's wake-up delays (µs; see [`crate::record::Histos::wake`]).
-pub(crate) fn spawn(
-    share: Share,
-) -> std::io::Result<std::thread::JoinHandle<hdrhistogram::Histogram<u64>>> {
+/// having added its event loop's wake-up delays to its collector (µs; see
+/// [`crate::record::Histos::wake`]).
+pub(crate) fn spawn(share: Share) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("loadgen-pacer-{}", share.k))
         .spawn(move || {
@@ -86,7 +89,7 @@ pub(crate) fn spawn(
         })
 }
 
-async fn pace(s: Share) -> hdrhistogram::Histogram<u64> {
+async fn pace(s: Share) {
     let timer = Timer::new();
     let mut sched = Schedule::new(s.arrival, s.rate, s.seed);
     let mut tasks = tokio::task::JoinSet::new();
@@ -108,7 +111,7 @@ async fn pace(s: Share) -> hdrhistogram::Histogram<u64> {
         while tasks.try_join_next().is_some() {}
         if s.in_flight.load(Ordering::Relaxed) >= s.cap {
             let now = Instant::now();
-            let _ = s.tx.send(Sample {
+            lock(&s.col).record(&Sample {
                 intended,
                 started: now,
                 sent: now,
@@ -119,7 +122,7 @@ async fn pace(s: Share) -> hdrhistogram::Histogram<u64> {
         }
         s.in_flight.fetch_add(1, Ordering::Relaxed);
         let body = s.bodies[(i - 1) % s.bodies.len()].clone();
-        let (tx, send, in_flight) = (s.tx.clone(), s.send.clone(), s.in_flight.clone());
+        let (col, send, in_flight) = (s.col.clone(), s.send.clone(), s.in_flight.clone());
         tasks.spawn(async move {
             let started = Instant::now();
             let r = send(body).await;
@@ -127,7 +130,7 @@ async fn pace(s: Share) -> hdrhistogram::Histogram<u64> {
             // The generator's lag is measured where the request leaves, at the socket write,
             // less any wait for a capped connection pool (the server's slowness, not ours).
             let own = r.written.saturating_duration_since(r.acquired);
-            let _ = tx.send(Sample {
+            lock(&col).record(&Sample {
                 intended,
                 started: started + own,
                 sent: r.acquired,
@@ -136,9 +139,15 @@ async fn pace(s: Share) -> hdrhistogram::Histogram<u64> {
             });
         });
     }
-    drop(s.tx);
     while tasks.join_next().await.is_some() {}
-    timer.wakes.into_inner()
+    let _ = lock(&s.col).histos.wake.add(&*timer.wakes.borrow());
+    drop(s.alive);
+}
+
+/// The collector, even if a thread panicked while holding it (its counts are still the best
+/// record of the run).
+pub(crate) fn lock(c: &Mutex<Collector>) -> std::sync::MutexGuard<'_, Collector> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A precise async sleep: a timerfd armed with an absolute deadline, awaited through the

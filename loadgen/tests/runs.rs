@@ -418,6 +418,45 @@ impl futures_core::Stream for ReceiverStream {
 /// closing the connection instead: the dropped request is an `io` error, never resent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_dropped_after_it_was_sent_is_an_io_error_and_never_resent() {
+    let (addr, received) = one_answer_per_connection(None).await;
+    let mut cfg = open(addr, 20.0, 1.0);
+    cfg.warmup = Duration::ZERO;
+    let r = loadgen::run(cfg).await.unwrap();
+    let sent = r.ok + r.errors.values().sum::<u64>();
+    assert_eq!(sent, 20, "{:?}", r.errors);
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        20,
+        "the server received a request twice: {:?}",
+        r.errors
+    );
+    assert!(
+        r.errors.get("io").copied().unwrap_or(0) > 0,
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.errors.get("connect"), None, "{:?}", r.errors);
+}
+
+/// A server that closes a kept-alive connection soon after answering (an idle timeout, without
+/// `Connection: close`): the client must notice the closed idle connection before reusing it,
+/// so every request succeeds on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_the_server_closed_is_replaced_not_used() {
+    let (addr, received) = one_answer_per_connection(Some(Duration::from_millis(5))).await;
+    let mut cfg = open(addr, 20.0, 1.0);
+    cfg.warmup = Duration::ZERO;
+    let r = loadgen::run(cfg).await.unwrap();
+    assert_eq!(r.ok, 20, "{:?}", r.errors);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(received.load(Ordering::SeqCst), 20);
+}
+
+/// A raw server that answers the first request on each connection (keep-alive, no
+/// `Connection: close`), then either closes the connection `close_after` later, or (`None`)
+/// reads the next request and closes without answering it. Returns its address and the count
+/// of whole requests it received.
+async fn one_answer_per_connection(close_after: Option<Duration>) -> (SocketAddr, Arc<AtomicU64>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -459,27 +498,15 @@ async fn a_request_dropped_after_it_was_sent_is_an_io_error_and_never_resent() {
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                         .await;
+                    if let Some(d) = close_after {
+                        tokio::time::sleep(d).await;
+                        return;
+                    }
                 }
             });
         }
     });
-    let mut cfg = open(addr, 20.0, 1.0);
-    cfg.warmup = Duration::ZERO;
-    let r = loadgen::run(cfg).await.unwrap();
-    let sent = r.ok + r.errors.values().sum::<u64>();
-    assert_eq!(sent, 20, "{:?}", r.errors);
-    assert_eq!(
-        received.load(Ordering::SeqCst),
-        20,
-        "the server received a request twice: {:?}",
-        r.errors
-    );
-    assert!(
-        r.errors.get("io").copied().unwrap_or(0) > 0,
-        "{:?}",
-        r.errors
-    );
-    assert_eq!(r.errors.get("connect"), None, "{:?}", r.errors);
+    (addr, received)
 }
 
 /// A server that records when each request arrived.

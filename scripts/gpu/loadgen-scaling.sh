@@ -7,5 +7,5 @@ set -uo pipefail
 OUT="${1:?output folder}"; SECS="${2:-5}"
 source scripts/gpu/unpack-lg.sh
 BIN=$BIN SERVER_CPUS=8-15 SERVER_THREADS=8 THREADS="1 2 4 8" OUT="$OUT/loadgen-scaling-16core" \
-  RATES="20000 40000 80000 120000 160000 240000 320000 400000 480000 640000" \
+  RATES="${RATES:-20000 40000 60000 80000 100000 120000 160000 240000 320000 400000 480000 640000 800000}" \
   bash scripts/bench-loadgen-scaling.sh "$SECS"
