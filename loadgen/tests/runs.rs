@@ -531,9 +531,12 @@ async fn recording() -> (SocketAddr, Arc<Seen>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_pacers_send_one_poisson_schedule_between_them() {
     let (addr, seen) = recording().await;
-    let mut cfg = open(addr, 1000.0, 3.0);
+    // 300/s: gaps of 3.3 ms, so the server's own scheduling jitter on a test host busy with
+    // other tests (a millisecond at times) does not read as clumping (at 1,000/s it once gave
+    // a CV of 1.31 in CI-like runs); 1,200 gaps keep the CV's error near ±0.05.
+    let mut cfg = open(addr, 300.0, 4.0);
     cfg.mode = Mode::Open {
-        rate: Rate::Fixed(1000.0),
+        rate: Rate::Fixed(300.0),
         arrival: Arrival::Poisson,
         max_in_flight: 10_000,
     };
@@ -553,7 +556,7 @@ async fn several_pacers_send_one_poisson_schedule_between_them() {
     let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
     let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64).sqrt();
     let rate = 1.0 / mean;
-    assert!((rate - 1000.0).abs() < 60.0, "server saw {rate:.0}/s");
+    assert!((rate - 300.0).abs() < 18.0, "server saw {rate:.0}/s");
     assert!(
         (0.85..1.15).contains(&(sd / mean)),
         "inter-arrival CV {}",
