@@ -253,9 +253,9 @@ impl Sender {
 
 /// One collector holding what all of `cols` recorded so far.
 fn merged(cols: &[Arc<Mutex<Collector>>]) -> Collector {
-    let mut all = pacer::lock(&cols[0]).clone();
+    let mut all = record::lock(&cols[0]).clone();
     for c in &cols[1..] {
-        all.merge(&pacer::lock(c));
+        all.merge(&record::lock(c));
     }
     all
 }
@@ -326,7 +326,6 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     let new_col = || Arc::new(Mutex::new(template.clone()));
     let mut cols = Vec::new();
 
-    let mut pacers = Vec::new();
     match &cfg.mode {
         Mode::Open {
             rate,
@@ -349,7 +348,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                     let own = own.clone();
                     Box::pin(async move { own.send_timed(body).await })
                 });
-                let handle = pacer::spawn(pacer::Share {
+                pacer::spawn(pacer::Share {
                     k,
                     n,
                     start,
@@ -362,14 +361,14 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                     stop: stop.clone(),
                     bodies: bodies.clone(),
                     col: {
-                        cols.push(new_col());
-                        cols[k].clone()
+                        let col = new_col();
+                        cols.push(col.clone());
+                        col
                     },
                     alive: alive.clone(),
                     send,
                 })
                 .map_err(|e| LoadgenError::Config(format!("cannot start a pacer thread: {e}")))?;
-                pacers.push(handle);
             }
         }
         Mode::Closed { concurrency } => {
@@ -392,7 +391,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                         let (sent, done, outcome) =
                             sender.send(bodies[i % bodies.len()].clone()).await;
                         i += n;
-                        pacer::lock(&col).record(&Sample {
+                        record::lock(&col).record(&Sample {
                             intended,
                             started: intended,
                             sent,
@@ -462,7 +461,6 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     }
     // Every producer is done (or one still holds a request past the hard deadline: what it
     // recorded so far is taken, and it is left to finish on its own).
-    drop(pacers);
     let col = merged(&cols);
     let ended = if stopped_early.is_some() {
         Instant::now()

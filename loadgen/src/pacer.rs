@@ -12,7 +12,7 @@
 //! its own [`Collector`] (locked only by its own thread, and by the run's loop to merge once
 //! per progress tick), so no sample crosses threads on the hot path.
 
-use crate::record::{Collector, Outcome, Sample};
+use crate::record::{self, Collector, Outcome, Sample};
 use crate::schedule::{Arrival, Rate, Schedule};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -74,10 +74,10 @@ pub(crate) struct Share {
     pub send: SendFn,
 }
 
-/// Starts pacer `share.k` on its own thread; it returns once its share is sent and answered,
-/// having added its event loop's wake-up delays to its collector (µs; see
-/// [`crate::record::Histos::wake`]).
-pub(crate) fn spawn(share: Share) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Starts pacer `share.k` on its own thread, detached: it ends once its share is sent and
+/// answered, having added its event loop's wake-up delays to its collector (µs; see
+/// [`crate::record::Histos::wake`]) and dropped `alive`, which is how the run knows.
+pub(crate) fn spawn(share: Share) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name(format!("loadgen-pacer-{}", share.k))
         .spawn(move || {
@@ -87,6 +87,7 @@ pub(crate) fn spawn(share: Share) -> std::io::Result<std::thread::JoinHandle<()>
                 .expect("a pacer's runtime");
             rt.block_on(pace(share))
         })
+        .map(drop)
 }
 
 async fn pace(s: Share) {
@@ -111,7 +112,7 @@ async fn pace(s: Share) {
         while tasks.try_join_next().is_some() {}
         if s.in_flight.load(Ordering::Relaxed) >= s.cap {
             let now = Instant::now();
-            lock(&s.col).record(&Sample {
+            record::lock(&s.col).record(&Sample {
                 intended,
                 started: now,
                 sent: now,
@@ -130,7 +131,7 @@ async fn pace(s: Share) {
             // The generator's lag is measured where the request leaves, at the socket write,
             // less any wait for a capped connection pool (the server's slowness, not ours).
             let own = r.written.saturating_duration_since(r.acquired);
-            lock(&col).record(&Sample {
+            record::lock(&col).record(&Sample {
                 intended,
                 started: started + own,
                 sent: r.acquired,
@@ -140,14 +141,8 @@ async fn pace(s: Share) {
         });
     }
     while tasks.join_next().await.is_some() {}
-    let _ = lock(&s.col).histos.wake.add(&*timer.wakes.borrow());
+    let _ = record::lock(&s.col).histos.wake.add(&*timer.wakes.borrow());
     drop(s.alive);
-}
-
-/// The collector, even if a thread panicked while holding it (its counts are still the best
-/// record of the run).
-pub(crate) fn lock(c: &Mutex<Collector>) -> std::sync::MutexGuard<'_, Collector> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A precise async sleep: a timerfd armed with an absolute deadline, awaited through the

@@ -25,6 +25,18 @@ async fn serve(app: Router) -> SocketAddr {
     addr
 }
 
+/// A server that answers every request after `delay`; returns its address.
+async fn serve_slow(delay: Duration) -> SocketAddr {
+    serve(Router::new().route(
+        "/v1/embeddings",
+        post(move || async move {
+            tokio::time::sleep(delay).await;
+            "ok"
+        }),
+    ))
+    .await
+}
+
 fn workload() -> Workload {
     Workload::from_spec("embeddings", &TextOptions::default()).unwrap()
 }
@@ -104,14 +116,7 @@ async fn a_one_second_stall_shows_in_corrected_latency_not_in_service_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_loop_throughput_is_clients_over_service_time() {
-    let addr = serve(Router::new().route(
-        "/v1/embeddings",
-        post(|| async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            "ok"
-        }),
-    ))
-    .await;
+    let addr = serve_slow(Duration::from_millis(20)).await;
     let mut cfg = Config::new(
         format!("http://{addr}"),
         Mode::Closed { concurrency: 8 },
@@ -177,14 +182,7 @@ async fn errors_are_counted_by_kind_and_kept_out_of_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_stop_hook_ends_the_run() {
-    let addr = serve(Router::new().route(
-        "/v1/embeddings",
-        post(|| async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            "ok"
-        }),
-    ))
-    .await;
+    let addr = serve_slow(Duration::from_millis(50)).await;
     let mut cfg = open(addr, 100.0, 20.0);
     cfg.window = Some(Duration::from_millis(500));
     let target = loadgen::slo::Target::parse("p95<10ms").unwrap();
@@ -593,14 +591,7 @@ async fn the_self_check_is_relative_to_the_latency_it_measures() {
     );
     // Allowed as much lag as the latency itself, and no floor: valid against a server that
     // takes 50 ms (a loaded test host's scheduling hiccups stay well inside that).
-    let slow = serve(Router::new().route(
-        "/v1/embeddings",
-        post(|| async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            "ok"
-        }),
-    ))
-    .await;
+    let slow = serve_slow(Duration::from_millis(50)).await;
     let mut cfg = open(slow, 200.0, 1.0);
     cfg.max_lag_p99 = Duration::from_micros(1);
     cfg.lag_fraction = 1.0;
