@@ -206,11 +206,21 @@ pub fn raw_decode(
         reason: e.to_string(),
     };
     if model.on_gpu() {
-        // The KV write is the project's own GPU kernel: check it where it runs (the replica's
-        // own device and dtype), before timing.
+        // The KV write and the paged attention are the project's own GPU kernels: check them
+        // where they run (the replica's own device and dtype), before timing.
         crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("kv-write self-check on {device}: equal to scatter_set");
+        let c = model.config();
+        let worst = crate::model::paged_attn::self_check(
+            model.device(),
+            model::candle_dtype(dtype),
+            c.num_attention_heads,
+            c.kv_heads(),
+            c.head_dim(),
+        )
+        .map_err(err)?;
+        eprintln!("paged-attention self-check on {device}: within {worst:.2e} of matmul attention");
     }
     let vocab = model.config().vocab_size as u32;
     let mut out = Vec::new();

@@ -149,16 +149,10 @@ KV_WRITE(kv_write_u16, unsigned short)
 KV_WRITE(kv_write_u32, unsigned int)
 "#;
 
-    /// Compiled once per process by NVRTC (the driver JIT-compiles the PTX for the GPU present).
+    /// Compiled once per process ([`crate::model::nvrtc`]).
     fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| e.to_string())
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(format!("kv-write: NVRTC: {e}")))
+        crate::model::nvrtc::ptx(&PTX, SOURCE, "kv-write")
     }
 
     pub(super) fn launch(

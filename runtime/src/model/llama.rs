@@ -31,6 +31,7 @@
 //! high-water mark of what the scheduler's `kv_cache_tokens` budget let run at once.
 
 use super::kv_write::write_rows;
+use super::paged_attn::{self, Lanes};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
@@ -265,6 +266,10 @@ pub struct Llama {
     /// a second chain of attention kernels per layer; 0 on a CPU, where every gathered row is
     /// copied and the padded chunk group is cheaper.
     flat_cells: usize,
+    /// Width-1 groups attend through [`paged_attn`] instead of gathered matmuls: on a GPU (one
+    /// kernel a layer instead of a gather, mask and matmul chain), when the head layout fits
+    /// the kernel.
+    paged: bool,
 }
 
 /// The replica's KV memory: per layer `[kv_heads, blocks × KV_BLOCK, head_dim]` for K and V,
@@ -352,15 +357,29 @@ impl<'a> Chunk<'a> {
     }
 }
 
-/// One batched attention over several chunks of a step: each chunk's new tokens padded to
-/// `width` query rows and its keys to `span` pool rows, so one chain of kernels per layer serves
-/// them all. One-token decodes form such a group with `width` 1; prefill chunks of similar
-/// shape form others (see [`group_chunks`]).
+/// One batched attention over several chunks of a step: its rows in the step's matrices and
+/// how it attends ([`Attention`]).
 struct AttnGroup {
     /// First row of the group's tokens in the step's matrices (its rows are contiguous).
     offset: usize,
     /// Real tokens in the group.
     tokens: usize,
+    how: Attention,
+}
+
+/// How a group attends.
+enum Attention {
+    /// One-query lanes read in place from the pool (`paged_attn.rs`): a width-1 group (decodes
+    /// and short prompts' lanes) on a GPU, one kernel a layer.
+    Paged(Lanes),
+    /// Each chunk's new tokens padded to `width` query rows and its keys gathered into `span`
+    /// rows, then masked matmuls: prefill groups, and every group on the CPU (where the
+    /// gathered matmuls use every core and the paged loop one).
+    Gathered(Gathered),
+}
+
+/// A gathered group's pool rows, mask and padding (see [`Attention::Gathered`]).
+struct Gathered {
     seqs: usize,
     width: usize,
     span: usize,
@@ -504,6 +523,8 @@ impl Llama {
             })),
             free_cells: if device.is_cpu() { 1 << 10 } else { 1 << 16 },
             flat_cells: if device.is_cpu() { 0 } else { 1 << 16 },
+            paged: device.is_cuda()
+                && paged_attn::supports(cfg.num_attention_heads, cfg.kv_heads(), hd),
             device,
             dtype,
         })
@@ -734,6 +755,23 @@ impl Llama {
             .max()
             .unwrap_or(1);
         let seqs = which.len();
+        if self.paged && width == 1 {
+            // Each lane's query sees its cache up to its own position.
+            let lanes = Lanes::new(
+                which.iter().map(|&i| {
+                    let c = &chunks[lanes[i].chunk].cache;
+                    (shape(i).1 + 1, c.blocks.as_slice())
+                }),
+                offset,
+                KV_BLOCK,
+                &self.device,
+            )?;
+            return Ok(AttnGroup {
+                offset,
+                tokens: seqs,
+                how: Attention::Paged(lanes),
+            });
+        }
         let mut rows = Vec::with_capacity(seqs * span);
         let mut mask = Vec::with_capacity(seqs * width * span);
         let (mut gather, mut real) = (Vec::new(), Vec::new());
@@ -766,13 +804,15 @@ impl Llama {
         Ok(AttnGroup {
             offset,
             tokens,
-            seqs,
-            width,
-            span,
-            rows: Tensor::from_vec(rows, seqs * span, &self.device)?,
-            mask: Tensor::from_vec(mask, (1, seqs, 1, width, span), &self.device)?
-                .to_dtype(self.dtype)?,
-            pad,
+            how: Attention::Gathered(Gathered {
+                seqs,
+                width,
+                span,
+                rows: Tensor::from_vec(rows, seqs * span, &self.device)?,
+                mask: Tensor::from_vec(mask, (1, seqs, 1, width, span), &self.device)?
+                    .to_dtype(self.dtype)?,
+                pad,
+            }),
         })
     }
 
@@ -799,9 +839,7 @@ impl Llama {
     }
 
     /// One group's attention. `q` is the step's `[heads, t, head_dim]`; returns the group's
-    /// `[tokens, heads × head_dim]`. Query head h reads KV head h / groups, so the query heads
-    /// are grouped by their KV head and one batched matmul per (KV head, sequence) serves them
-    /// all, without repeating K and V.
+    /// `[tokens, heads × head_dim]`.
     fn attend(
         &self,
         q: &Tensor,
@@ -809,13 +847,33 @@ impl Llama {
         v_pool: &Tensor,
         g: &AttnGroup,
     ) -> candle_core::Result<Tensor> {
+        match &g.how {
+            Attention::Paged(lanes) => paged_attn::attend(q, k_pool, v_pool, lanes),
+            Attention::Gathered(x) => {
+                self.attend_gathered(q, k_pool, v_pool, g.offset, g.tokens, x)
+            }
+        }
+    }
+
+    /// A gathered group's attention (see [`attend`](Self::attend)). Query head h reads KV
+    /// head h / groups, so the query heads are grouped by their KV head and one batched matmul
+    /// per (KV head, sequence) serves them all, without repeating K and V.
+    fn attend_gathered(
+        &self,
+        q: &Tensor,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        offset: usize,
+        tokens: usize,
+        g: &Gathered,
+    ) -> candle_core::Result<Tensor> {
         let (kvh, hd) = (self.cfg.kv_heads(), self.cfg.head_dim());
         let groups = self.cfg.num_attention_heads / kvh;
         let (b, w, l) = (g.seqs, g.width, g.span);
         // Gathered from the whole (contiguous) `q`: CUDA's index_select refuses a narrowed view.
         let q = match &g.pad {
             Some((gather, _)) => q.index_select(gather, 1)?,
-            None => q.narrow(1, g.offset, g.tokens)?,
+            None => q.narrow(1, offset, tokens)?,
         };
         let keys = k_pool.index_select(&g.rows, 1)?.reshape((kvh * b, l, hd))?;
         let values = v_pool.index_select(&g.rows, 1)?.reshape((kvh * b, l, hd))?;
@@ -929,11 +987,14 @@ mod tests {
     #[test]
     fn a_sequence_decodes_the_same_alone_and_among_others() {
         // Prompt chunks attending as their own group (the CPU's way) and as one-query lanes
-        // beside the decodes (the GPU's way) must both give what the sequence gives alone.
+        // beside the decodes (the GPU's way), the width-1 group gathered (the CPU's way) and
+        // paged (the GPU's way), must all give what the sequence gives alone.
         for flat_cells in [0, 1 << 16] {
-            let mut m = tiny();
-            m.flat_cells = flat_cells;
-            decodes_the_same_among_others(&tiny(), &m);
+            for paged in [false, true] {
+                let mut m = tiny();
+                (m.flat_cells, m.paged) = (flat_cells, paged);
+                decodes_the_same_among_others(&tiny(), &m);
+            }
         }
     }
 
@@ -1047,10 +1108,18 @@ mod tests {
 
     #[test]
     fn freed_blocks_are_reused_and_scattered_blocks_decode_the_same() {
-        let m = tiny();
+        // Gathered and paged (read through the block table) decodes alike.
+        for paged in [false, true] {
+            let mut m = tiny();
+            m.paged = paged;
+            freed_blocks_are_reused_in(&m);
+        }
+    }
+
+    fn freed_blocks_are_reused_in(m: &Llama) {
         let prompt: Vec<u32> = (50..90).collect();
         let n = 10;
-        let expect = alone(&m, &prompt, n);
+        let expect = alone(&tiny(), &prompt, n);
         // Fragment the pool: three sequences, the middle one freed, so the next reservation
         // takes its blocks first and then blocks past the third one's.
         let a = m.new_cache(2 * KV_BLOCK).unwrap();
@@ -1066,7 +1135,7 @@ mod tests {
             cache.blocks
         );
         assert!(m.kv_pool_positions() > before, "the pool grew for the rest");
-        assert_eq!(alone_in(&m, &mut cache, &prompt, n), expect);
+        assert_eq!(alone_in(m, &mut cache, &prompt, n), expect);
         drop((a, c, cache));
         let p = lock(&m.pool);
         assert_eq!(p.free.len(), p.blocks, "every block is back");

@@ -12,6 +12,9 @@ pub mod kv_write;
 pub mod llama;
 pub mod lm;
 pub mod lm_tokenizer;
+#[cfg(feature = "cuda")]
+mod nvrtc;
+pub mod paged_attn;
 pub mod tokenize;
 
 use bert::{Bert, BertConfig};
