@@ -206,8 +206,8 @@ pub fn raw_decode(
         reason: e.to_string(),
     };
     if model.on_gpu() {
-        // The KV write and the paged attention are the project's own GPU kernels: check them
-        // where they run (the replica's own device and dtype), before timing.
+        // The KV write, the paged attention and the draw are the project's own GPU kernels:
+        // check them where they run (the replica's own device and dtype), before timing.
         crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("kv-write self-check on {device}: equal to scatter_set");
@@ -221,6 +221,8 @@ pub fn raw_decode(
         )
         .map_err(err)?;
         eprintln!("paged-attention self-check on {device}: within {worst:.2e} of matmul attention");
+        crate::generate::draw::self_check(model.device()).map_err(err)?;
+        eprintln!("draw self-check on {device}: the same tokens as its CPU twin");
     }
     let vocab = model.config().vocab_size as u32;
     let mut out = Vec::new();

@@ -47,59 +47,17 @@ pub enum Placement {
 }
 
 /// The token of every row of `[rows, vocab]` f32 `logits` placed `Greedy` or `Device` (rows
-/// placed `Host` get an arbitrary id the caller replaces), computed where the logits are.
+/// placed `Host` get an arbitrary id the caller replaces), computed where the logits are, in
+/// one pass ([`super::draw`]), its noise keyed by a fresh seed per step.
 pub fn sample_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core::Result<Vec<u32>> {
-    if placement
-        .iter()
-        .all(|p| matches!(p, Placement::Greedy | Placement::Host))
-    {
-        return crate::model::llama::greedy(logits);
-    }
-    let (rows, dev) = (placement.len(), logits.device());
-    let temps: Vec<Option<f32>> = placement
+    let inv_temp: Vec<f32> = placement
         .iter()
         .map(|p| match p {
-            Placement::Device { temperature } => Some(*temperature),
-            _ => None,
+            Placement::Device { temperature } => 1.0 / temperature,
+            Placement::Greedy | Placement::Host => 0.0,
         })
         .collect();
-    // The common step (every row sampled at one temperature, usually 1) skips the per-row
-    // scale and mask: each is a pass over `rows × vocab` floats.
-    let one_temp = temps
-        .iter()
-        .all(|t| *t == temps[0])
-        .then_some(temps[0])
-        .flatten();
-    let scaled = match one_temp {
-        Some(1.0) => logits.clone(),
-        Some(t) => (logits * (1.0 / t as f64))?,
-        None => {
-            let inv_t: Vec<f32> = temps.iter().map(|t| t.map_or(1.0, |t| 1.0 / t)).collect();
-            logits.broadcast_mul(&Tensor::from_vec(inv_t, (rows, 1), dev)?)?
-        }
-    };
-    let u = Tensor::rand(0f32, 1f32, logits.shape(), dev)?;
-    let minus_g = minus_gumbel(&u)?;
-    let minus_g = match one_temp {
-        Some(_) => minus_g,
-        None => {
-            let noisy: Vec<f32> = temps.iter().map(|t| t.map_or(0.0, |_| 1.0)).collect();
-            minus_g.broadcast_mul(&Tensor::from_vec(noisy, (rows, 1), dev)?)?
-        }
-    };
-    crate::model::llama::greedy(&(scaled - minus_g)?)
-}
-
-/// `ln(−ln U)`, the negated standard Gumbel draw for uniform `u`, finite for every `u` a
-/// backend's generator returns. cuRAND's uniforms lie in (0, 1], the CPU's in [0, 1): left as
-/// they are, U = 1 gives a Gumbel of +∞, so that row takes a uniformly random token instead of
-/// a sample. In f32 that U comes once in 2^24 draws, that is about twice a step at 256
-/// sequences of Qwen2.5's 151,936-token vocabulary. Clamping to [2^-64, 1 − 2^-24] bounds the
-/// noise to about [−3.8, 16.6]; the mass moved is below f32 resolution.
-fn minus_gumbel(u: &Tensor) -> candle_core::Result<Tensor> {
-    const LO: f64 = 5.421_010_862_427_522e-20; // 2^-64
-    const HI: f64 = 1.0 - 5.960_464_477_539_063e-8; // 1 − 2^-24, the largest f32 below 1
-    u.clamp(LO, HI)?.log()?.neg()?.log()
+    super::draw::draw(logits, &inv_temp, rand::random())
 }
 
 /// One sequence's sampler: its parameters and random generator.
@@ -233,16 +191,6 @@ mod tests {
         )
         .unwrap();
         assert!(cold[..n].iter().all(|&x| x == 0));
-    }
-
-    #[test]
-    fn gumbel_noise_is_finite_at_both_ends_of_the_uniform_range() {
-        // 0 (the CPU generator's lower end) and 1 (cuRAND's upper end) included.
-        let u = Tensor::new(&[0f32, 1e-30, 0.5, 0.999_999_9, 1.0], &Device::Cpu).unwrap();
-        let g: Vec<f32> = minus_gumbel(&u).unwrap().to_vec1().unwrap();
-        assert!(g.iter().all(|x| x.is_finite()), "{g:?}");
-        // Monotone: a larger uniform is a larger Gumbel draw, a smaller ln(−ln U).
-        assert!(g.windows(2).all(|w| w[0] >= w[1]), "{g:?}");
     }
 
     #[test]

@@ -130,7 +130,6 @@ mod cuda {
     };
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Result};
-    use std::sync::OnceLock;
 
     /// One thread per element; 16- and 32-bit elements (the copy does not look at values).
     const SOURCE: &str = r#"
@@ -148,12 +147,6 @@ extern "C" __global__ void NAME(T* pool, const T* src, const unsigned int* rows,
 KV_WRITE(kv_write_u16, unsigned short)
 KV_WRITE(kv_write_u32, unsigned int)
 "#;
-
-    /// Compiled once per process ([`crate::model::nvrtc`]).
-    fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, SOURCE, "kv-write")
-    }
 
     pub(super) fn launch(
         pool: &mut CudaStorage,
@@ -192,7 +185,11 @@ KV_WRITE(kv_write_u32, unsigned int)
         if n == 0 {
             return Ok(());
         }
-        let func = dev.get_or_load_custom_func(name, "batchtune_kv_write", ptx()?)?;
+        let func = dev.get_or_load_custom_func(
+            name,
+            "batchtune_kv_write",
+            crate::model::nvrtc::compiled!(SOURCE, "kv-write")?,
+        )?;
         let mut pool = pool.slice_mut(o1..);
         let src = src.slice(o2..);
         let rows = rows.slice(o3..);

@@ -13,7 +13,7 @@ pub mod llama;
 pub mod lm;
 pub mod lm_tokenizer;
 #[cfg(feature = "cuda")]
-mod nvrtc;
+pub(crate) mod nvrtc;
 pub mod paged_attn;
 pub mod tokenize;
 

@@ -19,3 +19,14 @@ pub(crate) fn ptx(
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(format!("{what}: NVRTC: {e}")))
 }
+
+/// `compiled!(SOURCE, "what")`: [`ptx`] with a cell of its own at the call site, so each
+/// kernel source is compiled once per process without every op declaring its cell.
+macro_rules! compiled {
+    ($source:expr, $what:expr) => {{
+        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+            std::sync::OnceLock::new();
+        $crate::model::nvrtc::ptx(&PTX, $source, $what)
+    }};
+}
+pub(crate) use compiled;

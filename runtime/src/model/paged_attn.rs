@@ -250,7 +250,6 @@ mod cuda {
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Result, Storage};
-    use std::sync::OnceLock;
 
     /// One block of `THREADS` threads per (lane, KV head). Per tile of `TILE` positions: each
     /// thread scores one position against every query head of the KV head (the key row read
@@ -377,12 +376,6 @@ PAGED(paged_attn_f16, F16)
 PAGED(paged_attn_f32, F32)
 "#;
 
-    /// Compiled once per process ([`crate::model::nvrtc`]).
-    fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, SOURCE, "paged attention")
-    }
-
     pub(super) fn launch(
         l: &Lanes,
         q: &CudaStorage,
@@ -435,7 +428,11 @@ PAGED(paged_attn_f32, F32)
                 shared_mem_bytes: shared as u32,
             };
             debug_assert!(groups <= MAX_GROUPS);
-            let func = dev.get_or_load_custom_func(name, "batchtune_paged_attn", ptx()?)?;
+            let func = dev.get_or_load_custom_func(
+                name,
+                "batchtune_paged_attn",
+                crate::model::nvrtc::compiled!(SOURCE, "paged attention")?,
+            )?;
             let [o1, o2, o3] = d.offsets;
             let (q, k, v) = (q.slice(o1..), k.slice(o2..), v.slice(o3..));
             let meta = meta.slice(meta_offset..);
