@@ -36,7 +36,7 @@ pub enum Placement {
     Greedy,
     /// Plain temperature sampling without a seed: the Gumbel-max trick on the device
     /// (`argmax(logits / T + G)` with G standard Gumbel noise is a draw from
-    /// `softmax(logits / T)`), noise from the device's own generator.
+    /// `softmax(logits / T)`), noise hashed from a fresh seed per step ([`super::draw`]).
     Device {
         /// The request's temperature (> 0).
         temperature: f32,
