@@ -221,7 +221,7 @@ pub fn raw_decode(
         )
         .map_err(err)?;
         eprintln!("paged-attention self-check on {device}: within {worst:.2e} of matmul attention");
-        crate::generate::draw::self_check(model.device()).map_err(err)?;
+        crate::model::draw::self_check(model.device()).map_err(err)?;
         eprintln!("draw self-check on {device}: the same tokens as its CPU twin");
     }
     let vocab = model.config().vocab_size as u32;

@@ -4,7 +4,6 @@
 //! stream of [`engine::GenEvent`]s that replica's [`engine`] thread produces; the
 //! [`scheduler`] inside each engine decides every step.
 
-pub mod draw;
 pub mod engine;
 pub mod sampling;
 pub mod scheduler;

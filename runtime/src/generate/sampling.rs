@@ -36,7 +36,7 @@ pub enum Placement {
     Greedy,
     /// Plain temperature sampling without a seed: the Gumbel-max trick on the device
     /// (`argmax(logits / T + G)` with G standard Gumbel noise is a draw from
-    /// `softmax(logits / T)`), noise hashed from a fresh seed per step ([`super::draw`]).
+    /// `softmax(logits / T)`), noise hashed from a fresh seed per step ([`crate::model::draw`]).
     Device {
         /// The request's temperature (> 0).
         temperature: f32,
@@ -48,7 +48,7 @@ pub enum Placement {
 
 /// The token of every row of `[rows, vocab]` f32 `logits` placed `Greedy` or `Device` (rows
 /// placed `Host` get an arbitrary id the caller replaces), computed where the logits are, in
-/// one pass ([`super::draw`]), its noise keyed by a fresh seed per step.
+/// one pass ([`crate::model::draw`]), its noise keyed by a fresh seed per step.
 pub fn sample_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core::Result<Vec<u32>> {
     let inv_temp: Vec<f32> = placement
         .iter()
@@ -57,7 +57,7 @@ pub fn sample_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core
             Placement::Greedy | Placement::Host => 0.0,
         })
         .collect();
-    super::draw::draw(logits, &inv_temp, rand::random())
+    crate::model::draw::draw(logits, &inv_temp, rand::random())
 }
 
 /// One sequence's sampler: its parameters and random generator.

@@ -753,11 +753,6 @@ impl Llama {
     ) -> candle_core::Result<AttnGroup> {
         let shape = |i: usize| lanes[i].shape(chunks);
         let width = which.iter().map(|&i| shape(i).0).max().unwrap_or(1);
-        let span = which
-            .iter()
-            .map(|&i| shape(i).0 + shape(i).1)
-            .max()
-            .unwrap_or(1);
         let seqs = which.len();
         if self.paged && width == 1 {
             // Each lane's query sees its cache up to its own position.
@@ -776,6 +771,11 @@ impl Llama {
                 how: Attention::Paged(lanes),
             });
         }
+        let span = which
+            .iter()
+            .map(|&i| shape(i).0 + shape(i).1)
+            .max()
+            .unwrap_or(1);
         let mut rows = Vec::with_capacity(seqs * span);
         let mut mask = Vec::with_capacity(seqs * width * span);
         let (mut gather, mut real) = (Vec::new(), Vec::new());
@@ -929,12 +929,6 @@ impl Llama {
         }
         Ok((sum, ids.len().saturating_sub(1)))
     }
-}
-
-/// Greedy tokens of every row of `[k, vocab]` logits, computed where the logits are: on a GPU
-/// this copies `k` ids to the host instead of `k × vocab` floats.
-pub fn greedy(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
-    logits.argmax(1)?.to_vec1::<u32>()
 }
 
 /// Largest logit's index (first on ties): greedy decoding.
@@ -1158,7 +1152,9 @@ mod tests {
             .iter()
             .map(|r| argmax(r))
             .collect();
-        assert_eq!(greedy(&logits).unwrap(), host);
+        // Greedy ids on the device are the draw with every row at inverse temperature 0.
+        let greedy = crate::model::draw::draw(&logits, &[0.0; 3], 0).unwrap();
+        assert_eq!(greedy, host);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod chat;
+pub mod draw;
 pub mod gguf;
 pub mod kv_write;
 pub mod llama;

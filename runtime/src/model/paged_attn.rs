@@ -24,7 +24,6 @@ pub struct Lanes {
     /// `[lanes, 1 + blocks]` u32: positions the lane sees, then its sequence's block numbers
     /// (unused entries 0).
     meta: Tensor,
-    lanes: usize,
     /// Row of lane 0's query in the step's `q`; lane `i`'s is `first + i`.
     first: usize,
     /// Positions per block.
@@ -58,7 +57,6 @@ impl Lanes {
         }
         Ok(Lanes {
             meta: Tensor::from_vec(meta, (lanes.len(), width), device)?,
-            lanes: lanes.len(),
             first,
             block,
         })
@@ -90,6 +88,8 @@ struct PagedAttn<'a>(&'a Lanes);
 
 /// Shapes of one call, checked against each other.
 struct Dims {
+    /// Lanes (rows of the meta table).
+    lanes: usize,
     heads: usize,
     kvh: usize,
     t: usize,
@@ -117,15 +117,16 @@ fn dims(l: &Lanes, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
             v.shape()
         );
     }
-    if l.first + l.lanes > t {
+    let (lanes, width) = l.meta.dims2()?;
+    if l.first + lanes > t {
         candle_core::bail!(
             "paged attention: lanes {}..{} are past the step's {t} rows",
             l.first,
-            l.first + l.lanes
+            l.first + lanes
         );
     }
-    let width = l.meta.dim(1)?;
     Ok(Dims {
+        lanes,
         heads,
         kvh,
         t,
@@ -149,9 +150,9 @@ fn cpu<T: WithDType>(
     let groups = d.heads / d.kvh;
     let scale = 1.0 / (d.hd as f32).sqrt();
     let f = |x: T| x.to_f64() as f32;
-    let mut out = Vec::with_capacity(l.lanes * d.heads * d.hd);
+    let mut out = Vec::with_capacity(d.lanes * d.heads * d.hd);
     let (mut rows, mut scores, mut acc) = (Vec::new(), Vec::new(), vec![0f32; d.hd]);
-    for lane in 0..l.lanes {
+    for lane in 0..d.lanes {
         let m = &meta[lane * d.width..(lane + 1) * d.width];
         let len = m[0] as usize;
         rows.clear();
@@ -210,7 +211,7 @@ impl CustomOp3 for PagedAttn<'_> {
         let d = dims(l, l1, l2, l3)?;
         let meta = l.meta.flatten_all()?.to_vec1::<u32>()?;
         let [o1, o2, o3] = d.offsets;
-        let shape = Shape::from((l.lanes, d.heads * d.hd));
+        let shape = Shape::from((d.lanes, d.heads * d.hd));
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 CpuStorage::F32(cpu(&q[o1..], &k[o2..], &v[o3..], &meta, l, &d)?)
@@ -238,7 +239,7 @@ impl CustomOp3 for PagedAttn<'_> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = dims(self.0, l1, l2, l3)?;
         let out = cuda::launch(self.0, s1, s2, s3, &d)?;
-        Ok((out, Shape::from((self.0.lanes, d.heads * d.hd))))
+        Ok((out, Shape::from((d.lanes, d.heads * d.hd))))
     }
 }
 
@@ -415,15 +416,15 @@ PAGED(paged_attn_f32, F32)
         l: &Lanes,
         d: &Dims,
     ) -> Result<CudaStorage> {
-        let n = l.lanes * d.heads * d.hd;
+        let n = d.lanes * d.heads * d.hd;
         // SAFETY: the kernel writes every one of the `n` outputs (each (lane, head, dim) is
         // owned by exactly one thread of the block of its lane and KV head) before it is read.
         let mut out = unsafe { dev.alloc::<T>(n) }?;
-        if l.lanes > 0 {
+        if d.lanes > 0 {
             let groups = d.heads / d.kvh;
             let shared = (groups * d.hd + groups * THREADS + 3 * groups) * 4 + THREADS * 4;
             let cfg = LaunchConfig {
-                grid_dim: (l.lanes as u32, d.kvh as u32, 1),
+                grid_dim: (d.lanes as u32, d.kvh as u32, 1),
                 block_dim: (THREADS as u32, 1, 1),
                 shared_mem_bytes: shared as u32,
             };

@@ -67,6 +67,16 @@ fn shape(logits: &Layout, inv: &Layout) -> Result<(usize, usize, usize, usize)> 
     }
 }
 
+/// The value a draw compares for logit `l` at flat index `index` (row × vocab + column) under
+/// inverse temperature `s`: the logit itself for a greedy row (`s` = 0), else scaled and noised.
+fn scored(l: f32, s: f32, seed: u64, index: usize) -> f32 {
+    if s > 0.0 {
+        l * s + gumbel(mix(seed, index as u64))
+    } else {
+        l
+    }
+}
+
 /// The CPU twin of the kernel: the same values, compared the same way (first index on ties).
 fn draw_cpu(logits: &[f32], inv: &[f32], vocab: usize, seed: u64) -> Vec<u32> {
     inv.iter()
@@ -75,11 +85,7 @@ fn draw_cpu(logits: &[f32], inv: &[f32], vocab: usize, seed: u64) -> Vec<u32> {
             let row = &logits[r * vocab..(r + 1) * vocab];
             let (mut best, mut at) = (f32::NEG_INFINITY, 0u32);
             for (c, &l) in row.iter().enumerate() {
-                let v = if s > 0.0 {
-                    l * s + gumbel(mix(seed, (r * vocab + c) as u64))
-                } else {
-                    l
-                };
+                let v = scored(l, s, seed, r * vocab + c);
                 if v > best {
                     (best, at) = (v, c as u32);
                 }
@@ -237,12 +243,8 @@ pub fn self_check(device: &Device) -> Result<()> {
     let host = logits.flatten_all()?.to_vec1::<f32>()?;
     let want = draw_cpu(&host, &inv, vocab, seed);
     let value = |r: usize, c: u32| {
-        let l = host[r * vocab + c as usize];
-        if inv[r] > 0.0 {
-            l * inv[r] + gumbel(mix(seed, (r * vocab) as u64 + c as u64))
-        } else {
-            l
-        }
+        let i = r * vocab + c as usize;
+        scored(host[i], inv[r], seed, i)
     };
     for (r, (&g, &w)) in got.iter().zip(&want).enumerate() {
         if g != w && (g as usize >= vocab || (value(r, w) - value(r, g)).abs() > 1e-4) {
