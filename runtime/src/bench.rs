@@ -164,6 +164,12 @@ pub struct DecodePoint {
     pub tokens_per_s: f64,
     /// Median time of one step, seconds.
     pub median_step_s: f64,
+    /// Median time of a step's forward call, seconds: on a GPU, the host issuing the kernels
+    /// (the engine's `forward` phase).
+    pub median_forward_s: f64,
+    /// Median time from the forward's return to the ids on the host, seconds: the draw, and on
+    /// a GPU the wait for the step (the engine's `sample` phase).
+    pub median_sample_s: f64,
     /// Fresh prompts prefilled in every timed step beside the decodes (0: decode only).
     pub prefill_chunks: usize,
     /// Tokens per such prompt.
@@ -258,10 +264,12 @@ pub fn raw_decode(
             };
             np + b
         ];
-        let mut times = Vec::new();
+        let (mut times, mut forwards, mut samples) = (Vec::new(), Vec::new(), Vec::new());
         for step in 0..o.steps + 2 {
             if step == 2 {
                 times.clear();
+                forwards.clear();
+                samples.clear();
                 profile_timed_steps(true);
             }
             let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
@@ -284,20 +292,28 @@ pub fn raw_decode(
             // Timed as the engine runs a step: forward, then the ids drawn on the device.
             let t = Instant::now();
             let logits = model.forward(&mut chunks).map_err(err)?;
+            let tf = Instant::now();
             let ids =
                 sample_on_device(&logits.expect("asked for logits"), &placement).map_err(err)?;
+            forwards.push((tf - t).as_secs_f64());
+            samples.push(tf.elapsed().as_secs_f64());
             times.push(t.elapsed().as_secs_f64());
             last = ids[np..].to_vec();
         }
         profile_timed_steps(false);
         let total: f64 = times.iter().sum();
-        times.sort_by(f64::total_cmp);
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
         out.push(DecodePoint {
             batch_size: b,
             context_tokens: o.context_tokens,
             steps: times.len(),
             tokens_per_s: (b * times.len()) as f64 / total,
-            median_step_s: times[times.len() / 2],
+            median_step_s: median(&mut times),
+            median_forward_s: median(&mut forwards),
+            median_sample_s: median(&mut samples),
             prefill_chunks: np,
             prefill_tokens: lp,
         });

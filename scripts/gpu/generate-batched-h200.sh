@@ -129,7 +129,8 @@ if has hf; then
   done
 fi
 if has tune; then
-  gen_profile profiles/llm-default.toml "$OUT/p/base.toml"
+  # BASE: the profile the search starts from (its knobs outside SPACE stay as they are).
+  gen_profile ${BASE:-profiles/llm-default.toml} "$OUT/p/base.toml"
   # SIGINT: the tuner finishes its probe and leaves the journal consistent (resumable).
   timeout -s INT ${TUNE_LIMIT:-260} $B/tuner search --workload completions $WORK --target 'p95<4s' --space ${SPACE:-scripts/gpu/gen-space-h200.toml} \
     --spawn "$B/runtime serve --profile $OUT/p/base.toml" --time ${TUNE_TIME:-2m} --out "$OUT/h200-llm.toml" \

@@ -170,7 +170,7 @@ enum End {
 /// The engine loop; returns when shut down (or its channel closed) and nothing is left.
 pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
     // The phase series, looked up once: a step should not build labels and hash them.
-    let phases = ["schedule", "model", "engine"].map(|phase| {
+    let phases = ["schedule", "forward", "sample", "engine"].map(|phase| {
         ctx.metrics
             .step_phase
             .get_or_create(&PhaseLabel {
@@ -231,8 +231,10 @@ pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
 
 struct Engine {
     ctx: EngineCtx,
-    /// `batchtune_step_phase_seconds` for schedule, model and engine on this replica.
-    phases: [Histogram; 3],
+    /// `batchtune_step_phase_seconds` for schedule, forward, sample and engine on this
+    /// replica. On a GPU, forward is the host issuing the step's kernels and sample mostly
+    /// waits for them: a small sample share says the step is bound by the host, not the GPU.
+    phases: [Histogram; 4],
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
     /// Finished sequences still computed as their group's padding rows.
@@ -402,6 +404,7 @@ impl Engine {
                 model.forward(&mut chunks)
             }))
         };
+        let tf = Instant::now();
         let prefill_tokens: usize = plan.prefill.iter().map(|c| c.len).sum();
         let dev = DeviceLabel {
             device: self.ctx.label.clone(),
@@ -457,7 +460,7 @@ impl Engine {
         }
         self.publish_gauges();
         let t3 = Instant::now();
-        for (h, d) in self.phases.iter().zip([t1 - t0, t2 - t1, t3 - t2]) {
+        for (h, d) in self.phases.iter().zip([t1 - t0, tf - t1, t2 - tf, t3 - t2]) {
             h.observe(d.as_secs_f64());
         }
     }
