@@ -270,7 +270,7 @@ pub fn raw_decode(
                 times.clear();
                 forwards.clear();
                 samples.clear();
-                profile_timed_steps(true);
+                crate::model::profiler_window(true);
             }
             let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
             let prompt: Vec<u32> = (0..lp as u32)
@@ -300,7 +300,7 @@ pub fn raw_decode(
             times.push(t.elapsed().as_secs_f64());
             last = ids[np..].to_vec();
         }
-        profile_timed_steps(false);
+        crate::model::profiler_window(false);
         let total: f64 = times.iter().sum();
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -319,24 +319,4 @@ pub fn raw_decode(
         });
     }
     Ok(out)
-}
-
-/// Opens (`true`) or closes the window a CUDA profiler started with collection off records
-/// (`ncu --profile-from-start off`): only the timed decode steps. Under ncu every kernel is
-/// serialized and timed (~11 ms each on an H200), so profiling the contexts' prefill as well
-/// (one sequence at a time, ~850 kernels each) outlasted a 200 s run before a single timed step
-/// (results/generate-h200/tuned/). Without a profiler attached, or on the CPU build, it does
-/// nothing; its errors are ignored because the bench's figures do not depend on it.
-fn profile_timed_steps(open: bool) {
-    #[cfg(feature = "cuda")]
-    {
-        use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
-        let _ = if open {
-            profiler_start()
-        } else {
-            profiler_stop()
-        };
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = open;
 }

@@ -73,6 +73,8 @@ pub struct ServeOptions {
     pub body_read_timeout: std::time::Duration,
     /// Connection limit and header read timeout.
     pub limits: http::ConnLimits,
+    /// Generation steps a CUDA profiler records (`serve --cuda-profile-steps`), if any.
+    pub profiler: Option<generate::engine::ProfilerWindow>,
     /// Test-only planted slowdown and faults (feature `test-hooks`).
     #[cfg(feature = "test-hooks")]
     pub hooks: hooks::TestHooks,
@@ -88,6 +90,7 @@ impl ServeOptions {
             max_body_bytes: 8 << 20,
             body_read_timeout: std::time::Duration::from_secs(30),
             limits: http::ConnLimits::default(),
+            profiler: None,
             #[cfg(feature = "test-hooks")]
             hooks: Default::default(),
         }
@@ -197,6 +200,7 @@ impl Server {
         #[cfg(feature = "test-hooks")]
         let test_hooks = opts.hooks.clone();
         let space = Arc::new(QueueSpace::default());
+        let profiler = opts.profiler;
         let (profile_tx, profile_rx) = watch::channel(Arc::new(opts.profile.clone()));
         let state = Arc::new(AppState {
             profile: profile_tx,
@@ -265,6 +269,7 @@ impl Server {
                             metrics: Arc::new(metrics.generation()),
                             admission,
                             space,
+                            profiler,
                             #[cfg(feature = "test-hooks")]
                             faults: Arc::new(hooks::Armed::arm(&test_hooks.faults, |w| {
                                 m.tokenizer.encode(w).unwrap_or_default()

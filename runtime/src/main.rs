@@ -121,6 +121,12 @@ struct ServeArgs {
     /// A request's body must arrive within this (408 beyond).
     #[arg(long, env = "BATCHTUNE_BODY_READ_TIMEOUT", default_value = "30s")]
     body_read_timeout: String,
+    /// Generation on a GPU: open a CUDA profiler's window around engine steps FIRST..FIRST+COUNT
+    /// of each replica (`FIRST:COUNT`, e.g. 2000:3), so `ncu --profile-from-start off runtime
+    /// serve …` records those served steps' kernels and nothing before them. Does nothing
+    /// without a profiler attached.
+    #[arg(long, value_name = "FIRST:COUNT", value_parser = parse_profiler_window)]
+    cuda_profile_steps: Option<runtime::generate::engine::ProfilerWindow>,
     /// Test only (feature `test-hooks`): make every forward slower so throughput drops by this
     /// fraction (0.1 = 10%). Used to calibrate the CI performance gate.
     #[cfg(feature = "test-hooks")]
@@ -251,6 +257,24 @@ fn validate(files: &[PathBuf], rules_only: bool) -> ExitCode {
     }
 }
 
+/// `--cuda-profile-steps FIRST:COUNT`, COUNT at least 1.
+fn parse_profiler_window(v: &str) -> Result<runtime::generate::engine::ProfilerWindow, String> {
+    let (first, count) = v
+        .split_once(':')
+        .ok_or_else(|| format!("{v:?}: expected FIRST:COUNT, e.g. 2000:3"))?;
+    let first = first
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?}: FIRST must be a step number (0 or more)"))?;
+    let count = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&c: &u64| c > 0)
+        .ok_or_else(|| format!("{v:?}: COUNT must be a number of steps, at least 1"))?;
+    Ok(runtime::generate::engine::ProfilerWindow { first, count })
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ServeArgs {
         profile,
@@ -261,6 +285,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections,
         header_read_timeout,
         body_read_timeout,
+        cuda_profile_steps,
         #[cfg(feature = "test-hooks")]
         test_slowdown,
         #[cfg(feature = "test-hooks")]
@@ -331,6 +356,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 max_connections,
                 header_read_timeout,
             },
+            profiler: cuda_profile_steps,
             #[cfg(feature = "test-hooks")]
             hooks,
         })

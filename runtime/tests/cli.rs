@@ -87,6 +87,32 @@ fn cuda_device_is_refused_clearly_on_a_cpu_build() {
     );
 }
 
+#[test]
+fn a_bad_profiler_window_is_refused_naming_what_is_wrong() {
+    for (value, says) in [
+        ("2000", "expected FIRST:COUNT"),
+        ("x:3", "FIRST must be a step number"),
+        ("10:0", "COUNT must be a number of steps, at least 1"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--cuda-profile-steps",
+                value,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--cuda-profile-steps") && err.contains(says),
+            "{value}: {err}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_requests_in_flight_loses_none() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_runtime"))

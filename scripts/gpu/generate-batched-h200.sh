@@ -10,6 +10,8 @@
 #   kernels every kernel of raw decode steps timed by Nsight Compute (ncu, clocks not locked,
 #           only the timed steps recorded), with and without prompts prefilled in the step:
 #           GPU-busy time against the step's wall time (scripts/gpu/ncu-steps.py reads the CSVs)
+#   servedkernels  the same for served steps: the server under ncu, its profiler window around
+#           engine steps KERNEL_FIRST.. (runtime serve --cuda-profile-steps) under a closed loop
 #   tune    tuner search for a completions workload (SPACE: the search space file)
 #   compare tuner compare: the tuned profile, continuous vs static at the same cap, and the
 #           seed presets (GPU-ised)
@@ -103,6 +105,27 @@ if has served; then
     fi
     kill $srv 2>/dev/null; wait $srv 2>/dev/null
   done
+fi
+if has servedkernels; then
+  # The kernels of served steps, for comparison with the bench's (`kernels`): the server runs under
+  # ncu with its profiler window around engine steps KERNEL_FIRST.. (+KERNEL_STEPS), reached once a
+  # closed loop of SERVED_CLIENTS (256) has filled the batch; then the server is stopped.
+  s=${KERNEL_STEPS:-3}
+  gen_profile profiles/llm-default.toml "$OUT/p/kernels.toml"
+  sed -i 's/^max_batch_size = .*/max_batch_size = 256/' "$OUT/p/kernels.toml"
+  timeout ${KERNEL_LIMIT:-300} ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --print-units base \
+    --log-file "$OUT/ncu-pserved-s$s.csv" $B/runtime serve --profile "$OUT/p/kernels.toml" --addr 127.0.0.1:9400 \
+    --cuda-profile-steps ${KERNEL_FIRST:-1500}:$s > "$OUT/server-kernels.log" 2>&1 &
+  if wait_up http://127.0.0.1:9400; then
+    timeout $(( ${KERNEL_LIMIT:-300} - 20 )) $B/loadgen --url http://127.0.0.1:9400 --workload completions --output-tokens 64 --ignore-eos \
+      --concurrency ${SERVED_CLIENTS:-256} --duration ${KERNEL_LOAD:-120s} --timeout 120s --quiet --json "$OUT/served-kernels.json" > /dev/null 2>&1 &
+    lg=$!
+    # The window has closed when the server logs it; then the load has done its job.
+    for _ in $(seq 1 ${KERNEL_LIMIT:-300}); do grep -q "profiler window closed" "$OUT/server-kernels.log" && break; sleep 1; done
+    kill $lg 2>/dev/null; wait $lg 2>/dev/null
+  fi
+  pkill -f -- "--profile $OUT/p/kernels.toml"; wait
+  echo "== ncu, served steps"; python3 scripts/gpu/ncu-steps.py "$OUT"
 fi
 if has hf; then
   # HF transformers behind the seeds' llm_model design (scripts/gpu/hf_llm_server.py), swept by

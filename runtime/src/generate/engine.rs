@@ -117,6 +117,17 @@ pub enum Msg {
     Abort,
 }
 
+/// Engine steps a CUDA profiler records (see [`crate::model::profiler_window`]): steps
+/// `first .. first + count` of each replica, counting only steps that ran a forward, so a
+/// served step can be profiled kernel by kernel once the load has settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProfilerWindow {
+    /// The first step recorded (0 is the replica's first step).
+    pub first: u64,
+    /// Steps recorded.
+    pub count: u64,
+}
+
 /// What an engine thread needs.
 pub struct EngineCtx {
     /// Replica label for metrics and messages.
@@ -135,6 +146,8 @@ pub struct EngineCtx {
     pub space: Arc<QueueSpace>,
     /// Sequences assigned to this replica and not finished (placement reads it).
     pub load: Arc<AtomicUsize>,
+    /// Steps to open a CUDA profiler's window around, if any.
+    pub profiler: Option<ProfilerWindow>,
     /// Test-only planted faults, checked before every step's forward.
     #[cfg(feature = "test-hooks")]
     pub faults: Arc<crate::hooks::Armed>,
@@ -188,6 +201,7 @@ pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
         next_id: 0,
         draining: false,
         published: [0; 3],
+        steps: 0,
     };
     let mut wake: Option<Instant> = None;
     loop {
@@ -243,6 +257,8 @@ struct Engine {
     draining: bool,
     /// Running, waiting and KV tokens last added to the shared gauges.
     published: [i64; 3],
+    /// Steps that ran a forward so far (the profiler window counts these).
+    steps: u64,
 }
 
 impl Engine {
@@ -352,6 +368,7 @@ impl Engine {
         if plan.is_idle() {
             return;
         }
+        self.profiler_window();
         let t1 = Instant::now();
         // Take each planned sequence's cache out of the map for the forward.
         let mut order: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
@@ -463,6 +480,21 @@ impl Engine {
         for (h, d) in self.phases.iter().zip([t1 - t0, tf - t1, t2 - tf, t3 - t2]) {
             h.observe(d.as_secs_f64());
         }
+    }
+
+    /// Opens the profiler's window before its first step and closes it before the step after
+    /// its last, so it holds exactly the steps named.
+    fn profiler_window(&mut self) {
+        if let Some(w) = self.ctx.profiler {
+            if self.steps == w.first {
+                tracing::info!(device = %self.ctx.label, steps = w.count, "CUDA profiler window opened");
+                crate::model::profiler_window(true);
+            } else if self.steps == w.first + w.count {
+                crate::model::profiler_window(false);
+                tracing::info!(device = %self.ctx.label, "CUDA profiler window closed");
+            }
+        }
+        self.steps += 1;
     }
 
     fn fail_step(&mut self, order: &[(SeqId, Vec<u32>, bool)], msg: String) {

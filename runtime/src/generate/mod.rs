@@ -57,6 +57,8 @@ pub struct GenerateOptions {
     pub admission: Arc<Admission>,
     /// Queue capacity (waiting sequences).
     pub space: Arc<QueueSpace>,
+    /// Steps a CUDA profiler records, if any.
+    pub profiler: Option<engine::ProfilerWindow>,
     /// Test-only planted faults, checked before every step's forward.
     #[cfg(feature = "test-hooks")]
     pub faults: Arc<crate::hooks::Armed>,
@@ -79,6 +81,7 @@ impl GenerateService {
                 metrics: o.metrics.clone(),
                 space: o.space.clone(),
                 load: load.clone(),
+                profiler: o.profiler,
                 #[cfg(feature = "test-hooks")]
                 faults: o.faults.clone(),
             };

@@ -167,6 +167,28 @@ pub fn resolve_devices(devices: &[String]) -> Result<Vec<Device>, ModelError> {
     Ok(out)
 }
 
+/// Opens (`true`) or closes the window that a CUDA profiler started with collection off records
+/// (`ncu --profile-from-start off`), so only chosen steps are profiled: `runtime bench` opens it
+/// around its timed decode steps, the generation engine around the steps `serve
+/// --cuda-profile-steps` names. Under ncu every kernel is serialized and timed (~11 ms each on
+/// an H200), so profiling everything before them (one prompt's prefill is ~850 kernels) outlasted
+/// a 200 s run before a single chosen step (results/generate-h200/tuned/). Without a profiler
+/// attached, or on the CPU build, it does nothing; its errors are ignored because no figure
+/// depends on it.
+pub fn profiler_window(open: bool) {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+        let _ = if open {
+            profiler_start()
+        } else {
+            profiler_stop()
+        };
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = open;
+}
+
 pub(crate) fn candle_dtype(d: Dtype) -> DType {
     match d {
         Dtype::F32 => DType::F32,
