@@ -64,7 +64,8 @@ pub struct RaceSettings {
     pub tolerance: f64,
     /// Lattice steps the race may go down before it gives up confirming.
     pub max_down: i64,
-    /// Lattice steps the winner may be refined upwards.
+    /// Lattice steps the winner may climb above where the race started while no failure above
+    /// it is known (a known failure bounds the bisection by itself).
     pub max_up: i64,
 }
 
@@ -259,16 +260,20 @@ impl Race {
                 }
                 Phase::Refining(w) => {
                     let passed = self.passed.unwrap_or(self.level);
-                    // Bisect the gap between the highest pass and the lowest fail above it;
-                    // with no fail above, one bisection tolerance up (at most `max_up` steps
-                    // above where the race started). Each verdict halves what is unknown, so
-                    // the reported rate ends one lattice step (2.2%) below the failure.
+                    // Bisect the gap between the highest pass and the lowest fail above it,
+                    // however wide: a trial whose probe budget ran out mid-ladder (passed 64,
+                    // failed 256) would otherwise be reported at a quarter of its rate. With
+                    // no fail above, one bisection tolerance up, at most `max_up` steps above
+                    // where the race started (nothing bounds that climb but the cap). Each
+                    // verdict halves what is unknown, so the reported rate ends one lattice
+                    // step (2.2%) below the failure.
                     let up = match self.failed_above(w, passed) {
                         Some(f) if f - passed <= 1 => None,
                         Some(f) => Some(passed + (f - passed) / 2),
-                        None => Some(passed + tolerance_steps(self.s.tolerance)),
+                        None => Some(passed + tolerance_steps(self.s.tolerance))
+                            .filter(|&u| u - self.top <= self.s.max_up),
                     };
-                    let Some(up) = up.filter(|&u| u - self.top <= self.s.max_up) else {
+                    let Some(up) = up else {
                         self.phase = Phase::Done;
                         continue;
                     };
@@ -505,6 +510,20 @@ mod tests {
         }
         assert_eq!(rates, vec![200, 204, 202, 201]);
         assert_eq!(lattice_index(race.outcome().rate), 201);
+    }
+
+    #[test]
+    fn a_trial_cut_short_mid_ladder_is_bisected_up_to_its_failure() {
+        // The trial's probe budget ran out after 64 req/s passed and 256 failed (lattice 192
+        // and 256); the server truly holds up to 250. The race confirms 192, then bisects the
+        // whole gap rather than stopping `max_up` (4) steps above it.
+        let trials = [trial(0, 192, 256)];
+        let (o, n) = run(&trials, &[250], &[]);
+        assert!(o.confirmed);
+        assert_eq!(lattice_index(o.rate), 250);
+        assert_eq!(o.failed_above.map(lattice_index), Some(251));
+        // 192, then 224 240 248 252 250 251: one verdict per halving.
+        assert_eq!(n, 7);
     }
 
     #[test]
