@@ -15,7 +15,9 @@ mkdir -p $B && for f in .gpu/bin/*.gz .gpu/bin/*.xz; do
 done
 mkdir -p models && [ -e models/all-MiniLM-L6-v2 ] || ln -s ../.gpu/minilm models/all-MiniLM-L6-v2
 M=models/all-MiniLM-L6-v2
-wait_up() { for _ in $(seq 1 600); do python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=1)" "$1" 2>/dev/null && return 0; sleep 0.2; done; return 1; }
+# wait_up URL [PID]: until URL/health answers; with PID, gives up as soon as that process has exited
+# (a server refusing its profile exits at once, and waiting out the loop cost a device call 500 s).
+wait_up() { for _ in $(seq 1 600); do [ -z "${2:-}" ] || kill -0 "$2" 2>/dev/null || return 1; python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=1)" "$1" 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 # A profile for this GPU from any profile: model, device and dtype replaced, rate limit off.
 gpu_profile() { # src dst
   sed -n '/^\[provenance\]/q;p' "$1" | grep -v -E '^(model|devices|dtype|rate_limit) *=' > "$2"

@@ -86,7 +86,7 @@ if has served; then
     # apart: a launch-bound step is host work, and 256 streams' clients compete for the same cores.
     ${SERVER_CPUS:+taskset -c $SERVER_CPUS} $bin serve --profile "$OUT/p/served.toml" --addr 127.0.0.1:9400 > "$OUT/server-$name.log" 2>&1 &
     srv=$!
-    if wait_up http://127.0.0.1:9400; then
+    if wait_up http://127.0.0.1:9400 $srv; then
       # SERVED_TEMPS: "default" sends no temperature (1, the OpenAI default: sampled on the
       # device); 0 is greedy, as the raw bench runs.
       for temp in ${SERVED_TEMPS:-default}; do
@@ -116,7 +116,7 @@ if has servedkernels; then
   timeout ${KERNEL_LIMIT:-300} ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --print-units base \
     --log-file "$OUT/ncu-pserved-s$s.csv" $B/runtime serve --profile "$OUT/p/kernels.toml" --addr 127.0.0.1:9400 \
     --cuda-profile-steps ${KERNEL_FIRST:-1500}:$s > "$OUT/server-kernels.log" 2>&1 &
-  if wait_up http://127.0.0.1:9400; then
+  if wait_up http://127.0.0.1:9400 $!; then
     timeout $(( ${KERNEL_LIMIT:-300} - 20 )) $B/loadgen --url http://127.0.0.1:9400 --workload completions --output-tokens 64 --ignore-eos \
       --concurrency ${SERVED_CLIENTS:-256} --duration ${KERNEL_LOAD:-120s} --timeout 120s --quiet --json "$OUT/served-kernels.json" > /dev/null 2>&1 &
     lg=$!
@@ -137,7 +137,7 @@ if has hf; then
     MAX_CONCURRENT_GENERATIONS=$w MAX_INFERENCE_BATCH_SIZE=$bs BATCH_WAIT_TIMEOUT=$wait_s MAX_INFERENCE_QUEUE_SIZE=4000 \
       python3 scripts/gpu/hf_llm_server.py --port 9500 > "$OUT/hf/server-$name.log" 2>&1 &
     hf=$!
-    if wait_up http://127.0.0.1:9500; then
+    if wait_up http://127.0.0.1:9500 $hf; then
       sat=0
       for r in "$@"; do
         timeout 60 $B/loadgen --url http://127.0.0.1:9500 --workload completions $WORK --ignore-eos --no-stream \
