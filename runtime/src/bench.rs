@@ -212,8 +212,8 @@ pub fn raw_decode(
         reason: e.to_string(),
     };
     if model.on_gpu() {
-        // The KV write, the paged attention and the draw are the project's own GPU kernels:
-        // check them where they run (the replica's own device and dtype), before timing.
+        // The KV write, the paged attention, the SwiGLU and the draw are the project's own GPU
+        // kernels: check them where they run (the replica's own device and dtype), before timing.
         crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("kv-write self-check on {device}: equal to scatter_set");
@@ -227,6 +227,21 @@ pub fn raw_decode(
         )
         .map_err(err)?;
         eprintln!("paged-attention self-check on {device}: within {worst:.2e} of matmul attention");
+        // The other head layouts the kernel takes (SmolLM2's 3 groups, multi-head, head_dim
+        // 128), so a kernel change is checked beyond the model being timed.
+        for (h, kvh, hd) in [(9, 3, 64), (4, 4, 16), (16, 1, 128)] {
+            crate::model::paged_attn::self_check(
+                model.device(),
+                model::candle_dtype(dtype),
+                h,
+                kvh,
+                hd,
+            )
+            .map_err(err)?;
+        }
+        let worst = crate::model::swiglu::self_check(model.device(), model::candle_dtype(dtype))
+            .map_err(err)?;
+        eprintln!("swiglu self-check on {device}: within {worst:.2e} of silu(gate) * up");
         crate::model::draw::self_check(model.device()).map_err(err)?;
         eprintln!("draw self-check on {device}: the same tokens as its CPU twin");
     }

@@ -36,6 +36,7 @@
 
 use super::kv_write::write_rows;
 use super::paged_attn::{self, Lanes};
+use super::swiglu::swiglu;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
@@ -232,17 +233,17 @@ impl LlamaConfig {
 /// One decoder layer. The query, key and value projections are one matrix (and one bias): a GPU
 /// step at a few hundred sequences is bound by the host issuing kernels
 /// (results/generate-h200/served-kernels/), and the fusion takes 7 of the layer's ~24 launches
-/// away (2 matmuls, 2 bias adds, 2 layout copies, a rope). Gate and up stay apart: stacked, their
-/// halves are strided views, and candle's strided SiLU and product cost more than the launch
-/// saved (slower on the CPU, and on the H200 at 512 sequences).
+/// away (2 matmuls, 2 bias adds, 2 layout copies, a rope). Gate and up are one matrix too, their
+/// output's halves combined by [`swiglu`] in one pass (candle's SiLU and product over the
+/// strided halves were slower than the launch saved).
 struct Layer {
     attn_norm: RmsNorm,
     /// `[q; k; v]` rows of the three projections, stacked.
     qkv: Linear,
     o: Linear,
     mlp_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// `[gate; up]` rows of the two projections, stacked.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -506,8 +507,10 @@ impl Llama {
                 ])?,
                 o: linear_no_bias(qd, h, a.pp("o_proj"))?,
                 mlp_norm: rms(h, cfg.rms_norm_eps, p.pp("post_attention_layernorm"))?,
-                gate: linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.gate_proj"))?,
-                up: linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.up_proj"))?,
+                gate_up: stacked(&[
+                    linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.gate_proj"))?,
+                    linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.up_proj"))?,
+                ])?,
                 down: linear_no_bias(cfg.intermediate_size, h, p.pp("mlp.down_proj"))?,
             });
         }
@@ -727,8 +730,7 @@ impl Llama {
             };
             x = (x + layer.o.forward(&att)?)?;
             let h = layer.mlp_norm.forward(&x)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let mlp = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            let mlp = layer.down.forward(&swiglu(&layer.gate_up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
         drop(pool);

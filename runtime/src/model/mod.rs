@@ -16,6 +16,7 @@ pub mod lm_tokenizer;
 #[cfg(feature = "cuda")]
 pub(crate) mod nvrtc;
 pub mod paged_attn;
+pub mod swiglu;
 pub mod tokenize;
 
 use bert::{Bert, BertConfig};

@@ -30,3 +30,36 @@ macro_rules! compiled {
     }};
 }
 pub(crate) use compiled;
+
+/// `dtype_structs!()`: CUDA C structs `Bf16`, `F16` and `F32`, each with the element type `T`,
+/// `ld` (to f32) and `st` (from f32, rounding to nearest even), for kernels templated on the
+/// element type. bf16 and f16 convert by bit operations and PTX, so NVRTC needs no CUDA
+/// headers. A macro rather than a const so that `concat!` can put it in front of a kernel's
+/// source at compile time.
+macro_rules! dtype_structs {
+    () => {
+        r#"
+struct Bf16 {
+  typedef unsigned short T;
+  static __device__ __forceinline__ float ld(T x) { return __uint_as_float(((unsigned int)x) << 16); }
+  static __device__ __forceinline__ T st(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (T)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (T)(u >> 16);
+  }
+};
+struct F16 {
+  typedef unsigned short T;
+  static __device__ __forceinline__ float ld(T x) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x)); return f; }
+  static __device__ __forceinline__ T st(float f) { T h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+};
+struct F32 {
+  typedef float T;
+  static __device__ __forceinline__ float ld(T x) { return x; }
+  static __device__ __forceinline__ T st(float f) { return f; }
+};
+"#
+    };
+}
+pub(crate) use dtype_structs;

@@ -258,38 +258,22 @@ mod cuda {
     /// then each thread accumulates its (head, dim) outputs over the tile's values (a warp's
     /// threads read one value row together). bf16 and f16 are converted by bit operations and
     /// PTX so that NVRTC needs no CUDA headers.
-    const SOURCE: &str = r#"
+    const SOURCE: &str = concat!(
+        crate::model::nvrtc::dtype_structs!(),
+        r#"
 #define THREADS 128
 #define TILE 128
 #define MAXG 16
 #define MAXO 16
-struct Bf16 {
-  typedef unsigned short T;
-  static __device__ __forceinline__ float ld(T x) { return __uint_as_float(((unsigned int)x) << 16); }
-  static __device__ __forceinline__ T st(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (T)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (T)(u >> 16);
-  }
-};
-struct F16 {
-  typedef unsigned short T;
-  static __device__ __forceinline__ float ld(T x) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x)); return f; }
-  static __device__ __forceinline__ T st(float f) { T h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-};
-struct F32 {
-  typedef float T;
-  static __device__ __forceinline__ float ld(T x) { return x; }
-  static __device__ __forceinline__ T st(float f) { return f; }
-};
-template <class C>
+template <class C, int G>
 __device__ void paged(const typename C::T* q, const typename C::T* kp, const typename C::T* vp,
     const unsigned int* meta, typename C::T* out, unsigned int heads, unsigned int kvh,
     unsigned int t, unsigned int first, unsigned int pool_rows, unsigned int hd,
     unsigned int width, unsigned int block, float scale) {
   extern __shared__ float sh[];
-  const unsigned int groups = heads / kvh, gd = groups * hd;
+  // G > 0: the group count is a compile-time constant, so the register loops over MAXG
+  // heads shed their unused iterations instead of predicating them off.
+  const unsigned int groups = G > 0 ? G : heads / kvh, gd = groups * hd;
   const unsigned int lane = blockIdx.x, kh = blockIdx.y, tid = threadIdx.x;
   const unsigned int* m = meta + (size_t)lane * width;
   const unsigned int len = m[0];
@@ -350,6 +334,8 @@ __device__ void paged(const typename C::T* q, const typename C::T* kp, const typ
         const unsigned int g = i / hd, d = i % hd;
         const float* s = sc + g * TILE;
         float a = acc[j] * corr[g];
+        // Unrolled so several positions' value loads are in flight at once.
+#pragma unroll 4
         for (unsigned int p = 0; p < n; p++) a += s[p] * C::ld(vb[(size_t)rows[p] * hd + d]);
         acc[j] = a;
       }
@@ -365,17 +351,22 @@ __device__ void paged(const typename C::T* q, const typename C::T* kp, const typ
     }
   }
 }
-#define PAGED(NAME, C) \
+#define PAGED(NAME, C, G) \
 extern "C" __global__ void NAME(const C::T* q, const C::T* kp, const C::T* vp, \
     const unsigned int* meta, C::T* out, unsigned int heads, unsigned int kvh, unsigned int t, \
     unsigned int first, unsigned int pool_rows, unsigned int hd, unsigned int width, \
     unsigned int block, float scale) { \
-  paged<C>(q, kp, vp, meta, out, heads, kvh, t, first, pool_rows, hd, width, block, scale); \
+  paged<C, G>(q, kp, vp, meta, out, heads, kvh, t, first, pool_rows, hd, width, block, scale); \
 }
-PAGED(paged_attn_bf16, Bf16)
-PAGED(paged_attn_f16, F16)
-PAGED(paged_attn_f32, F32)
-"#;
+#define PAGED_ALL(T, C) \
+PAGED(paged_attn_##T, C, 0) PAGED(paged_attn_##T##_g1, C, 1) PAGED(paged_attn_##T##_g2, C, 2) \
+PAGED(paged_attn_##T##_g3, C, 3) PAGED(paged_attn_##T##_g4, C, 4) PAGED(paged_attn_##T##_g6, C, 6) \
+PAGED(paged_attn_##T##_g7, C, 7) PAGED(paged_attn_##T##_g8, C, 8)
+PAGED_ALL(bf16, Bf16)
+PAGED_ALL(f16, F16)
+PAGED_ALL(f32, F32)
+"#
+    );
 
     pub(super) fn launch(
         l: &Lanes,
@@ -429,8 +420,13 @@ PAGED(paged_attn_f32, F32)
                 shared_mem_bytes: shared as u32,
             };
             debug_assert!(groups <= MAX_GROUPS);
+            // The group counts of common models have a kernel with the count compiled in.
+            let name = match groups {
+                1 | 2 | 3 | 4 | 6 | 7 | 8 => format!("{name}_g{groups}"),
+                _ => name.to_string(),
+            };
             let func = dev.get_or_load_custom_func(
-                name,
+                &name,
                 "batchtune_paged_attn",
                 crate::model::nvrtc::compiled!(SOURCE, "paged attention")?,
             )?;
