@@ -212,8 +212,9 @@ pub fn raw_decode(
         reason: e.to_string(),
     };
     if model.on_gpu() {
-        // The KV write, the paged attention, the SwiGLU and the draw are the project's own GPU
-        // kernels: check them where they run (the replica's own device and dtype), before timing.
+        // The KV write, the paged attention, the SwiGLU, the add-norm and the draw are the
+        // project's own GPU kernels: check them where they run (the replica's own device and
+        // dtype), before timing.
         crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("kv-write self-check on {device}: equal to scatter_set");
@@ -242,6 +243,9 @@ pub fn raw_decode(
         let worst = crate::model::swiglu::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("swiglu self-check on {device}: within {worst:.2e} of silu(gate) * up");
+        let worst = crate::model::add_norm::self_check(model.device(), model::candle_dtype(dtype))
+            .map_err(err)?;
+        eprintln!("add-rms-norm self-check on {device}: within {worst:.2e} of add then rms_norm");
         crate::model::draw::self_check(model.device()).map_err(err)?;
         eprintln!("draw self-check on {device}: the same tokens as its CPU twin");
     }

@@ -34,6 +34,7 @@
 //! (doubling, one copy) when a reservation does not fit and never shrinks: its size is the
 //! high-water mark of what the scheduler's `kv_cache_tokens` budget let run at once.
 
+use super::add_norm::add_rms_norm;
 use super::kv_write::write_rows;
 use super::paged_attn::{self, Lanes};
 use super::swiglu::swiglu;
@@ -235,13 +236,16 @@ impl LlamaConfig {
 /// (results/generate-h200/served-kernels/), and the fusion takes 7 of the layer's ~24 launches
 /// away (2 matmuls, 2 bias adds, 2 layout copies, a rope). Gate and up are one matrix too, their
 /// output's halves combined by [`swiglu`] in one pass (candle's SiLU and product over the
-/// strided halves were slower than the launch saved).
+/// strided halves were slower than the launch saved). The norms are bare weights: each runs
+/// fused with the residual add before it ([`add_rms_norm`]).
 struct Layer {
-    attn_norm: RmsNorm,
+    /// RMSNorm weight before attention (its epsilon is the config's).
+    attn_norm: Tensor,
     /// `[q; k; v]` rows of the three projections, stacked.
     qkv: Linear,
     o: Linear,
-    mlp_norm: RmsNorm,
+    /// RMSNorm weight before the MLP.
+    mlp_norm: Tensor,
     /// `[gate; up]` rows of the two projections, stacked.
     gate_up: Linear,
     down: Linear,
@@ -499,14 +503,14 @@ impl Llama {
             let a = p.pp("self_attn");
             let b = cfg.attention_bias;
             layers.push(Layer {
-                attn_norm: rms(h, cfg.rms_norm_eps, p.pp("input_layernorm"))?,
+                attn_norm: p.pp("input_layernorm").get(h, "weight")?,
                 qkv: stacked(&[
                     linear_b(h, qd, b, a.pp("q_proj"))?,
                     linear_b(h, kvd, b, a.pp("k_proj"))?,
                     linear_b(h, kvd, b, a.pp("v_proj"))?,
                 ])?,
                 o: linear_no_bias(qd, h, a.pp("o_proj"))?,
-                mlp_norm: rms(h, cfg.rms_norm_eps, p.pp("post_attention_layernorm"))?,
+                mlp_norm: p.pp("post_attention_layernorm").get(h, "weight")?,
                 gate_up: stacked(&[
                     linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.gate_proj"))?,
                     linear_no_bias(h, cfg.intermediate_size, p.pp("mlp.up_proj"))?,
@@ -713,9 +717,15 @@ impl Llama {
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
+        let eps = self.cfg.rms_norm_eps;
         let mut x = self.embed.forward(&ids)?;
+        // Each residual add and the RMSNorm after it run as one op (`add_norm.rs`); only the
+        // first layer's input norm and the last layer's add stand alone.
+        let mut h = match self.layers.first() {
+            Some(first) => candle_nn::ops::rms_norm(&x, &first.attn_norm, eps as f32)?,
+            None => x.clone(),
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = self.heads(&layer.qkv.forward(&h)?, &cos, &sin)?;
             write_rows(&pool.k[l], &k, &writes)?;
             write_rows(&pool.v[l], &v, &writes)?;
@@ -728,10 +738,15 @@ impl Llama {
             } else {
                 Tensor::cat(&outs, 0)?
             };
-            x = (x + layer.o.forward(&att)?)?;
-            let h = layer.mlp_norm.forward(&x)?;
-            let mlp = layer.down.forward(&swiglu(&layer.gate_up.forward(&h)?)?)?;
-            x = (x + mlp)?;
+            let (sum, normed) = add_rms_norm(&x, &layer.o.forward(&att)?, &layer.mlp_norm, eps)?;
+            x = sum;
+            let mlp = layer
+                .down
+                .forward(&swiglu(&layer.gate_up.forward(&normed)?)?)?;
+            match self.layers.get(l + 1) {
+                Some(next) => (x, h) = add_rms_norm(&x, &mlp, &next.attn_norm, eps)?,
+                None => x = (x + mlp)?,
+            }
         }
         drop(pool);
         let mut rows = Vec::new();

@@ -5,6 +5,7 @@
 //! (2 layers, hidden 32) exists for tests of the serving machinery, where model speed is noise.
 //! Anything else is a path to a Hugging Face BERT folder.
 
+pub mod add_norm;
 pub mod bert;
 pub mod chat;
 pub mod draw;
