@@ -81,8 +81,12 @@ pub(crate) fn spawn(share: Share) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name(format!("loadgen-pacer-{}", share.k))
         .spawn(move || {
+            // Sockets and timers only: with the signal and process drivers on as well
+            // (`enable_all`), every park of the loop also checked for orphaned child processes
+            // (1.7% of a pacer's CPU at 90,000 req/s on one core under perf).
             let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()
                 .expect("a pacer's runtime");
             rt.block_on(pace(share))
