@@ -256,10 +256,7 @@ struct Layer {
 fn stacked(parts: &[Linear]) -> candle_core::Result<Linear> {
     let w: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
     let b: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
-    let bias = match b {
-        Some(b) if !b.is_empty() => Some(Tensor::cat(&b, 0)?),
-        _ => None,
-    };
+    let bias = b.map(|b| Tensor::cat(&b, 0)).transpose()?;
     Ok(Linear::new(Tensor::cat(&w, 0)?, bias))
 }
 

@@ -420,7 +420,8 @@ PAGED_ALL(f32, F32)
                 shared_mem_bytes: shared as u32,
             };
             debug_assert!(groups <= MAX_GROUPS);
-            // The group counts of common models have a kernel with the count compiled in.
+            // The group counts of common models have a kernel with the count compiled in (the
+            // `_gN` instances `PAGED_ALL` declares in the source).
             let name = match groups {
                 1 | 2 | 3 | 4 | 6 | 7 | 8 => format!("{name}_g{groups}"),
                 _ => name.to_string(),
