@@ -4,7 +4,8 @@
 //! - a planted slowdown (`runtime serve --test-slowdown 0.1`), which the CI performance gate is
 //!   calibrated against;
 //! - planted faults (`runtime serve --test-fault boom=panic`): a forward pass whose batch holds
-//!   the word's tokens panics, fails, reports an exhausted device or runs slowly, so the
+//!   the word's tokens (in a generation step, in a prompt chunk) panics, fails, reports an
+//!   exhausted device or runs slowly, so the
 //!   reliability tests can check that only that batch's requests fail, on the embeddings batcher
 //!   and on the generation engine alike.
 

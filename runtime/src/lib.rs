@@ -164,7 +164,9 @@ impl Server {
         let loader: Loader = Box::new(move || {
             Ok(match model::resolve_model(&p.model)? {
                 model::ModelSource::Lm(_) => {
-                    Loaded::Generate(model::lm::load(&p.model, &p.devices, p.dtype)?)
+                    let lm = model::lm::load(&p.model, &p.devices, p.dtype)?;
+                    generate::warm_up(&lm)?;
+                    Loaded::Generate(lm)
                 }
                 _ => Loaded::Embed(model::load(&p.model, &p.devices, p.dtype)?),
             })

@@ -94,6 +94,23 @@ async fn stop_strings_and_max_tokens_end_exactly() {
     .await;
     assert_eq!(text(&stopped), full_text[..at]);
     assert_eq!(stopped.body["choices"][0]["finish_reason"], "stop");
+    // The stop string is found by the engine's output stage, which answers at once and has the
+    // engine retire the sequence: nothing stays running, and it is counted once, as a stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&c, a, "batchtune_running_sequences").await > 0.0 {
+        assert!(Instant::now() < deadline, "the stopped sequence still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended = |reason: &'static str| {
+        let c = c.clone();
+        async move {
+            let key = format!("batchtune_generations_finished_total{{reason=\"{reason}\"}}");
+            metric(&c, a, &key).await
+        }
+    };
+    assert_eq!(ended("stop").await, 1.0);
+    assert_eq!(ended("length").await, 1.0);
+    assert_eq!(ended("cancelled").await, 0.0);
     let short = complete(
         &c,
         a,

@@ -2,17 +2,16 @@
 //!
 //! Each loop it takes new sequences from its channel, drops those whose client left, asks the
 //! [`Scheduler`] for a plan under the live profile, runs every planned chunk in one
-//! [`Llama::step`], samples, streams text to each request, and tells the scheduler which
-//! sequences ended. A failed or panicking step fails only the sequences in it.
+//! [`Llama::step`], samples, hands the new token ids to its output stage ([`super::stream`],
+//! which turns them into text and client events on a thread of its own), and tells the
+//! scheduler which sequences ended. A failed or panicking step fails only the sequences in it.
 
-use super::sampling::{
-    check_stops, sample_on_device, Placement, Sampler, SamplingParams, StopCheck,
-};
+use super::sampling::{sample_on_device, Placement, Sampler, SamplingParams};
 use super::scheduler::{Limits, NewSeq, Plan, Scheduler, SeqId};
+use super::stream::{count_end, failure_reason, Ending, Note, Opened, Stream};
 use crate::admission::QueueSpace;
-use crate::metrics::{DeviceLabel, FinishLabel, GenMetrics, PhaseLabel};
+use crate::metrics::{DeviceLabel, GenMetrics, PhaseLabel};
 use crate::model::llama::{Chunk, Llama, SeqCache};
-use crate::model::lm_tokenizer::{Detokenizer, LmTokenizer};
 use candle_core::Tensor;
 use profiles::Profile;
 use prometheus_client::metrics::histogram::Histogram;
@@ -134,8 +133,6 @@ pub struct EngineCtx {
     pub label: String,
     /// The model replica.
     pub model: Arc<Llama>,
-    /// Decodes outputs.
-    pub tokenizer: Arc<LmTokenizer>,
     /// End-of-sequence ids.
     pub eos: Vec<u32>,
     /// Live knobs.
@@ -155,16 +152,14 @@ pub struct EngineCtx {
 
 struct Seq {
     req: GenRequest,
+    /// The client's channel: the engine answers through it only before the sequence starts
+    /// (then the output stage does), and reads it to see whether the client left.
     events: mpsc::UnboundedSender<GenEvent>,
     sampler: Sampler,
     cache: Option<SeqCache>,
     out: Vec<u32>,
-    /// The output's text, decoded a few tokens at a time.
-    detok: Detokenizer,
-    /// Bytes of the output text already sent.
-    sent: usize,
-    queue_time: Duration,
-    first_token: Option<Instant>,
+    /// Started: the output stage answers it from now on.
+    streaming: bool,
 }
 
 /// A finished sequence kept as a padding row (padded scheduling): only its cache and a token
@@ -180,8 +175,20 @@ enum End {
     Cancelled,
 }
 
-/// The engine loop; returns when shut down (or its channel closed) and nothing is left.
-pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
+/// One warm-up step of `model` (see [`Llama::warm_up`]) with its logits drawn on the device,
+/// greedily and at a temperature, as served steps draw them.
+pub(super) fn warm_up(model: &Llama) -> candle_core::Result<()> {
+    let logits = model.warm_up()?;
+    sample_on_device(
+        &logits,
+        &[Placement::Greedy, Placement::Device { temperature: 1.0 }],
+    )?;
+    Ok(())
+}
+
+/// The engine loop; returns when shut down (or its channel closed), nothing is left and its
+/// output stage has delivered every event.
+pub(super) fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>, stream: Stream) {
     // The phase series, looked up once: a step should not build labels and hash them.
     let phases = ["schedule", "forward", "sample", "engine"].map(|phase| {
         ctx.metrics
@@ -202,6 +209,8 @@ pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
         draining: false,
         published: [0; 3],
         steps: 0,
+        stream,
+        notes: Vec::new(),
     };
     let mut wake: Option<Instant> = None;
     loop {
@@ -238,7 +247,10 @@ pub fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>) {
         let plan = e.plan();
         wake = plan.wake_at;
         e.run_step(plan, t0);
+        e.flush();
     }
+    e.flush();
+    e.stream.finish();
     // Leave the shared gauges as if this engine had never run.
     e.publish_gauges();
 }
@@ -259,6 +271,10 @@ struct Engine {
     published: [i64; 3],
     /// Steps that ran a forward so far (the profiler window counts these).
     steps: u64,
+    /// The output stage: text and events of started sequences.
+    stream: Stream,
+    /// Notes for the output stage, sent once per loop ([`Engine::flush`]).
+    notes: Vec<Note>,
 }
 
 impl Engine {
@@ -291,18 +307,20 @@ impl Engine {
                         sampler,
                         cache: None,
                         out: Vec::new(),
-                        detok: Detokenizer::default(),
-                        sent: 0,
-                        queue_time: Duration::ZERO,
-                        first_token: None,
+                        streaming: false,
                     },
                 );
             }
         }
     }
 
-    /// Clients that went away free their slot, queue space and KV before the next step.
+    /// Clients that went away free their slot, queue space and KV before the next step, and
+    /// so do sequences the output stage ended on a stop string (already answered there).
     fn sweep_cancelled(&mut self) {
+        let stopped: Vec<SeqId> = self.stream.stopped().collect();
+        for id in stopped {
+            self.end(id, End::Finished(FinishReason::Stop));
+        }
         let gone: Vec<SeqId> = self
             .seqs
             .iter()
@@ -312,6 +330,11 @@ impl Engine {
         for id in gone {
             self.end(id, End::Cancelled);
         }
+    }
+
+    /// Hands the notes queued since the last call to the output stage.
+    fn flush(&mut self) {
+        self.stream.send(std::mem::take(&mut self.notes));
     }
 
     fn plan(&mut self) -> Plan {
@@ -339,20 +362,29 @@ impl Engine {
             let Some(s) = self.seqs.get_mut(&id) else {
                 continue;
             };
-            s.queue_time = now.duration_since(s.req.arrived);
+            let queue_time = now.duration_since(s.req.arrived);
             self.ctx
                 .metrics
                 .queue_time
-                .observe(s.queue_time.as_secs_f64());
-            let _ = s.events.send(GenEvent::Started {
-                queue_time: s.queue_time,
-            });
+                .observe(queue_time.as_secs_f64());
+            let _ = s.events.send(GenEvent::Started { queue_time });
             match self
                 .ctx
                 .model
                 .new_cache(s.req.prompt.len() + s.req.max_tokens)
             {
-                Ok(c) => s.cache = Some(c),
+                Ok(c) => {
+                    s.cache = Some(c);
+                    s.streaming = true;
+                    let opened = Opened {
+                        events: s.events.clone(),
+                        stop: std::mem::take(&mut s.req.stop),
+                        prompt_tokens: s.req.prompt.len(),
+                        arrived: s.req.arrived,
+                        queue_time,
+                    };
+                    self.notes.push(Note::Open(id, Box::new(opened)));
+                }
                 Err(err) => {
                     let msg = format!("KV cache on {}: {err}", self.ctx.label);
                     self.end(id, End::Failed(GenFailure::Step(msg)));
@@ -413,10 +445,18 @@ impl Engine {
             let model = &self.ctx.model;
             #[cfg(feature = "test-hooks")]
             let faults = &self.ctx.faults;
+            // Prompt chunks only: a planted word is meant to meet the request that carries
+            // it, and a sampled token that happens to be the word's would fail a bystander.
+            #[cfg(feature = "test-hooks")]
+            let prompts: Vec<&[u32]> = order
+                .iter()
+                .filter(|(id, _, _)| plan.prefill.iter().any(|c| c.id == *id))
+                .map(|(_, tokens, _)| tokens.as_slice())
+                .collect();
             std::panic::catch_unwind(AssertUnwindSafe(|| {
                 #[cfg(feature = "test-hooks")]
                 faults
-                    .check(chunks.iter().map(|c| c.tokens))
+                    .check(prompts)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 model.forward(&mut chunks)
             }))
@@ -540,46 +580,19 @@ impl Engine {
         Ok(tokens)
     }
 
-    /// Appends a sequence's next token, streams the text it makes final, and ends the sequence
-    /// at EOS, a stop string or `max_tokens`.
+    /// Appends a sequence's next token for the output stage, and ends the sequence at EOS or
+    /// `max_tokens` (stop strings are the output stage's, which reads the text).
     fn advance(&mut self, id: SeqId, t: u32) {
         let Some(s) = self.seqs.get_mut(&id) else {
             return;
         };
-        let now = Instant::now();
-        if s.first_token.is_none() {
-            s.first_token = Some(now);
-            self.ctx
-                .metrics
-                .ttft
-                .observe(now.duration_since(s.req.arrived).as_secs_f64());
-        }
-        let tok = &self.ctx.tokenizer;
         if !s.req.ignore_eos && self.ctx.eos.contains(&t) {
-            let text = s.detok.text(tok, &s.out).unwrap_or_default();
-            let rest = text.get(s.sent..).unwrap_or_default().to_string();
-            if !rest.is_empty() {
-                let _ = s.events.send(GenEvent::Token { delta: rest });
-            }
             return self.end(id, End::Finished(FinishReason::Stop));
         }
         s.out.push(t);
-        self.ctx.metrics.output_tokens.inc();
-        let text = s.detok.text(tok, &s.out).unwrap_or_default();
-        let at_limit = s.out.len() >= s.req.max_tokens;
-        let (upto, end) = match check_stops(&text, &s.req.stop) {
-            StopCheck::Stopped(at) => (at, Some(FinishReason::Stop)),
-            StopCheck::Safe(_) if at_limit => (text.len(), Some(FinishReason::Length)),
-            StopCheck::Safe(n) => (n, None),
-        };
-        let delta = text
-            .get(s.sent..upto.max(s.sent))
-            .unwrap_or_default()
-            .to_string();
-        s.sent = s.sent.max(upto);
-        let _ = s.events.send(GenEvent::Token { delta });
-        if let Some(r) = end {
-            self.end(id, End::Finished(r));
+        self.notes.push(Note::Token(id, t));
+        if s.out.len() >= s.req.max_tokens {
+            self.end(id, End::Finished(FinishReason::Length));
         }
     }
 
@@ -614,46 +627,41 @@ impl Engine {
         self.end_removed(id, how);
     }
 
-    /// Ends a sequence the scheduler already dropped: answers it and frees its cache.
+    /// Ends a sequence the scheduler already dropped: answers it (through the output stage
+    /// once it started) and frees its cache.
     fn end_removed(&mut self, id: SeqId, how: End) {
         let Some(s) = self.seqs.remove(&id) else {
             return;
         };
         self.ctx.load.fetch_sub(1, Ordering::AcqRel);
-        let reason = match &how {
-            End::Finished(r) => r.as_str(),
-            End::Failed(GenFailure::Expired) => "expired",
-            End::Failed(GenFailure::Shutdown) => "shutdown",
-            End::Failed(_) => "error",
-            End::Cancelled => "cancelled",
-        };
-        self.ctx
-            .metrics
-            .finished
-            .get_or_create(&FinishLabel {
-                reason: reason.into(),
-            })
-            .inc();
-        let event = match how {
-            End::Finished(reason) => {
-                let now = Instant::now();
-                let first = s.first_token.unwrap_or(now);
-                if s.out.len() > 1 {
-                    let per = now.duration_since(first).as_secs_f64() / (s.out.len() - 1) as f64;
-                    self.ctx.metrics.tpot.observe(per);
-                }
-                GenEvent::Done(Finished {
-                    reason,
+        if s.streaming {
+            let ending = match how {
+                End::Finished(r) => Ending::Finished(r),
+                End::Failed(f) => Ending::Failed(f),
+                End::Cancelled => Ending::Cancelled,
+            };
+            self.notes.push(Note::End(id, ending));
+            return;
+        }
+        // Never started, so nothing of it is in the output stage: answer here.
+        match how {
+            End::Failed(f) => {
+                count_end(&self.ctx.metrics, failure_reason(&f));
+                let _ = s.events.send(GenEvent::Failed(f));
+            }
+            End::Cancelled => count_end(&self.ctx.metrics, "cancelled"),
+            End::Finished(r) => {
+                // Unreachable (a sequence finishes only by running), but answered all the same.
+                count_end(&self.ctx.metrics, r.as_str());
+                let _ = s.events.send(GenEvent::Done(Finished {
+                    reason: r,
                     prompt_tokens: s.req.prompt.len(),
                     completion_tokens: s.out.len(),
-                    queue_time: s.queue_time,
-                    ttft: first.duration_since(s.req.arrived),
-                })
+                    queue_time: Duration::ZERO,
+                    ttft: Duration::ZERO,
+                }));
             }
-            End::Failed(f) => GenEvent::Failed(f),
-            End::Cancelled => return,
-        };
-        let _ = s.events.send(event);
+        }
     }
 
     /// Gauges are shared by every replica's engine, so each adds the change in its own counts

@@ -7,6 +7,7 @@
 pub mod engine;
 pub mod sampling;
 pub mod scheduler;
+mod stream;
 
 use crate::admission::{Admission, AdmissionError, QueueSpace};
 use crate::metrics::GenMetrics;
@@ -17,6 +18,21 @@ use profiles::Profile;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
+
+/// Runs one warm-up step on every replica of `lm` (blocking: call it where the model loads), so
+/// that none of a served step's kernels is compiled while requests wait
+/// ([`Llama::warm_up`](crate::model::llama::Llama::warm_up)).
+pub fn warm_up(lm: &crate::model::lm::LoadedLm) -> Result<(), crate::model::ModelError> {
+    for (label, model) in &lm.replicas {
+        let t = std::time::Instant::now();
+        engine::warm_up(model).map_err(|e| crate::model::ModelError::Load {
+            model: lm.name.clone(),
+            reason: format!("warm-up step on {label}: {e}"),
+        })?;
+        tracing::info!(device = %label, took_ms = t.elapsed().as_millis() as u64, "replica warmed up");
+    }
+    Ok(())
+}
 
 /// Why a generation request was not queued.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +61,7 @@ pub struct GenerateService {
 pub struct GenerateOptions {
     /// One model per device, with its label.
     pub replicas: Vec<(String, Arc<Llama>)>,
-    /// Shared tokenizer (outputs are decoded in the engines).
+    /// Shared tokenizer (outputs are decoded in each engine's output stage).
     pub tokenizer: Arc<LmTokenizer>,
     /// End-of-sequence ids.
     pub eos: Vec<u32>,
@@ -75,7 +91,6 @@ impl GenerateService {
             let ctx = EngineCtx {
                 label: label.clone(),
                 model,
-                tokenizer: o.tokenizer.clone(),
                 eos: o.eos.clone(),
                 profile: o.profile.clone(),
                 metrics: o.metrics.clone(),
@@ -85,10 +100,11 @@ impl GenerateService {
                 #[cfg(feature = "test-hooks")]
                 faults: o.faults.clone(),
             };
+            let stream = stream::Stream::start(&label, o.tokenizer.clone(), o.metrics.clone())?;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("engine-{label}"))
-                    .spawn(move || engine::run(ctx, rx))?,
+                    .spawn(move || engine::run(ctx, rx, stream))?,
             );
             replicas.push(Replica { tx, load });
         }

@@ -593,6 +593,50 @@ impl Llama {
         })
     }
 
+    /// Runs the kinds of step a served replica meets (a short prompt, a prompt long enough to
+    /// attend as its own group, then a decode of both), so every kernel they use is compiled
+    /// and loaded before the replica reports ready. On a fresh GPU machine the driver
+    /// JIT-compiles each PTX module on its first use (our NVRTC kernels are compiled too):
+    /// without this, the first served steps stalled for seconds each and a first measurement
+    /// read 6.5k output tokens/s where the same binary then did 65k (H200, fifteenth session,
+    /// `results/generate-h200/stream/`). Returns the decode's logits, two rows, for the caller
+    /// to sample the same way.
+    pub fn warm_up(&self) -> candle_core::Result<Tensor> {
+        let vocab = self.cfg.vocab_size as u32;
+        let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (7 * i + 1) % vocab).collect() };
+        // Past `flat_cells` (n² > flat_cells): the gathered-group path on a GPU.
+        let long = if self.flat_cells > 0 {
+            (self.flat_cells as f64).sqrt() as usize + 2
+        } else {
+            12
+        }
+        .min(self.cfg.max_position_embeddings - 1);
+        let (short, long) = (ids(8), ids(long));
+        let mut caches = [
+            self.new_cache(short.len() + 1)?,
+            self.new_cache(long.len() + 1)?,
+        ];
+        {
+            let [a, b] = &mut caches;
+            let mut prompts = [
+                Chunk {
+                    tokens: &short,
+                    cache: a,
+                    logits: true,
+                },
+                Chunk {
+                    tokens: &long,
+                    cache: b,
+                    logits: true,
+                },
+            ];
+            self.forward(&mut prompts)?;
+        }
+        let next = [[short[1]], [long[1]]];
+        self.forward(&mut Chunk::decodes(&next, &mut caches))?
+            .ok_or_else(|| candle_core::Error::Msg("warm-up decode asked for no logits".into()))
+    }
+
     /// KV positions the pool holds now (reserved or free): its memory is this times
     /// [`LlamaConfig::kv_bytes_per_token`].
     pub fn kv_pool_positions(&self) -> usize {
