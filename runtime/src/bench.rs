@@ -218,15 +218,19 @@ pub fn raw_decode(
         crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("kv-write self-check on {device}: equal to scatter_set");
-        // The model's head layout, then the others the kernel takes (SmolLM2's 3 groups,
-        // multi-head, head_dim 128), so a kernel change is checked beyond the model timed.
+        // The model's head layout, then others, so a kernel change is checked beyond the
+        // model timed: SmolLM2's 3 groups, multi-head with head_dim 16 and 8 groups with
+        // head_dim 256 (the vector kernel's extremes), then 16 groups and head_dim 96 (the
+        // generic kernel).
         let c = model.config();
         let mut worst = 0f32;
         for (h, kvh, hd) in [
             (c.num_attention_heads, c.kv_heads(), c.head_dim()),
             (9, 3, 64),
             (4, 4, 16),
+            (8, 1, 256),
             (16, 1, 128),
+            (12, 2, 96),
         ] {
             let w = crate::model::paged_attn::self_check(
                 model.device(),

@@ -252,11 +252,26 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Result, Storage};
 
-    /// One block of `THREADS` threads per (lane, KV head). Per tile of `TILE` positions: each
-    /// thread scores one position against every query head of the KV head (the key row read
-    /// once), one warp per head takes the tile's max and sum and rescales the running softmax,
-    /// then each thread accumulates its (head, dim) outputs over the tile's values (a warp's
-    /// threads read one value row together). bf16 and f16 are converted by bit operations and
+    /// Two kernels, both one block of `THREADS` threads per (lane, KV head), positions in tiles
+    /// of `TILE` with a running softmax (one warp per head takes each tile's max and sum).
+    ///
+    /// `pagedv` (`paged_attn_{dtype}_v{G}`), for the common layouts: G query heads per KV head
+    /// compiled in (1–4, 6–8) and a head_dim that splits into 8-element pieces, a power of two
+    /// of them up to 32. Every thread owns 8 of the head_dim (`dc`) at one of `ns` positions
+    /// side by side (`ps`); it reads its piece of a key or value row in one 16-byte load (two
+    /// for f32). Scores: each position's `nc` threads sum their pieces' dot products by warp
+    /// shuffles. Values: each thread accumulates its 8 dims of all G heads over its positions,
+    /// so a value row is read once for every head, and the partial sums of the positions side
+    /// by side are added at the end (shuffles in a warp, then shared memory across warps).
+    ///
+    /// `paged` (`paged_attn_{dtype}`), for any other layout (up to `MAXG` heads, `MAXO` outputs a
+    /// thread): one thread per position scores it element by element, and each thread
+    /// accumulates whole (head, dim) outputs, so every value is read once per head.
+    ///
+    /// Why two: the first kernel had only the second's shape, and on the H200 it was the
+    /// largest kernel of a decode step (1.3 of 4.0 ms of GPU work, 24 launches): ncu showed it
+    /// bound by latency, each thread's value loop a chain of ~110 dependent 2-byte loads
+    /// (`results/generate-h200/fused-mlp/`). bf16 and f16 are converted by bit operations and
     /// PTX so that NVRTC needs no CUDA headers.
     const SOURCE: &str = concat!(
         crate::model::nvrtc::dtype_structs!(),
@@ -265,15 +280,13 @@ mod cuda {
 #define TILE 128
 #define MAXG 16
 #define MAXO 16
-template <class C, int G>
+template <class C>
 __device__ void paged(const typename C::T* q, const typename C::T* kp, const typename C::T* vp,
     const unsigned int* meta, typename C::T* out, unsigned int heads, unsigned int kvh,
     unsigned int t, unsigned int first, unsigned int pool_rows, unsigned int hd,
     unsigned int width, unsigned int block, float scale) {
   extern __shared__ float sh[];
-  // G > 0: the group count is a compile-time constant, so the register loops over MAXG
-  // heads shed their unused iterations instead of predicating them off.
-  const unsigned int groups = G > 0 ? G : heads / kvh, gd = groups * hd;
+  const unsigned int groups = heads / kvh, gd = groups * hd;
   const unsigned int lane = blockIdx.x, kh = blockIdx.y, tid = threadIdx.x;
   const unsigned int* m = meta + (size_t)lane * width;
   const unsigned int len = m[0];
@@ -351,20 +364,148 @@ __device__ void paged(const typename C::T* q, const typename C::T* kp, const typ
     }
   }
 }
-#define PAGED(NAME, C, G) \
+#define PAGED(NAME, C) \
 extern "C" __global__ void NAME(const C::T* q, const C::T* kp, const C::T* vp, \
     const unsigned int* meta, C::T* out, unsigned int heads, unsigned int kvh, unsigned int t, \
     unsigned int first, unsigned int pool_rows, unsigned int hd, unsigned int width, \
     unsigned int block, float scale) { \
-  paged<C, G>(q, kp, vp, meta, out, heads, kvh, t, first, pool_rows, hd, width, block, scale); \
+  paged<C>(q, kp, vp, meta, out, heads, kvh, t, first, pool_rows, hd, width, block, scale); \
 }
-#define PAGED_ALL(T, C) \
-PAGED(paged_attn_##T, C, 0) PAGED(paged_attn_##T##_g1, C, 1) PAGED(paged_attn_##T##_g2, C, 2) \
-PAGED(paged_attn_##T##_g3, C, 3) PAGED(paged_attn_##T##_g4, C, 4) PAGED(paged_attn_##T##_g6, C, 6) \
-PAGED(paged_attn_##T##_g7, C, 7) PAGED(paged_attn_##T##_g8, C, 8)
-PAGED_ALL(bf16, Bf16)
-PAGED_ALL(f16, F16)
-PAGED_ALL(f32, F32)
+PAGED(paged_attn_bf16, Bf16)
+PAGED(paged_attn_f16, F16)
+PAGED(paged_attn_f32, F32)
+struct alignas(16) U4 { unsigned int a, b, c, d; };
+template <class C>
+__device__ __forceinline__ void ld8(const typename C::T* p, float* f) {
+  constexpr int N = sizeof(typename C::T) * 8 / 16;
+  U4 raw[N];
+#pragma unroll
+  for (int i = 0; i < N; i++) raw[i] = ((const U4*)p)[i];
+  const typename C::T* e = (const typename C::T*)raw;
+#pragma unroll
+  for (int k = 0; k < 8; k++) f[k] = C::ld(e[k]);
+}
+template <class C, int G>
+__device__ void pagedv(const typename C::T* q, const typename C::T* kp, const typename C::T* vp,
+    const unsigned int* meta, typename C::T* out, unsigned int heads, unsigned int kvh,
+    unsigned int t, unsigned int first, unsigned int pool_rows, unsigned int hd,
+    unsigned int width, unsigned int block, float scale) {
+  extern __shared__ float sh[];
+  const unsigned int gd = G * hd;
+  const unsigned int lane = blockIdx.x, kh = blockIdx.y, tid = threadIdx.x;
+  const unsigned int* m = meta + (size_t)lane * width;
+  const unsigned int len = m[0];
+  const unsigned int nc = hd / 8, ns = THREADS / nc, dc = tid % nc, ps = tid / nc;
+  float* qs = sh;
+  float* sc = qs + gd;
+  float* mx = sc + G * TILE;
+  float* sum = mx + G;
+  float* corr = sum + G;
+  float* red = corr + G;
+  unsigned int* rows = (unsigned int*)(red + (THREADS / 32) * gd);
+  for (unsigned int i = tid; i < gd; i += THREADS) {
+    unsigned int h = kh * G + i / hd;
+    qs[i] = C::ld(q[((size_t)h * t + first + lane) * hd + i % hd]) * scale;
+  }
+  if (tid < G) { mx[tid] = __int_as_float(0xff800000u); sum[tid] = 0.f; }
+  float acc[G * 8];
+#pragma unroll
+  for (int j = 0; j < G * 8; j++) acc[j] = 0.f;
+  const typename C::T* kb = kp + (size_t)kh * pool_rows * hd + dc * 8;
+  const typename C::T* vb = vp + (size_t)kh * pool_rows * hd + dc * 8;
+  for (unsigned int p0 = 0; p0 < len; p0 += TILE) {
+    const unsigned int n = min((unsigned int)TILE, len - p0);
+    for (unsigned int p = tid; p < n; p += THREADS) {
+      const unsigned int pos = p0 + p;
+      rows[p] = m[1 + pos / block] * block + pos % block;
+    }
+    __syncthreads();
+    for (unsigned int base = 0; base < n; base += ns) {
+      const unsigned int p = base + ps;
+      float dot[G];
+#pragma unroll
+      for (int g = 0; g < G; g++) dot[g] = 0.f;
+      if (p < n) {
+        float kf[8];
+        ld8<C>(kb + (size_t)rows[p] * hd, kf);
+#pragma unroll
+        for (int g = 0; g < G; g++)
+#pragma unroll
+          for (int k = 0; k < 8; k++) dot[g] += qs[g * hd + dc * 8 + k] * kf[k];
+      }
+      for (unsigned int o = nc / 2; o > 0; o >>= 1)
+#pragma unroll
+        for (int g = 0; g < G; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+      if (dc == 0 && p < n)
+#pragma unroll
+        for (int g = 0; g < G; g++) sc[g * TILE + p] = dot[g];
+    }
+    __syncthreads();
+    const unsigned int warp = tid / 32, wl = tid % 32;
+    for (unsigned int g = warp; g < G; g += THREADS / 32) {
+      float* s = sc + g * TILE;
+      float tm = __int_as_float(0xff800000u);
+      for (unsigned int p = wl; p < n; p += 32) tm = fmaxf(tm, s[p]);
+      for (int o = 16; o > 0; o >>= 1) tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, o));
+      const float old = mx[g];
+      const float nm = fmaxf(old, tm);
+      float ts = 0.f;
+      for (unsigned int p = wl; p < n; p += 32) { const float e = __expf(s[p] - nm); s[p] = e; ts += e; }
+      for (int o = 16; o > 0; o >>= 1) ts += __shfl_xor_sync(0xffffffffu, ts, o);
+      if (wl == 0) { const float c = __expf(old - nm); corr[g] = c; sum[g] = sum[g] * c + ts; mx[g] = nm; }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      const float c = corr[g];
+#pragma unroll
+      for (int k = 0; k < 8; k++) acc[g * 8 + k] *= c;
+    }
+#pragma unroll 2
+    for (unsigned int p = ps; p < n; p += ns) {
+      float vf[8];
+      ld8<C>(vb + (size_t)rows[p] * hd, vf);
+#pragma unroll
+      for (int g = 0; g < G; g++) {
+        const float w = sc[g * TILE + p];
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[g * 8 + k] += w * vf[k];
+      }
+    }
+    __syncthreads();
+  }
+  for (unsigned int o = nc; o < 32; o <<= 1)
+#pragma unroll
+    for (int j = 0; j < G * 8; j++) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+  const unsigned int warp = tid / 32;
+  if (tid % 32 < nc)
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+      for (int k = 0; k < 8; k++) red[warp * gd + g * hd + dc * 8 + k] = acc[g * 8 + k];
+  __syncthreads();
+  for (unsigned int i = tid; i < gd; i += THREADS) {
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; w++) a += red[w * gd + i];
+    const unsigned int g = i / hd;
+    out[(size_t)lane * heads * hd + (kh * G + g) * hd + i % hd] = C::st(a / sum[g]);
+  }
+}
+#define PAGEDV(NAME, C, G) \
+extern "C" __global__ void NAME(const C::T* q, const C::T* kp, const C::T* vp, \
+    const unsigned int* meta, C::T* out, unsigned int heads, unsigned int kvh, unsigned int t, \
+    unsigned int first, unsigned int pool_rows, unsigned int hd, unsigned int width, \
+    unsigned int block, float scale) { \
+  pagedv<C, G>(q, kp, vp, meta, out, heads, kvh, t, first, pool_rows, hd, width, block, scale); \
+}
+#define PAGEDV_ALL(T, C) \
+PAGEDV(paged_attn_##T##_v1, C, 1) PAGEDV(paged_attn_##T##_v2, C, 2) PAGEDV(paged_attn_##T##_v3, C, 3) \
+PAGEDV(paged_attn_##T##_v4, C, 4) PAGEDV(paged_attn_##T##_v6, C, 6) PAGEDV(paged_attn_##T##_v7, C, 7) \
+PAGEDV(paged_attn_##T##_v8, C, 8)
+PAGEDV_ALL(bf16, Bf16)
+PAGEDV_ALL(f16, F16)
+PAGEDV_ALL(f32, F32)
 "#
     );
 
@@ -413,18 +554,34 @@ PAGED_ALL(f32, F32)
         let mut out = unsafe { dev.alloc::<T>(n) }?;
         if d.lanes > 0 {
             let groups = d.heads / d.kvh;
-            let shared = (groups * d.hd + groups * THREADS + 3 * groups) * 4 + THREADS * 4;
+            let pieces = d.hd / 8;
+            let vector = matches!(groups, 1 | 2 | 3 | 4 | 6 | 7 | 8)
+                && d.hd.is_multiple_of(8)
+                && pieces.is_power_of_two()
+                && pieces <= 32
+                // 16-byte loads: every row starts on a multiple of 8 elements.
+                && d.offsets[1].is_multiple_of(8)
+                && d.offsets[2].is_multiple_of(8);
+            let gd = groups * d.hd;
+            // Floats: q, scores, max/sum/correction, then (pagedv) one partial output per
+            // warp; then the tile's pool rows.
+            let floats = if vector {
+                gd + groups * THREADS + 3 * groups + (THREADS / 32) * gd
+            } else {
+                gd + groups * THREADS + 3 * groups
+            };
+            let shared = floats * 4 + THREADS * 4;
             let cfg = LaunchConfig {
                 grid_dim: (d.lanes as u32, d.kvh as u32, 1),
                 block_dim: (THREADS as u32, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
             debug_assert!(groups <= MAX_GROUPS);
-            // The group counts of common models have a kernel with the count compiled in (the
-            // `_gN` instances `PAGED_ALL` declares in the source).
-            let name = match groups {
-                1 | 2 | 3 | 4 | 6 | 7 | 8 => format!("{name}_g{groups}"),
-                _ => name.to_string(),
+            // The group counts here must match the `_vN` instances `PAGEDV_ALL` declares.
+            let name = if vector {
+                format!("{name}_v{groups}")
+            } else {
+                name.to_string()
             };
             let func = dev.get_or_load_custom_func(
                 &name,
