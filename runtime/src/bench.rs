@@ -212,8 +212,8 @@ pub fn raw_decode(
         reason: e.to_string(),
     };
     if model.on_gpu() {
-        // The KV write, the paged attention, the SwiGLU, the add-norm and the draw are the
-        // project's own GPU kernels: check them where they run (the replica's own device and
+        // The KV write, the paged attention, the qkv-rope, the SwiGLU, the add-norm and the
+        // draw are the project's own GPU kernels: check them where they run (the replica's own device and
         // dtype), before timing.
         crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
@@ -243,6 +243,9 @@ pub fn raw_decode(
             worst = worst.max(w);
         }
         eprintln!("paged-attention self-check on {device}: within {worst:.2e} of matmul attention");
+        let worst = crate::model::qkv_rope::self_check(model.device(), model::candle_dtype(dtype))
+            .map_err(err)?;
+        eprintln!("qkv-rope self-check on {device}: within {worst:.2e} of bias, copy and rope");
         let worst = crate::model::swiglu::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("swiglu self-check on {device}: within {worst:.2e} of silu(gate) * up");

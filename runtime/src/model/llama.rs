@@ -37,6 +37,7 @@
 use super::add_norm::add_rms_norm;
 use super::kv_write::write_rows;
 use super::paged_attn::{self, Lanes};
+use super::qkv_rope::{self, qkv_rope, Heads};
 use super::swiglu::swiglu;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
@@ -271,8 +272,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: RmsNorm,
     head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE's angles for every position, f32 ([`qkv_rope::table`]).
+    rope: Tensor,
     cfg: LlamaConfig,
     /// RoPE on interleaved pairs (GGUF Llama weights, whose q/k rows llama.cpp permuted) rather
     /// than on halves (Hugging Face layout).
@@ -295,11 +296,11 @@ pub struct Llama {
     paged: bool,
 }
 
-/// The replica's KV memory: per layer `[kv_heads, blocks × KV_BLOCK, head_dim]` for K and V,
-/// and which blocks are free.
+/// The replica's KV memory: per layer one `[2 × kv_heads, blocks × KV_BLOCK, head_dim]` tensor,
+/// K's heads then V's (so a step's new keys and values are one write), and which blocks are
+/// free.
 struct KvPool {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    kv: Vec<Tensor>,
     blocks: usize,
     /// Lowest first, so a new sequence's blocks tend to be adjacent.
     free: BTreeSet<u32>,
@@ -523,28 +524,18 @@ impl Llama {
         };
         let device = vb.device().clone();
         let dtype = vb.dtype();
-        let half = hd / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
-            .collect();
         let n = cfg.max_position_embeddings;
-        let inv = Tensor::from_vec(inv, (1, half), &device)?;
-        let pos = Tensor::arange(0u32, n as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((n, 1))?;
-        let freqs = pos.broadcast_mul(&inv)?;
+        let rope = Tensor::from_vec(qkv_rope::table(n, hd, cfg.rope_theta), (n, hd), &device)?;
         Ok(Llama {
             embed,
             layers,
             norm,
             head,
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            rope,
             cfg: cfg.clone(),
             interleaved,
             pool: Arc::new(Mutex::new(KvPool {
-                k: Vec::new(),
-                v: Vec::new(),
+                kv: Vec::new(),
                 blocks: 0,
                 free: BTreeSet::new(),
             })),
@@ -646,7 +637,11 @@ impl Llama {
     /// Re-allocates every layer's K and V with room for `blocks` blocks, keeping the rows
     /// already there (sequences hold row numbers, so nothing moves).
     fn grow(&self, pool: &mut KvPool, blocks: usize) -> candle_core::Result<()> {
-        let shape = (self.cfg.kv_heads(), blocks * KV_BLOCK, self.cfg.head_dim());
+        let shape = (
+            2 * self.cfg.kv_heads(),
+            blocks * KV_BLOCK,
+            self.cfg.head_dim(),
+        );
         let bigger = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
             let t = Tensor::zeros(shape, self.dtype, &self.device)?;
             if let Some(old) = old {
@@ -654,13 +649,9 @@ impl Llama {
             }
             Ok(t)
         };
-        let mut k = Vec::with_capacity(self.layers.len());
-        let mut v = Vec::with_capacity(self.layers.len());
-        for l in 0..self.layers.len() {
-            k.push(bigger(pool.k.get(l))?);
-            v.push(bigger(pool.v.get(l))?);
-        }
-        (pool.k, pool.v) = (k, v);
+        pool.kv = (0..self.layers.len())
+            .map(|l| bigger(pool.kv.get(l)))
+            .collect::<candle_core::Result<_>>()?;
         pool.free.extend(pool.blocks as u32..blocks as u32);
         pool.blocks = blocks;
         Ok(())
@@ -756,8 +747,13 @@ impl Llama {
         let writes = Tensor::from_vec(writes, t, &self.device)?;
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
+        let kvh = self.cfg.kv_heads();
+        let heads = Heads {
+            heads: self.cfg.num_attention_heads,
+            kv_heads: kvh,
+            head_dim: self.cfg.head_dim(),
+            interleaved: self.interleaved,
+        };
         let eps = self.cfg.rms_norm_eps;
         let mut x = self.embed.forward(&ids)?;
         // Each residual add and the RMSNorm after it run as one op (`add_norm.rs`); only the
@@ -767,12 +763,23 @@ impl Llama {
             None => x.clone(),
         };
         for (l, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = self.heads(&layer.qkv.forward(&h)?, &cos, &sin)?;
-            write_rows(&pool.k[l], &k, &writes)?;
-            write_rows(&pool.v[l], &v, &writes)?;
+            // The projection's bias, layout and RoPE in one op, then K and V into the pool in
+            // one write (`qkv_rope.rs`).
+            let qkv = h.matmul(&layer.qkv.weight().t()?)?;
+            let split = qkv_rope(&qkv, layer.qkv.bias(), &self.rope, &pos, heads)?;
+            let q = split.narrow(0, 0, heads.heads)?;
+            write_rows(
+                &pool.kv[l],
+                &split.narrow(0, heads.heads, 2 * kvh)?,
+                &writes,
+            )?;
+            let (k_pool, v_pool) = (
+                pool.kv[l].narrow(0, 0, kvh)?,
+                pool.kv[l].narrow(0, kvh, kvh)?,
+            );
             let mut outs = Vec::with_capacity(attn.len());
             for g in &attn {
-                outs.push(self.attend(&q, &pool.k[l], &pool.v[l], g)?);
+                outs.push(self.attend(&q, &k_pool, &v_pool, g)?);
             }
             let att = if outs.len() == 1 {
                 outs.pop().expect("one")
@@ -882,41 +889,6 @@ impl Llama {
                 pad,
             }),
         })
-    }
-
-    /// The fused projection `[t, (heads + 2 kv_heads) × head_dim]` → q `[heads, t, head_dim]`
-    /// and k, v `[kv_heads, t, head_dim]`, RoPE applied to q and k at each row's position. One
-    /// layout copy and one rope for all three: the heads are split along the outer dimension
-    /// afterwards, so each part is a contiguous view (what the KV write and the attention
-    /// kernels read) and nothing is copied again.
-    fn heads(
-        &self,
-        qkv: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let t = qkv.dim(0)?;
-        let (qh, kvh, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.kv_heads(),
-            self.cfg.head_dim(),
-        );
-        let x = qkv
-            .reshape((t, qh + 2 * kvh, hd))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let qk = x.narrow(0, 0, qh + kvh)?.unsqueeze(0)?;
-        let r = if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&qk, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&qk, cos, sin)?
-        }
-        .squeeze(0)?;
-        Ok((
-            r.narrow(0, 0, qh)?,
-            r.narrow(0, qh, kvh)?,
-            x.narrow(0, qh + kvh, kvh)?,
-        ))
     }
 
     /// One group's attention. `q` is the step's `[heads, t, head_dim]`; returns the group's

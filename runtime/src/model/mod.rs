@@ -17,6 +17,7 @@ pub mod lm_tokenizer;
 #[cfg(feature = "cuda")]
 pub(crate) mod nvrtc;
 pub mod paged_attn;
+pub mod qkv_rope;
 pub mod swiglu;
 pub mod tokenize;
 
