@@ -173,6 +173,8 @@ enum End {
     Finished(FinishReason),
     Failed(GenFailure),
     Cancelled,
+    /// The output stage found a stop string: it answered and counted the sequence already.
+    Stopped,
 }
 
 /// One warm-up step of `model` (see [`Llama::warm_up`]) with its logits drawn on the device,
@@ -319,7 +321,7 @@ impl Engine {
     fn sweep_cancelled(&mut self) {
         let stopped: Vec<SeqId> = self.stream.stopped().collect();
         for id in stopped {
-            self.end(id, End::Finished(FinishReason::Stop));
+            self.end(id, End::Stopped);
         }
         let gone: Vec<SeqId> = self
             .seqs
@@ -600,7 +602,7 @@ impl Engine {
     /// or was cancelled may stay computed as a padding row; its client is answered either way.
     fn end(&mut self, id: SeqId, how: End) {
         let waiting = self.sched.waiting_ids().any(|w| w == id);
-        let normal = matches!(how, End::Finished(_) | End::Cancelled);
+        let normal = matches!(how, End::Finished(_) | End::Cancelled | End::Stopped);
         if normal && !waiting && self.sched.retire(id) {
             let s = self.seqs.get_mut(&id);
             let kept = s.and_then(|s| {
@@ -634,25 +636,36 @@ impl Engine {
             return;
         };
         self.ctx.load.fetch_sub(1, Ordering::AcqRel);
+        // Counted where the ending is decided, so the count is there as soon as the gauges
+        // show the sequence gone.
+        let m = &self.ctx.metrics;
+        let ending = match how {
+            End::Stopped => return,
+            End::Finished(r) => {
+                count_end(m, r.as_str());
+                Ending::Finished(r)
+            }
+            End::Failed(f) => {
+                count_end(m, failure_reason(&f));
+                Ending::Failed(f)
+            }
+            End::Cancelled => {
+                count_end(m, "cancelled");
+                Ending::Cancelled
+            }
+        };
         if s.streaming {
-            let ending = match how {
-                End::Finished(r) => Ending::Finished(r),
-                End::Failed(f) => Ending::Failed(f),
-                End::Cancelled => Ending::Cancelled,
-            };
             self.notes.push(Note::End(id, ending));
             return;
         }
         // Never started, so nothing of it is in the output stage: answer here.
-        match how {
-            End::Failed(f) => {
-                count_end(&self.ctx.metrics, failure_reason(&f));
+        match ending {
+            Ending::Failed(f) => {
                 let _ = s.events.send(GenEvent::Failed(f));
             }
-            End::Cancelled => count_end(&self.ctx.metrics, "cancelled"),
-            End::Finished(r) => {
+            Ending::Cancelled => {}
+            Ending::Finished(r) => {
                 // Unreachable (a sequence finishes only by running), but answered all the same.
-                count_end(&self.ctx.metrics, r.as_str());
                 let _ = s.events.send(GenEvent::Done(Finished {
                     reason: r,
                     prompt_tokens: s.req.prompt.len(),

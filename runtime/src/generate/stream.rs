@@ -51,7 +51,9 @@ pub(super) enum Note {
     End(SeqId, Ending),
 }
 
-/// How the engine ended a started sequence.
+/// How the engine ended a started sequence (the engine has counted it in
+/// `batchtune_generations_finished_total`; the output stage counts only the stop strings it
+/// finds).
 pub(super) enum Ending {
     /// EOS or `max_tokens`: the held-back text is flushed, then `Done`.
     Finished(FinishReason),
@@ -189,7 +191,10 @@ impl Output {
         match check_stops(&text, &s.o.stop) {
             StopCheck::Stopped(at) => {
                 send_delta(s, &text, at);
+                // The engine hears of it before the client can: it retires the sequence
+                // without counting it again.
                 let _ = self.stopped.send(id);
+                count_end(&self.metrics, FinishReason::Stop.as_str());
                 self.finish(id, FinishReason::Stop);
             }
             StopCheck::Safe(upto) => send_delta(s, &text, upto),
@@ -210,14 +215,11 @@ impl Output {
             }
             Ending::Failed(f) => {
                 if let Some(s) = self.open.remove(&id) {
-                    count_end(&self.metrics, failure_reason(&f));
                     let _ = s.o.events.send(GenEvent::Failed(f));
                 }
             }
             Ending::Cancelled => {
-                if self.open.remove(&id).is_some() {
-                    count_end(&self.metrics, "cancelled");
-                }
+                self.open.remove(&id);
             }
         }
     }
@@ -227,7 +229,6 @@ impl Output {
         let Some(s) = self.open.remove(&id) else {
             return;
         };
-        count_end(&self.metrics, reason.as_str());
         let now = Instant::now();
         let first = s.first_token.unwrap_or(now);
         if s.out.len() > 1 {
