@@ -694,7 +694,26 @@ impl Llama {
         }
         // Rows are laid out group by group, so each group's tokens are one narrow away.
         let shapes: Vec<(usize, usize)> = lanes.iter().map(|l| l.shape(chunks)).collect();
-        let groups = group_chunks(&shapes, self.free_cells);
+        let groups = if self.paged {
+            // Paged attention reads each lane's own positions, so lanes of different lengths
+            // cost nothing to share a launch: every one-token lane is one group. Grouping them
+            // by span as below split a served step's decodes from its prompt lanes: a second
+            // attention launch and a concatenation a layer, 72 launches a step on the H200
+            // (`results/generate-h200/stream/call3/`).
+            let (ones, wide): (Vec<usize>, Vec<usize>) =
+                (0..lanes.len()).partition(|&i| lanes[i].n == 1);
+            let wide_shapes: Vec<(usize, usize)> = wide.iter().map(|&i| shapes[i]).collect();
+            let mut g: Vec<Vec<usize>> = group_chunks(&wide_shapes, self.free_cells)
+                .into_iter()
+                .map(|grp| grp.into_iter().map(|j| wide[j]).collect())
+                .collect();
+            if !ones.is_empty() {
+                g.push(ones);
+            }
+            g
+        } else {
+            group_chunks(&shapes, self.free_cells)
+        };
         for c in chunks.iter() {
             if !Arc::ptr_eq(&c.cache.pool, &self.pool) {
                 candle_core::bail!("a sequence's cache belongs to another replica");

@@ -154,10 +154,16 @@ pub fn resolve_devices(devices: &[String]) -> Result<Vec<Device>, ModelError> {
                             .into(),
                     });
                 }
-                out.push(Device::new_cuda(n).map_err(|e| ModelError::Device {
+                let dev = Device::new_cuda(n).map_err(|e| ModelError::Device {
                     device: d.clone(),
                     reason: e.to_string(),
-                })?);
+                })?;
+                #[cfg(feature = "cuda")]
+                keep_pool_memory(&dev).map_err(|reason| ModelError::Device {
+                    device: d.clone(),
+                    reason,
+                })?;
+                out.push(dev);
             }
             None => {
                 return Err(ModelError::Device {
@@ -168,6 +174,40 @@ pub fn resolve_devices(devices: &[String]) -> Result<Vec<Device>, ModelError> {
         }
     }
     Ok(out)
+}
+
+/// Lets the device's memory pool keep what a step frees instead of handing it back to the
+/// driver at every synchronisation.
+///
+/// Why: candle allocates every op's output with `cuMemAllocAsync` from the device's default
+/// pool, whose release threshold is 0, so each step's token copy (a stream synchronisation)
+/// returned the step's memory and the next step mapped it again, a few hundred MB a step at
+/// 512 sequences (the logits alone are 466 MB). PyTorch's allocator sets the same threshold
+/// in its async mode. The pool then holds the high-water mark of one step's allocations.
+#[cfg(feature = "cuda")]
+fn keep_pool_memory(device: &Device) -> Result<(), String> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(d) = device else {
+        return Ok(());
+    };
+    let cu = d.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on a device the context above opened; `pool` and `threshold`
+    // outlive them, and the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, cu)
+            .result()
+            .map_err(|e| format!("reading the default memory pool: {e}"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| format!("setting the memory pool's release threshold: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Opens (`true`) or closes the window that a CUDA profiler started with collection off records
