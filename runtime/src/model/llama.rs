@@ -18,12 +18,13 @@
 //! sequence separately: on a GPU that was ~15 small kernels per sequence and layer, ~3 ms per
 //! sequence per step, all of it launch overhead (`results/generate-h200/`); the second batched
 //! only the decodes, and prefill chunks still attended one at a time. On a GPU the decodes'
-//! group (with short prompts' one-query lanes) is now a single paged kernel a layer
+//! group (with every one-query lane, whatever its length) is now a single paged kernel a layer
 //! (`Attention::Paged`): the gathers it replaced were the largest cost of a decode step
 //! (`results/generate-h200/kernels/`, `results/generate-h200/paged/`).
 //!
-//! KV memory: a pool per replica, per layer a K and a V tensor `[kv_heads, rows, head_dim]`,
-//! handed out in blocks of [`KV_BLOCK`] positions (vLLM's paged layout: `kv_write.rs` writes a
+//! KV memory: a pool per replica, per layer one tensor `[2 × kv_heads, rows, head_dim]` (K's
+//! heads, then V's, so one `kv_write.rs` launch stores a step's keys and values), handed out in
+//! blocks of [`KV_BLOCK`] positions (vLLM's paged layout: `kv_write.rs` writes a
 //! step's new rows; on a GPU the width-1 group reads the pool in place through each sequence's
 //! block table, `paged_attn.rs`, and other groups gather their rows with `index_select`). A sequence
 //! reserves prompt + `max_tokens` positions when it starts, rounded up to whole blocks, and gives
