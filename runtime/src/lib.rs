@@ -17,6 +17,17 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 
+/// The message a caught panic carried (`panic!` with a literal or a formatted string), or
+/// "unknown panic": the batcher's workers, the engine and its output stage each catch panics
+/// and report them to the requests they were serving.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 use admission::{Admission, QueueSpace};
 use api::generate::GenEngine;
 use api::{AppState, EmbedEngine, Engine, Family};

@@ -45,9 +45,11 @@ pub struct FinishLabel {
 pub struct PhaseLabel {
     /// Replica label.
     pub device: String,
-    /// `schedule` (plan, KV reservations), `model` (forward and sampling, until the sampled
-    /// ids are on the host: on a GPU the only point where the host waits for the device), or
-    /// `engine` (appending tokens, detokenizing, stop strings, streaming to the requests).
+    /// `schedule` (plan, KV reservations), `forward` (on a GPU: the host issuing the step's
+    /// kernels), `sample` (drawing the tokens until their ids are on the host: on a GPU the
+    /// only point where the host waits for the device), or `engine` (appending the tokens and
+    /// ending sequences; text, stop strings and client events are the output stage's, on a
+    /// thread of its own).
     pub phase: String,
 }
 

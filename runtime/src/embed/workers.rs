@@ -258,11 +258,7 @@ impl Ctx<'_> {
     }
 
     fn panic_message(&self, panic: Box<dyn std::any::Any + Send>) -> String {
-        let msg = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
+        let msg = crate::panic_text(&*panic);
         format!("batch on {} panicked: {msg}", self.label)
     }
 }

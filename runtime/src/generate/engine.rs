@@ -173,7 +173,8 @@ enum End {
     Finished(FinishReason),
     Failed(GenFailure),
     Cancelled,
-    /// The output stage found a stop string: it answered and counted the sequence already.
+    /// The output stage ended it (a stop string, or a panic while streaming it): it answered
+    /// and counted the sequence already.
     Stopped,
 }
 
@@ -494,11 +495,7 @@ impl Engine {
                 return self.fail_step(&order, format!("step on {} failed: {err}", self.ctx.label))
             }
             Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
+                let msg = crate::panic_text(&*panic);
                 return self.fail_step(
                     &order,
                     format!("step on {} panicked: {msg}", self.ctx.label),

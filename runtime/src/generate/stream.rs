@@ -23,6 +23,7 @@ use super::scheduler::SeqId;
 use crate::metrics::{FinishLabel, GenMetrics};
 use crate::model::lm_tokenizer::{Detokenizer, LmTokenizer};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -49,6 +50,15 @@ pub(super) enum Note {
     Token(SeqId, u32),
     /// The engine ended a started sequence.
     End(SeqId, Ending),
+}
+
+impl Note {
+    /// The sequence the note is about.
+    fn seq(&self) -> SeqId {
+        match self {
+            Note::Open(id, _) | Note::Token(id, _) | Note::End(id, _) => *id,
+        }
+    }
 }
 
 /// How the engine ended a started sequence (the engine has counted it in
@@ -90,7 +100,14 @@ impl Stream {
                 };
                 for notes in rx {
                     for n in notes {
-                        out.take(n);
+                        let id = n.seq();
+                        // A panic (say, in a tokenizer) fails that sequence, not the thread
+                        // every other client of this replica is waiting on.
+                        if let Err(panic) =
+                            std::panic::catch_unwind(AssertUnwindSafe(|| out.take(n)))
+                        {
+                            out.fail(id, crate::panic_text(&*panic));
+                        }
                     }
                 }
             })?;
@@ -112,8 +129,8 @@ impl Stream {
         }
     }
 
-    /// Sequences the output stage ended on a stop string since the last call: the engine
-    /// retires them.
+    /// Sequences the output stage ended since the last call (on a stop string, or failed by a
+    /// panic while streaming them): already answered and counted, the engine retires them.
     pub fn stopped(&self) -> impl Iterator<Item = SeqId> + '_ {
         self.stopped.try_iter()
     }
@@ -224,6 +241,18 @@ impl Output {
         }
     }
 
+    /// Fails a sequence whose note panicked here, and has the engine retire it (as after a
+    /// stop string: answered and counted here).
+    fn fail(&mut self, id: SeqId, panic: String) {
+        let msg = format!("output stage panicked: {panic}");
+        tracing::error!(seq = id, "{msg}");
+        if let Some(s) = self.open.remove(&id) {
+            let _ = self.stopped.send(id);
+            count_end(&self.metrics, "error");
+            let _ = s.o.events.send(GenEvent::Failed(GenFailure::Step(msg)));
+        }
+    }
+
     /// Answers a finished sequence and forgets it.
     fn finish(&mut self, id: SeqId, reason: FinishReason) {
         let Some(s) = self.open.remove(&id) else {
@@ -271,4 +300,45 @@ pub(super) fn count_end(m: &GenMetrics, reason: &str) {
             reason: reason.into(),
         })
         .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sequence_failed_here_is_answered_once_and_handed_back_to_the_engine() {
+        let metrics = Arc::new(crate::metrics::Metrics::new().generation());
+        let (stop_tx, stopped) = crossbeam_channel::unbounded();
+        let mut out = Output {
+            tokenizer: Arc::new(LmTokenizer::builtin(64)),
+            metrics,
+            open: HashMap::new(),
+            stopped: stop_tx,
+        };
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let opened = Opened {
+            events,
+            stop: Vec::new(),
+            prompt_tokens: 3,
+            arrived: Instant::now(),
+            queue_time: Duration::ZERO,
+        };
+        out.take(Note::Open(7, Box::new(opened)));
+        out.take(Note::Token(7, 5));
+        out.fail(7, "boom".into());
+        assert!(matches!(rx.try_recv(), Ok(GenEvent::Token { .. })));
+        match rx.try_recv() {
+            Ok(GenEvent::Failed(GenFailure::Step(m))) => {
+                assert!(m.contains("output stage panicked: boom"), "{m}")
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert_eq!(stopped.try_recv().ok(), Some(7));
+        // What the engine computed for it meanwhile, and its own ending, are dropped.
+        out.take(Note::Token(7, 6));
+        out.take(Note::End(7, Ending::Finished(FinishReason::Length)));
+        assert!(rx.try_recv().is_err());
+        assert!(stopped.try_recv().is_err());
+    }
 }
