@@ -345,3 +345,128 @@ pub fn raw_decode(
     }
     Ok(out)
 }
+
+/// What one kind of op costs the host to issue, and the wall time per op once the device has
+/// run them all ([`host_costs`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct HostCost {
+    /// The op (see [`host_costs`]).
+    pub op: &'static str,
+    /// Rows of its operands (the batch's tokens).
+    pub rows: usize,
+    /// Calls timed.
+    pub calls: usize,
+    /// Host time to issue one call, µs (on a GPU: until the launch returns).
+    pub host_us: f64,
+    /// Wall time per call including the wait for the device at the end, µs.
+    pub wall_us: f64,
+}
+
+/// Times the host side of the ops a decoder step is made of, at `rows` rows and the model's
+/// own widths: each op called `calls` times back to back without waiting, then once for the
+/// device.
+///
+/// Why: on a GPU a served step at a few hundred sequences is bound by the host issuing its
+/// ~250 kernels, 12–20 µs each on the H200's host (`results/generate-h200/stream/`), several
+/// times what a bare kernel launch costs. This says which part of an op's cost is the launch
+/// and which is candle's bookkeeping (an allocation per output, a function lookup per launch,
+/// cuBLAS's set-up), so the next change to the step is chosen from numbers.
+pub fn host_costs(
+    spec: &str,
+    device: &str,
+    dtype: Dtype,
+    rows: usize,
+    calls: usize,
+) -> Result<Vec<HostCost>, ModelError> {
+    use crate::model::add_norm::add_rms_norm;
+    use crate::model::qkv_rope::{qkv_rope, table, Heads};
+    use crate::model::swiglu::swiglu;
+    use candle_core::{DType, Tensor};
+    let m = model::lm::load(spec, &[device.to_string()], dtype)?;
+    let model = &m.replicas[0].1;
+    let err = |e: candle_core::Error| ModelError::Load {
+        model: spec.into(),
+        reason: format!("host-cost probe: {e}"),
+    };
+    let c = model.config().clone();
+    let dev = model.device().clone();
+    let dt = model::candle_dtype(dtype);
+    let (h, inter) = (c.hidden_size, c.intermediate_size);
+    let heads = Heads {
+        heads: c.num_attention_heads,
+        kv_heads: c.kv_heads(),
+        head_dim: c.head_dim(),
+        interleaved: false,
+    };
+    let qkv_w = (heads.heads + 2 * heads.kv_heads) * heads.head_dim;
+    let build = || -> candle_core::Result<_> {
+        let x = Tensor::randn(0f32, 1.0, (rows, h), &dev)?.to_dtype(dt)?;
+        let y = Tensor::randn(0f32, 1.0, (rows, h), &dev)?.to_dtype(dt)?;
+        let w = Tensor::randn(0f32, 0.05, (h, h), &dev)?.to_dtype(dt)?;
+        let norm = Tensor::ones(h, dt, &dev)?;
+        let gate_up = Tensor::randn(0f32, 1.0, (rows, 2 * inter), &dev)?.to_dtype(dt)?;
+        let qkv = Tensor::randn(0f32, 1.0, (rows, qkv_w), &dev)?.to_dtype(dt)?;
+        let tab = Tensor::from_vec(
+            table(2048, heads.head_dim, 10_000.0),
+            (2048, heads.head_dim),
+            &dev,
+        )?;
+        let pos = Tensor::from_vec((0..rows as u32).map(|p| p % 2048).collect(), rows, &dev)?;
+        Ok((x, y, w, norm, gate_up, qkv, tab, pos))
+    };
+    let (x, y, w, norm, gate_up, qkv, tab, pos) = build().map_err(err)?;
+    let ids: Vec<u32> = (0..rows as u32).collect();
+    type Op<'a> = Box<dyn Fn() -> candle_core::Result<()> + 'a>;
+    let ops: Vec<(&'static str, Op<'_>)> = vec![
+        // A step's small host arrays (token ids, positions, KV rows, block tables).
+        (
+            "upload_u32",
+            Box::new(|| Tensor::from_slice(&ids, rows, &dev).map(drop)),
+        ),
+        // An allocation and a driver memset, no kernel.
+        (
+            "zeros",
+            Box::new(|| Tensor::zeros((rows, h), dt, &dev).map(drop)),
+        ),
+        // candle's own elementwise kernel (allocation, function lookup, launch).
+        ("candle_add", Box::new(|| (&x + &y).map(drop))),
+        // cuBLAS through candle.
+        ("matmul", Box::new(|| x.matmul(&w.t()?).map(drop))),
+        // The runtime's own kernels.
+        (
+            "add_rms_norm",
+            Box::new(|| add_rms_norm(&x, &y, &norm, 1e-6).map(drop)),
+        ),
+        ("swiglu", Box::new(|| swiglu(&gate_up).map(drop))),
+        (
+            "qkv_rope",
+            Box::new(|| qkv_rope(&qkv, None, &tab, &pos, heads).map(drop)),
+        ),
+        // A view and a copy: what a layout change costs.
+        ("transpose_copy", Box::new(|| x.t()?.contiguous().map(drop))),
+        ("to_f32", Box::new(|| x.to_dtype(DType::F32).map(drop))),
+    ];
+    let mut out = Vec::new();
+    for (name, op) in &ops {
+        let run = |n: usize| -> candle_core::Result<(f64, f64)> {
+            dev.synchronize()?;
+            let t0 = Instant::now();
+            for _ in 0..n {
+                op()?;
+            }
+            let issued = t0.elapsed().as_secs_f64();
+            dev.synchronize()?;
+            Ok((issued, t0.elapsed().as_secs_f64()))
+        };
+        run(5).map_err(err)?;
+        let (issued, wall) = run(calls).map_err(err)?;
+        out.push(HostCost {
+            op: name,
+            rows,
+            calls,
+            host_us: issued * 1e6 / calls as f64,
+            wall_us: wall * 1e6 / calls as f64,
+        });
+    }
+    Ok(out)
+}

@@ -76,6 +76,11 @@ enum Cmd {
         /// Also write the texts used, one per line (so another stack can embed the same inputs).
         #[arg(long)]
         dump_texts: Option<PathBuf>,
+        /// Generation: instead of decode steps, time what the host spends issuing each kind of
+        /// op a step is made of (upload, allocation, candle's kernels, cuBLAS, the runtime's
+        /// own), at the first of --sizes rows, this many calls each. One JSON line per op.
+        #[arg(long, value_name = "CALLS")]
+        host_costs: Option<usize>,
     },
     /// Load and validate profiles: exit 0 when all are valid, 1 with every reason otherwise.
     /// Checks the knobs' rules and, unless --rules-only, that the profile would serve on this
@@ -182,6 +187,7 @@ fn main() -> ExitCode {
             temperature,
             prefill_chunks,
             prefill_tokens,
+            host_costs,
         } => {
             let mut p = Profile::default();
             if let Err(e) = p.set_knob("dtype", &dtype) {
@@ -189,6 +195,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             if let Ok(Some(_)) = runtime::model::lm::resolve(&model) {
+                if let Some(calls) = host_costs {
+                    let rows = sizes.first().copied().unwrap_or(256);
+                    return print_points(runtime::bench::host_costs(
+                        &model,
+                        &device,
+                        p.dtype,
+                        rows,
+                        calls.max(1),
+                    ));
+                }
                 let o = runtime::bench::DecodeOptions {
                     sizes,
                     context_tokens,

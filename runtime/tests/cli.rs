@@ -156,3 +156,43 @@ async fn sigterm_with_requests_in_flight_loses_none() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+#[test]
+fn bench_host_costs_times_every_op_of_a_decoder_step() {
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args([
+            "bench",
+            "--model",
+            "synthetic:llama-tiny",
+            "--device",
+            "cpu",
+            "--sizes",
+            "6",
+            "--host-costs",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    for want in ["upload_u32", "candle_add", "matmul", "swiglu", "qkv_rope"] {
+        assert!(ops.contains(&want), "{want} missing from {ops:?}");
+    }
+    for r in &rows {
+        assert_eq!(r["rows"], 6);
+        assert_eq!(r["calls"], 3);
+        let (host, wall) = (
+            r["host_us"].as_f64().unwrap(),
+            r["wall_us"].as_f64().unwrap(),
+        );
+        assert!(host > 0.0 && wall >= host, "{r}");
+    }
+}
