@@ -569,7 +569,10 @@ impl Engine {
         if !host.is_empty() {
             let n = host.len();
             let idx = Tensor::from_vec(host.clone(), n, logits.device())?;
-            let copied = logits.index_select(&idx, 0)?.to_vec2::<f32>()?;
+            let copied = logits
+                .index_select(&idx, 0)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2::<f32>()?;
             for (i, row) in host.into_iter().zip(copied) {
                 if let Some(s) = self.seqs.get_mut(&rows[i as usize]) {
                     tokens[i as usize] = s.sampler.sample(&row);

@@ -46,7 +46,7 @@ pub enum Placement {
     Host,
 }
 
-/// The token of every row of `[rows, vocab]` f32 `logits` placed `Greedy` or `Device` (rows
+/// The token of every row of `[rows, vocab]` `logits` (f32, f16 or bf16) placed `Greedy` or `Device` (rows
 /// placed `Host` get an arbitrary id the caller replaces), computed where the logits are, in
 /// one pass ([`crate::model::draw`]), its noise keyed by a fresh seed per step.
 pub fn sample_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core::Result<Vec<u32>> {

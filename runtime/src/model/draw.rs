@@ -15,10 +15,11 @@
 //! same ids as the GPU kernel, which is how [`self_check`] tests the kernel where it runs, and
 //! the unit tests check the CPU twin's draws against the softmax.
 
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 
-/// The token of each row of `[rows, vocab]` f32 `logits`: greedy where `inv_temp[r]` is 0,
-/// otherwise a draw at temperature `1 / inv_temp[r]`, its noise keyed by `seed`.
+/// The token of each row of `[rows, vocab]` `logits` (f32, f16 or bf16, read as f32):
+/// greedy where `inv_temp[r]` is 0, otherwise a draw at temperature `1 / inv_temp[r]`, its
+/// noise keyed by `seed`.
 pub fn draw(logits: &Tensor, inv_temp: &[f32], seed: u64) -> Result<Vec<u32>> {
     let rows = logits.dim(0)?;
     if inv_temp.len() != rows {
@@ -78,14 +79,14 @@ fn scored(l: f32, s: f32, seed: u64, index: usize) -> f32 {
 }
 
 /// The CPU twin of the kernel: the same values, compared the same way (first index on ties).
-fn draw_cpu(logits: &[f32], inv: &[f32], vocab: usize, seed: u64) -> Vec<u32> {
+fn draw_cpu<T: WithDType>(logits: &[T], inv: &[f32], vocab: usize, seed: u64) -> Vec<u32> {
     inv.iter()
         .enumerate()
         .map(|(r, &s)| {
             let row = &logits[r * vocab..(r + 1) * vocab];
             let (mut best, mut at) = (f32::NEG_INFINITY, 0u32);
             for (c, &l) in row.iter().enumerate() {
-                let v = scored(l, s, seed, r * vocab + c);
+                let v = scored(l.to_f64() as f32, s, seed, r * vocab + c);
                 if v > best {
                     (best, at) = (v, c as u32);
                 }
@@ -108,15 +109,16 @@ impl CustomOp2 for Draw {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab, o1, o2) = shape(l1, l2)?;
-        let (CpuStorage::F32(l), CpuStorage::F32(inv)) = (s1, s2) else {
-            candle_core::bail!("draw: logits and temperatures must be f32");
+        let CpuStorage::F32(inv) = s2 else {
+            candle_core::bail!("draw: the temperatures must be f32");
         };
-        let ids = draw_cpu(
-            &l[o1..o1 + rows * vocab],
-            &inv[o2..o2 + rows],
-            vocab,
-            self.seed,
-        );
+        let (inv, n) = (&inv[o2..o2 + rows], rows * vocab);
+        let ids = match s1 {
+            CpuStorage::F32(l) => draw_cpu(&l[o1..o1 + n], inv, vocab, self.seed),
+            CpuStorage::BF16(l) => draw_cpu(&l[o1..o1 + n], inv, vocab, self.seed),
+            CpuStorage::F16(l) => draw_cpu(&l[o1..o1 + n], inv, vocab, self.seed),
+            _ => candle_core::bail!("draw: the logits must be f32, f16 or bf16"),
+        };
         Ok((CpuStorage::U32(ids), Shape::from(rows)))
     }
 
@@ -135,9 +137,11 @@ impl CustomOp2 for Draw {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, Result};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Result};
 
     /// Threads per row (`THREADS` in the source).
     const THREADS: u32 = 1024;
@@ -145,7 +149,9 @@ mod cuda {
     /// One block per row; each thread strides over the row keeping its best (value, index),
     /// then warp shuffles and one shared-memory round pick the block's (lowest index on ties).
     /// `logf` rather than `__logf`, so the values match the CPU twin's to an ulp.
-    const SOURCE: &str = r#"
+    const SOURCE: &str = concat!(
+        crate::model::nvrtc::dtype_structs!(),
+        r#"
 #define THREADS 1024
 __device__ __forceinline__ unsigned long long mix(unsigned long long seed, unsigned long long i) {
   unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;
@@ -156,17 +162,18 @@ __device__ __forceinline__ unsigned long long mix(unsigned long long seed, unsig
 __device__ __forceinline__ bool better(float v, unsigned int i, float bv, unsigned int bi) {
   return v > bv || (v == bv && i < bi);
 }
-extern "C" __global__ void draw_f32(const float* logits, const float* inv, unsigned int* out,
+template <class C>
+__device__ void draw(const typename C::T* logits, const float* inv, unsigned int* out,
     unsigned int vocab, unsigned long long seed) {
   __shared__ float sv[THREADS / 32];
   __shared__ unsigned int si[THREADS / 32];
   const unsigned int r = blockIdx.x, tid = threadIdx.x;
   const float s = inv[r];
-  const float* row = logits + (size_t)r * vocab;
+  const typename C::T* row = logits + (size_t)r * vocab;
   float bv = __int_as_float(0xff800000u);
   unsigned int bi = 0xffffffffu;
   for (unsigned int c = tid; c < vocab; c += THREADS) {
-    float v = row[c];
+    float v = C::ld(row[c]);
     if (s > 0.f) {
       unsigned long long h = mix(seed, (unsigned long long)r * vocab + c);
       float u = ((float)(unsigned int)(h >> 41) + 0.5f) * (1.0f / 8388608.0f);
@@ -191,42 +198,65 @@ extern "C" __global__ void draw_f32(const float* logits, const float* inv, unsig
     if (tid == 0) out[r] = bi == 0xffffffffu ? 0u : bi;
   }
 }
-"#;
+#define DRAW(NAME, C) \
+extern "C" __global__ void NAME(const C::T* logits, const float* inv, unsigned int* out, \
+    unsigned int vocab, unsigned long long seed) { \
+  draw<C>(logits, inv, out, vocab, seed); \
+}
+DRAW(draw_f32, F32)
+DRAW(draw_bf16, Bf16)
+DRAW(draw_f16, F16)
+"#
+    );
 
     pub(super) fn launch(
         logits: &CudaStorage,
         inv: &CudaStorage,
-        (rows, vocab, o1, o2): (usize, usize, usize, usize),
+        dims: (usize, usize, usize, usize),
         seed: u64,
     ) -> Result<CudaStorage> {
         let dev = logits.device.clone();
+        match &logits.slice {
+            CudaStorageSlice::F32(l) => run(&dev, "draw_f32", l, inv, dims, seed),
+            CudaStorageSlice::BF16(l) => run(&dev, "draw_bf16", l, inv, dims, seed),
+            CudaStorageSlice::F16(l) => run(&dev, "draw_f16", l, inv, dims, seed),
+            _ => candle_core::bail!("draw: the logits must be f32, f16 or bf16"),
+        }
+    }
+
+    fn run<T: DeviceRepr + CudaDType>(
+        dev: &CudaDevice,
+        name: &str,
+        logits: &CudaSlice<T>,
+        inv: &CudaStorage,
+        (rows, vocab, o1, o2): (usize, usize, usize, usize),
+        seed: u64,
+    ) -> Result<CudaStorage> {
         // SAFETY: the kernel's thread 0 of block r writes out[r] for every r < rows (`draw`
         // never launches for 0 rows).
         let mut out = unsafe { dev.alloc::<u32>(rows) }?;
-        {
-            let func = dev.get_or_load_custom_func(
-                "draw_f32",
-                "batchtune_draw",
-                crate::model::nvrtc::compiled!(SOURCE, "draw")?,
-            )?;
-            let l = logits.as_cuda_slice::<f32>()?.slice(o1..);
-            let inv = inv.as_cuda_slice::<f32>()?.slice(o2..);
-            let vocab = vocab as u32;
-            let mut b = func.builder();
-            b.arg(&l);
-            b.arg(&inv);
-            b.arg(&mut out);
-            b.arg(&vocab);
-            b.arg(&seed);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: block r reads row r of `rows × vocab` logits and inv[r], writes out[r].
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        let func = dev.get_or_load_custom_func(
+            name,
+            "batchtune_draw",
+            crate::model::nvrtc::compiled!(SOURCE, "draw")?,
+        )?;
+        let l = logits.slice(o1..);
+        let inv = inv.as_cuda_slice::<f32>()?.slice(o2..);
+        let vocab = vocab as u32;
+        let mut b = func.builder();
+        b.arg(&l);
+        b.arg(&inv);
+        b.arg(&mut out);
+        b.arg(&vocab);
+        b.arg(&seed);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: block r reads row r of `rows × vocab` logits and inv[r], writes out[r].
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
 
@@ -236,11 +266,22 @@ extern "C" __global__ void draw_f32(const float* logits, const float* inv, unsig
 /// decoder on a GPU; CI has none). A different pick counts as equal only when its value is
 /// within 1e-4 of the CPU's best (the two `logf`s may differ in the last bit).
 pub fn self_check(device: &Device) -> Result<()> {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        check_dtype(device, dtype)?;
+    }
+    Ok(())
+}
+
+/// [`self_check`] for logits of one dtype: the CPU twin reads the same rounded values.
+fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
     let (rows, vocab, seed) = (16usize, 50_000usize, 0x5eed_u64);
-    let logits = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu)?;
+    let logits = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu)?.to_dtype(dtype)?;
     let inv: Vec<f32> = (0..rows).map(|r| [0.0, 2.0, 1.0, 0.5][r % 4]).collect();
     let got = draw(&logits.to_device(device)?, &inv, seed)?;
-    let host = logits.flatten_all()?.to_vec1::<f32>()?;
+    let host = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let want = draw_cpu(&host, &inv, vocab, seed);
     let value = |r: usize, c: u32| {
         let i = r * vocab + c as usize;
@@ -249,7 +290,7 @@ pub fn self_check(device: &Device) -> Result<()> {
     for (r, (&g, &w)) in got.iter().zip(&want).enumerate() {
         if g != w && (g as usize >= vocab || (value(r, w) - value(r, g)).abs() > 1e-4) {
             candle_core::bail!(
-                "draw on {device:?} picked token {g} in row {r} where the CPU picks {w} (inverse temperature {})",
+                "draw on {device:?} of {dtype:?} logits picked token {g} in row {r} where the CPU picks {w} (inverse temperature {})",
                 inv[r]
             );
         }
@@ -260,7 +301,6 @@ pub fn self_check(device: &Device) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
 
     #[test]
     fn the_noise_is_finite_at_both_ends_of_the_hash_range() {

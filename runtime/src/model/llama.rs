@@ -665,7 +665,7 @@ impl Llama {
         let Some(logits) = self.forward(chunks)? else {
             return Ok(out);
         };
-        let mut rows = logits.to_vec2::<f32>()?.into_iter();
+        let mut rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?.into_iter();
         for (slot, c) in out.iter_mut().zip(chunks.iter()) {
             if c.logits {
                 *slot = rows.next();
@@ -674,8 +674,11 @@ impl Llama {
         Ok(out)
     }
 
-    /// Runs one step over every chunk and leaves the logits on the device: `[k, vocab]` f32,
-    /// one row per chunk that asked for logits, in chunk order (`None` when none asked).
+    /// Runs one step over every chunk and leaves the logits on the device: `[k, vocab]` in the
+    /// model's dtype, one row per chunk that asked for logits, in chunk order (`None` when none
+    /// asked). Not cast to f32: the draw reads any float dtype, and the cast of 512 rows of
+    /// Qwen2.5's vocabulary was 0.27 ms of GPU work at the end of every step, after the host's
+    /// last launch, so on the step's critical path (`results/generate-h200/stream/call3/`).
     /// Sampling can then run where the logits are ([`greedy`]) instead of copying
     /// `k × vocab` floats to the host every step.
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> candle_core::Result<Option<Tensor>> {
@@ -830,7 +833,7 @@ impl Llama {
         let n = rows.len();
         let rows = Tensor::from_vec(rows, n, &self.device)?;
         let last = self.norm.forward(&x.index_select(&rows, 0)?)?;
-        Ok(Some(self.head.forward(&last)?.to_dtype(DType::F32)?))
+        Ok(Some(self.head.forward(&last)?))
     }
 
     /// The pool rows, mask and padding of the chunks `which` (one group of
