@@ -213,8 +213,8 @@ pub fn raw_decode(
     };
     if model.on_gpu() {
         // The KV write, the paged attention, the qkv-rope, the SwiGLU, the add-norm and the
-        // draw are the project's own GPU kernels: check them where they run (the replica's own device and
-        // dtype), before timing.
+        // draw are the project's own GPU kernels: check them where they run (the replica's own
+        // device and dtype), before timing.
         crate::model::kv_write::self_check(model.device(), model::candle_dtype(dtype))
             .map_err(err)?;
         eprintln!("kv-write self-check on {device}: equal to scatter_set");
@@ -243,15 +243,28 @@ pub fn raw_decode(
             worst = worst.max(w);
         }
         eprintln!("paged-attention self-check on {device}: within {worst:.2e} of matmul attention");
-        let worst = crate::model::qkv_rope::self_check(model.device(), model::candle_dtype(dtype))
-            .map_err(err)?;
-        eprintln!("qkv-rope self-check on {device}: within {worst:.2e} of bias, copy and rope");
-        let worst = crate::model::swiglu::self_check(model.device(), model::candle_dtype(dtype))
-            .map_err(err)?;
-        eprintln!("swiglu self-check on {device}: within {worst:.2e} of silu(gate) * up");
-        let worst = crate::model::add_norm::self_check(model.device(), model::candle_dtype(dtype))
-            .map_err(err)?;
-        eprintln!("add-rms-norm self-check on {device}: within {worst:.2e} of add then rms_norm");
+        type Check = fn(&candle_core::Device, candle_core::DType) -> candle_core::Result<f32>;
+        let checks: [(&str, Check, &str); 3] = [
+            (
+                "qkv-rope",
+                crate::model::qkv_rope::self_check,
+                "bias, copy and rope",
+            ),
+            (
+                "swiglu",
+                crate::model::swiglu::self_check,
+                "silu(gate) * up",
+            ),
+            (
+                "add-rms-norm",
+                crate::model::add_norm::self_check,
+                "add then rms_norm",
+            ),
+        ];
+        for (name, check, against) in checks {
+            let worst = check(model.device(), model::candle_dtype(dtype)).map_err(err)?;
+            eprintln!("{name} self-check on {device}: within {worst:.2e} of {against}");
+        }
         crate::model::draw::self_check(model.device()).map_err(err)?;
         eprintln!("draw self-check on {device}: the same tokens as its CPU twin");
     }
@@ -399,22 +412,19 @@ pub fn host_costs(
         interleaved: false,
     };
     let qkv_w = (heads.heads + 2 * heads.kv_heads) * heads.head_dim;
-    let build = || -> candle_core::Result<_> {
-        let x = Tensor::randn(0f32, 1.0, (rows, h), &dev)?.to_dtype(dt)?;
-        let y = Tensor::randn(0f32, 1.0, (rows, h), &dev)?.to_dtype(dt)?;
-        let w = Tensor::randn(0f32, 0.05, (h, h), &dev)?.to_dtype(dt)?;
-        let norm = Tensor::ones(h, dt, &dev)?;
-        let gate_up = Tensor::randn(0f32, 1.0, (rows, 2 * inter), &dev)?.to_dtype(dt)?;
-        let qkv = Tensor::randn(0f32, 1.0, (rows, qkv_w), &dev)?.to_dtype(dt)?;
-        let tab = Tensor::from_vec(
-            table(2048, heads.head_dim, 10_000.0),
-            (2048, heads.head_dim),
-            &dev,
-        )?;
-        let pos = Tensor::from_vec((0..rows as u32).map(|p| p % 2048).collect(), rows, &dev)?;
-        Ok((x, y, w, norm, gate_up, qkv, tab, pos))
+    let random = |cols: usize| {
+        Tensor::randn(0f32, 1.0, (rows, cols), &dev)
+            .and_then(|t| t.to_dtype(dt))
+            .map_err(err)
     };
-    let (x, y, w, norm, gate_up, qkv, tab, pos) = build().map_err(err)?;
+    let (x, y, gate_up, qkv) = (random(h)?, random(h)?, random(2 * inter)?, random(qkv_w)?);
+    let w = (Tensor::randn(0f32, 0.05, (h, h), &dev).and_then(|t| t.to_dtype(dt))).map_err(err)?;
+    let norm = Tensor::ones(h, dt, &dev).map_err(err)?;
+    let positions = 2048;
+    let tab = table(positions, heads.head_dim, 10_000.0);
+    let tab = Tensor::from_vec(tab, (positions, heads.head_dim), &dev).map_err(err)?;
+    let pos: Vec<u32> = (0..rows as u32).map(|p| p % positions as u32).collect();
+    let pos = Tensor::from_vec(pos, rows, &dev).map_err(err)?;
     let ids: Vec<u32> = (0..rows as u32).collect();
     type Op<'a> = Box<dyn Fn() -> candle_core::Result<()> + 'a>;
     let ops: Vec<(&'static str, Op<'_>)> = vec![

@@ -157,7 +157,10 @@ struct Seq {
     events: mpsc::UnboundedSender<GenEvent>,
     sampler: Sampler,
     cache: Option<SeqCache>,
-    out: Vec<u32>,
+    /// The last output token (the next decode's input) and how many there are; the text is
+    /// the output stage's, which keeps the whole list.
+    last: Option<u32>,
+    generated: usize,
     /// Started: the output stage answers it from now on.
     streaming: bool,
 }
@@ -176,17 +179,6 @@ enum End {
     /// The output stage ended it (a stop string, or a panic while streaming it): it answered
     /// and counted the sequence already.
     Stopped,
-}
-
-/// One warm-up step of `model` (see [`Llama::warm_up`]) with its logits drawn on the device,
-/// greedily and at a temperature, as served steps draw them.
-pub(super) fn warm_up(model: &Llama) -> candle_core::Result<()> {
-    let logits = model.warm_up()?;
-    sample_on_device(
-        &logits,
-        &[Placement::Greedy, Placement::Device { temperature: 1.0 }],
-    )?;
-    Ok(())
 }
 
 /// The engine loop; returns when shut down (or its channel closed), nothing is left and its
@@ -309,7 +301,8 @@ impl Engine {
                         events,
                         sampler,
                         cache: None,
-                        out: Vec::new(),
+                        last: None,
+                        generated: 0,
                         streaming: false,
                     },
                 );
@@ -417,7 +410,7 @@ impl Engine {
             }
         }
         for &id in &plan.decode {
-            if let Some(&last) = self.seqs.get(&id).and_then(|s| s.out.last()) {
+            if let Some(last) = self.seqs.get(&id).and_then(|s| s.last) {
                 order.push((id, vec![last], true));
             } else if let Some(p) = self.padding.get_mut(&id) {
                 // A padding row must stay inside the blocks it reserved.
@@ -591,9 +584,9 @@ impl Engine {
         if !s.req.ignore_eos && self.ctx.eos.contains(&t) {
             return self.end(id, End::Finished(FinishReason::Stop));
         }
-        s.out.push(t);
+        (s.last, s.generated) = (Some(t), s.generated + 1);
         self.notes.push(Note::Token(id, t));
-        if s.out.len() >= s.req.max_tokens {
+        if s.generated >= s.req.max_tokens {
             self.end(id, End::Finished(FinishReason::Length));
         }
     }
@@ -606,7 +599,7 @@ impl Engine {
         if normal && !waiting && self.sched.retire(id) {
             let s = self.seqs.get_mut(&id);
             let kept = s.and_then(|s| {
-                let token = s.out.last().or(s.req.prompt.last()).copied()?;
+                let token = s.last.or(s.req.prompt.last().copied())?;
                 Some(Padding {
                     cache: s.cache.take()?,
                     token,
@@ -669,7 +662,7 @@ impl Engine {
                 let _ = s.events.send(GenEvent::Done(Finished {
                     reason: r,
                     prompt_tokens: s.req.prompt.len(),
-                    completion_tokens: s.out.len(),
+                    completion_tokens: s.generated,
                     queue_time: Duration::ZERO,
                     ttft: Duration::ZERO,
                 }));

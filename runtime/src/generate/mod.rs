@@ -19,13 +19,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
-/// Runs one warm-up step on every replica of `lm` (blocking: call it where the model loads), so
-/// that none of a served step's kernels is compiled while requests wait
+/// Runs one warm-up step on every replica of `lm` (blocking: call it where the model loads), its
+/// logits drawn on the device greedily and at a temperature as served steps draw them, so that
+/// none of a served step's kernels is compiled while requests wait
 /// ([`Llama::warm_up`](crate::model::llama::Llama::warm_up)).
 pub fn warm_up(lm: &crate::model::lm::LoadedLm) -> Result<(), crate::model::ModelError> {
+    use sampling::{sample_on_device, Placement};
     for (label, model) in &lm.replicas {
         let t = std::time::Instant::now();
-        engine::warm_up(model).map_err(|e| crate::model::ModelError::Load {
+        let draws = [Placement::Greedy, Placement::Device { temperature: 1.0 }];
+        let step = model
+            .warm_up()
+            .and_then(|logits| sample_on_device(&logits, &draws));
+        step.map_err(|e| crate::model::ModelError::Load {
             model: lm.name.clone(),
             reason: format!("warm-up step on {label}: {e}"),
         })?;

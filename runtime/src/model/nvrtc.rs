@@ -20,6 +20,26 @@ pub(crate) fn ptx(
     .map_err(|e| candle_core::Error::Msg(format!("{what}: NVRTC: {e}")))
 }
 
+/// The device memory of a contiguous tensor other than a custom op's own operands (a table the
+/// op struct holds), from its `storage_and_layout()`: a view from its first element, borrowed
+/// for as long as the guard lives. `what` names it in errors (`"qkv-rope: the bias …"`).
+///
+/// A view, never a `CudaSlice` clone: cudarc's `Clone` allocates and copies the device memory
+/// (an early qkv-rope copied its 8 MB angle table every layer of every step that way).
+pub(crate) fn cuda_view<'g, T: candle_core::cuda_backend::CudaDType>(
+    guard: &'g candle_core::Storage,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'g, T>> {
+    let candle_core::Storage::Cuda(s) = guard else {
+        candle_core::bail!("{what} is not on the GPU");
+    };
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous");
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(start..))
+}
+
 /// `compiled!(SOURCE, "what")`: [`ptx`] with a cell of its own at the call site, so each
 /// kernel source is compiled once per process without every op declaring its cell.
 macro_rules! compiled {

@@ -247,10 +247,10 @@ impl CustomOp3 for PagedAttn<'_> {
 mod cuda {
     use super::{Dims, Lanes, MAX_GROUPS, THREADS};
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, Result, Storage};
+    use candle_core::{CudaDevice, CudaStorage, Result};
 
     /// Two kernels, both one block of `THREADS` threads per (lane, KV head), positions in tiles
     /// of `TILE` with a running softmax (one warp per head takes each tile's max and sum).
@@ -517,23 +517,18 @@ PAGEDV_ALL(f32, F32)
         d: &Dims,
     ) -> Result<CudaStorage> {
         let (guard, ml) = l.meta.storage_and_layout();
-        let Storage::Cuda(meta) = &*guard else {
-            candle_core::bail!("paged attention: the lane table is not on the GPU");
-        };
-        let Some((mo, _)) = ml.contiguous_offsets() else {
-            candle_core::bail!("paged attention: the lane table must be contiguous");
-        };
-        let meta = meta.as_cuda_slice::<u32>()?;
+        let meta =
+            crate::model::nvrtc::cuda_view::<u32>(&guard, ml, "paged attention: the lane table")?;
         let dev = q.device.clone();
         match (&q.slice, &k.slice, &v.slice) {
             (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                run(&dev, "paged_attn_bf16", [q, k, v], meta, mo, l, d)
+                run(&dev, "paged_attn_bf16", [q, k, v], &meta, l, d)
             }
             (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                run(&dev, "paged_attn_f16", [q, k, v], meta, mo, l, d)
+                run(&dev, "paged_attn_f16", [q, k, v], &meta, l, d)
             }
             (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                run(&dev, "paged_attn_f32", [q, k, v], meta, mo, l, d)
+                run(&dev, "paged_attn_f32", [q, k, v], &meta, l, d)
             }
             _ => candle_core::bail!("paged attention: q and pools must share f32, f16 or bf16"),
         }
@@ -543,8 +538,7 @@ PAGEDV_ALL(f32, F32)
         dev: &CudaDevice,
         name: &str,
         [q, k, v]: [&CudaSlice<T>; 3],
-        meta: &CudaSlice<u32>,
-        meta_offset: usize,
+        meta: &CudaView<'_, u32>,
         l: &Lanes,
         d: &Dims,
     ) -> Result<CudaStorage> {
@@ -590,7 +584,6 @@ PAGEDV_ALL(f32, F32)
             )?;
             let [o1, o2, o3] = d.offsets;
             let (q, k, v) = (q.slice(o1..), k.slice(o2..), v.slice(o3..));
-            let meta = meta.slice(meta_offset..);
             let u = |x: usize| x as u32;
             let dims = [
                 u(d.heads),
@@ -607,7 +600,7 @@ PAGEDV_ALL(f32, F32)
             b.arg(&q);
             b.arg(&k);
             b.arg(&v);
-            b.arg(&meta);
+            b.arg(meta);
             b.arg(&mut out);
             for x in &dims {
                 b.arg(x);

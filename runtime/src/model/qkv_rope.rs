@@ -232,11 +232,12 @@ impl CustomOp1 for QkvRope<'_> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{Dims, QkvRope};
+    use crate::model::nvrtc::cuda_view;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, Result, Storage, Tensor};
+    use candle_core::{CudaDevice, CudaStorage, Result};
 
     /// One block per row of the projection; its threads take the rotation pairs of every head
     /// in turn, so consecutive threads read and write consecutive elements. Positions past the
@@ -280,22 +281,6 @@ QKV_ROPE(qkv_rope_f32, F32)
 "#
     );
 
-    /// A tensor's CUDA slice of `T` and its start offset (it must be contiguous).
-    fn slice_of<T: CudaDType + DeviceRepr>(
-        t: &Tensor,
-        what: &str,
-    ) -> Result<(CudaSlice<T>, usize)> {
-        let (guard, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*guard else {
-            candle_core::bail!("qkv-rope: the {what} is not on the GPU");
-        };
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            candle_core::bail!("qkv-rope: the {what} must be contiguous");
-        };
-        // A clone of the handle (the same device memory), so the guard can be dropped.
-        Ok((s.as_cuda_slice::<T>()?.clone(), start))
-    }
-
     pub(super) fn launch(op: &QkvRope<'_>, x: &CudaStorage, d: &Dims) -> Result<CudaStorage> {
         let dev = x.device.clone();
         match &x.slice {
@@ -324,11 +309,16 @@ QKV_ROPE(qkv_rope_f32, F32)
                 "batchtune_qkv_rope",
                 crate::model::nvrtc::compiled!(SOURCE, "qkv-rope")?,
             )?;
-            let (table, to) = slice_of::<f32>(op.table, "angle table")?;
-            let (pos, po) = slice_of::<u32>(op.positions, "positions")?;
-            let bias = op.bias.map(|b| slice_of::<T>(b, "bias")).transpose()?;
+            let (tg, tl) = op.table.storage_and_layout();
+            let (pg, pl) = op.positions.storage_and_layout();
+            let bias = op.bias.map(|b| b.storage_and_layout());
+            let table = cuda_view::<f32>(&tg, tl, "qkv-rope: the angle table")?;
+            let pos = cuda_view::<u32>(&pg, pl, "qkv-rope: the positions")?;
+            let bias_view = match &bias {
+                Some((g, l)) => Some(cuda_view::<T>(g, l, "qkv-rope: the bias")?),
+                None => None,
+            };
             let x = x.slice(d.offset..);
-            let (table, pos) = (table.slice(to..), pos.slice(po..));
             let u = |v: usize| v as u32;
             let args = [
                 u(d.t),
@@ -342,7 +332,6 @@ QKV_ROPE(qkv_rope_f32, F32)
             b.arg(&x);
             // A null pointer says "no bias" to the kernel.
             let none = 0u64;
-            let bias_view = bias.as_ref().map(|(s, o)| s.slice(*o..));
             match &bias_view {
                 Some(v) => b.arg(v),
                 None => b.arg(&none),
