@@ -174,6 +174,8 @@ pub struct DecodePoint {
     pub prefill_chunks: usize,
     /// Tokens per such prompt.
     pub prefill_tokens: usize,
+    /// Whether steps overlapped ([`DecodeOptions::overlap`]).
+    pub overlap: bool,
 }
 
 /// What [`raw_decode`] measures.
@@ -192,6 +194,10 @@ pub struct DecodeOptions {
     /// length, as a served step admits newcomers, so a mixed step's cost can be compared with
     /// a pure decode step's. Their first tokens are not counted in `tokens_per_s`.
     pub prefill: Option<(usize, usize)>,
+    /// Issue each step before reading the previous step's ids, the decodes reading their
+    /// tokens on the device (the engine's overlap, `generate/engine.rs`). A step's time is
+    /// then one loop: issuing it and reading the step before.
+    pub overlap: bool,
 }
 
 /// Times decode steps of `b` sequences at once, each with `context_tokens` already cached, for
@@ -203,8 +209,9 @@ pub fn raw_decode(
     dtype: Dtype,
     o: &DecodeOptions,
 ) -> Result<Vec<DecodePoint>, ModelError> {
-    use crate::generate::sampling::{sample_on_device, Placement};
-    use crate::model::llama::{argmax, Chunk};
+    use crate::generate::sampling::{draw_on_device, Placement};
+    use crate::model::llama::{argmax, Chunk, DeviceTokens};
+    use crate::model::readback::Readback;
     let m = model::lm::load(spec, &[device.to_string()], dtype)?;
     let model = &m.replicas[0].1;
     let err = |e: candle_core::Error| ModelError::Load {
@@ -303,6 +310,12 @@ pub fn raw_decode(
             np + b
         ];
         let (mut times, mut forwards, mut samples) = (Vec::new(), Vec::new(), Vec::new());
+        // Overlapped: decode i reads its token from row np + i of the previous step's ids.
+        let rows: Vec<Option<u32>> = (0..np)
+            .map(|_| None)
+            .chain((0..b).map(|i| Some((np + i) as u32)))
+            .collect();
+        let (mut readback, mut drawn) = (Readback::new(), None);
         for step in 0..o.steps + 2 {
             if step == 2 {
                 times.clear();
@@ -329,14 +342,31 @@ pub fn raw_decode(
             chunks.extend(Chunk::decodes(&tokens, &mut caches));
             // Timed as the engine runs a step: forward, then the ids drawn on the device.
             let t = Instant::now();
-            let logits = model.forward(&mut chunks).map_err(err)?;
+            let from_device = drawn.as_ref().map(|ids| DeviceTokens { ids, rows: &rows });
+            let logits = model.forward_with(&mut chunks, from_device).map_err(err)?;
             let tf = Instant::now();
             let ids =
-                sample_on_device(&logits.expect("asked for logits"), &placement).map_err(err)?;
+                draw_on_device(&logits.expect("asked for logits"), &placement).map_err(err)?;
+            if readback.is_pending() {
+                last = readback.take().map_err(err)?[np..].to_vec();
+            }
+            readback.start(&ids).map_err(err)?;
+            if o.overlap {
+                drawn = Some(ids);
+            } else {
+                last = readback.take().map_err(err)?[np..].to_vec();
+            }
             forwards.push((tf - t).as_secs_f64());
             samples.push(tf.elapsed().as_secs_f64());
             times.push(t.elapsed().as_secs_f64());
-            last = ids[np..].to_vec();
+        }
+        if readback.is_pending() {
+            // The last overlapped step's wait belongs to its time.
+            let t = Instant::now();
+            readback.take().map_err(err)?;
+            if let Some(x) = times.last_mut() {
+                *x += t.elapsed().as_secs_f64();
+            }
         }
         crate::model::profiler_window(false);
         let total: f64 = times.iter().sum();
@@ -354,6 +384,7 @@ pub fn raw_decode(
             median_sample_s: median(&mut samples),
             prefill_chunks: np,
             prefill_tokens: lp,
+            overlap: o.overlap,
         });
     }
     Ok(out)

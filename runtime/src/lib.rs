@@ -86,6 +86,9 @@ pub struct ServeOptions {
     pub limits: http::ConnLimits,
     /// Generation steps a CUDA profiler records (`serve --cuda-profile-steps`), if any.
     pub profiler: Option<generate::engine::ProfilerWindow>,
+    /// Whether generation engines issue a step before reading the previous step's tokens
+    /// (`serve --step-overlap`; [`generate::engine::Overlap`]).
+    pub overlap: generate::engine::Overlap,
     /// Test-only planted slowdown and faults (feature `test-hooks`).
     #[cfg(feature = "test-hooks")]
     pub hooks: hooks::TestHooks,
@@ -102,6 +105,7 @@ impl ServeOptions {
             body_read_timeout: std::time::Duration::from_secs(30),
             limits: http::ConnLimits::default(),
             profiler: None,
+            overlap: Default::default(),
             #[cfg(feature = "test-hooks")]
             hooks: Default::default(),
         }
@@ -213,7 +217,7 @@ impl Server {
         #[cfg(feature = "test-hooks")]
         let test_hooks = opts.hooks.clone();
         let space = Arc::new(QueueSpace::default());
-        let profiler = opts.profiler;
+        let (profiler, overlap) = (opts.profiler, opts.overlap);
         let (profile_tx, profile_rx) = watch::channel(Arc::new(opts.profile.clone()));
         let state = Arc::new(AppState {
             profile: profile_tx,
@@ -283,6 +287,7 @@ impl Server {
                             admission,
                             space,
                             profiler,
+                            overlap,
                             #[cfg(feature = "test-hooks")]
                             faults: Arc::new(hooks::Armed::arm(&test_hooks.faults, |w| {
                                 m.tokenizer.encode(w).unwrap_or_default()

@@ -73,6 +73,10 @@ enum Cmd {
         /// Generation: tokens per prompt of `--prefill-chunks`.
         #[arg(long, default_value_t = 46)]
         prefill_tokens: usize,
+        /// Generation: issue each step before reading the previous step's ids, the decodes
+        /// reading their tokens on the device, as `serve --step-overlap` does.
+        #[arg(long)]
+        overlap: bool,
         /// Also write the texts used, one per line (so another stack can embed the same inputs).
         #[arg(long)]
         dump_texts: Option<PathBuf>,
@@ -132,6 +136,12 @@ struct ServeArgs {
     /// without a profiler attached.
     #[arg(long, value_name = "FIRST:COUNT", value_parser = parse_profiler_window)]
     cuda_profile_steps: Option<runtime::generate::engine::ProfilerWindow>,
+    /// Generation: issue each step before the previous step's tokens reach the host, its
+    /// decodes reading their input tokens on the device, so a GPU never waits for the host
+    /// between steps. `auto` overlaps on GPU replicas only: on the CPU every op has finished
+    /// when it returns, and overlapping would only deliver each token a step later.
+    #[arg(long, value_name = "auto|on|off", default_value = "auto")]
+    step_overlap: runtime::generate::engine::Overlap,
     /// Test only (feature `test-hooks`): make every forward slower so throughput drops by this
     /// fraction (0.1 = 10%). Used to calibrate the CI performance gate.
     #[cfg(feature = "test-hooks")]
@@ -187,6 +197,7 @@ fn main() -> ExitCode {
             temperature,
             prefill_chunks,
             prefill_tokens,
+            overlap,
             host_costs,
         } => {
             let mut p = Profile::default();
@@ -211,6 +222,7 @@ fn main() -> ExitCode {
                     steps,
                     temperature,
                     prefill: (prefill_chunks > 0).then_some((prefill_chunks, prefill_tokens)),
+                    overlap,
                 };
                 return print_points(runtime::bench::raw_decode(&model, &device, p.dtype, &o));
             }
@@ -302,6 +314,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         header_read_timeout,
         body_read_timeout,
         cuda_profile_steps,
+        step_overlap,
         #[cfg(feature = "test-hooks")]
         test_slowdown,
         #[cfg(feature = "test-hooks")]
@@ -373,6 +386,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 header_read_timeout,
             },
             profiler: cuda_profile_steps,
+            overlap: step_overlap,
             #[cfg(feature = "test-hooks")]
             hooks,
         })

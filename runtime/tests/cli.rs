@@ -157,20 +157,11 @@ async fn sigterm_with_requests_in_flight_loses_none() {
     assert!(status.success(), "exit status {status}");
 }
 
-#[test]
-fn bench_host_costs_times_every_op_of_a_decoder_step() {
+/// Runs the runtime binary with `args`, asserts it succeeded (its stderr as the message) and
+/// returns its stdout.
+fn runtime_ok(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args([
-            "bench",
-            "--model",
-            "synthetic:llama-tiny",
-            "--device",
-            "cpu",
-            "--sizes",
-            "6",
-            "--host-costs",
-            "3",
-        ])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -178,10 +169,25 @@ fn bench_host_costs_times_every_op_of_a_decoder_step() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bench_host_costs_times_every_op_of_a_decoder_step() {
+    let rows: Vec<serde_json::Value> = runtime_ok(&[
+        "bench",
+        "--model",
+        "synthetic:llama-tiny",
+        "--device",
+        "cpu",
+        "--sizes",
+        "6",
+        "--host-costs",
+        "3",
+    ])
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
     let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
     for want in ["upload_u32", "candle_add", "matmul", "swiglu", "qkv_rope"] {
         assert!(ops.contains(&want), "{want} missing from {ops:?}");
@@ -194,5 +200,38 @@ fn bench_host_costs_times_every_op_of_a_decoder_step() {
             r["wall_us"].as_f64().unwrap(),
         );
         assert!(host > 0.0 && wall >= host, "{r}");
+    }
+}
+
+#[test]
+fn bench_times_overlapped_decode_steps_beside_prompts() {
+    for overlap in [false, true] {
+        let mut args = vec![
+            "bench",
+            "--model",
+            "synthetic:llama-tiny",
+            "--device",
+            "cpu",
+            "--sizes",
+            "3",
+            "--steps",
+            "4",
+            "--context-tokens",
+            "8",
+            "--prefill-chunks",
+            "2",
+            "--prefill-tokens",
+            "5",
+        ];
+        if overlap {
+            args.push("--overlap");
+        }
+        let p: serde_json::Value = serde_json::from_str(runtime_ok(&args).trim()).unwrap();
+        assert_eq!(p["overlap"], overlap, "{p}");
+        assert_eq!(
+            (p["batch_size"].clone(), p["steps"].clone()),
+            (3.into(), 4.into())
+        );
+        assert!(p["tokens_per_s"].as_f64().unwrap() > 0.0, "{p}");
     }
 }

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use profiles::{Profile, Scheduling};
+use runtime::generate::engine::Overlap;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,15 @@ fn llm(p: Profile) -> Profile {
         model: "synthetic:llama-tiny".into(),
         ..p
     }
+}
+
+/// A server whose engine overlaps steps as `overlap` says. On the CPU `auto` means off, so the
+/// tests that matter run both ways: `on` is the GPU's path (decodes reading their tokens on
+/// the device, tokens read a step late).
+async fn start_overlap(p: Profile, overlap: Overlap) -> (runtime::Server, HttpClient) {
+    let mut o = runtime::ServeOptions::new(p, "127.0.0.1:0".parse().unwrap());
+    o.overlap = overlap;
+    start_with(o).await
 }
 
 async fn complete(c: &HttpClient, a: std::net::SocketAddr, body: Value) -> Resp {
@@ -28,11 +38,21 @@ fn text(r: &Resp) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn greedy_output_is_the_same_alone_and_under_continuous_batching() {
-    let (server, c) = start(llm(Profile {
-        max_batch_size: 8,
-        batch_wait_timeout: Duration::ZERO,
-        ..Profile::default()
-    }))
+    let off = greedy_alone_and_together(Overlap::Off).await;
+    let on = greedy_alone_and_together(Overlap::On).await;
+    assert_eq!(on, off, "overlapped steps changed a greedy output");
+}
+
+/// The probe's greedy text, checked equal alone and among others joining and leaving.
+async fn greedy_alone_and_together(overlap: Overlap) -> String {
+    let (server, c) = start_overlap(
+        llm(Profile {
+            max_batch_size: 8,
+            batch_wait_timeout: Duration::ZERO,
+            ..Profile::default()
+        }),
+        overlap,
+    )
     .await;
     let a = server.addr;
     let probe =
@@ -47,8 +67,12 @@ async fn greedy_output_is_the_same_alone_and_under_continuous_batching() {
         let words = "lorem ipsum dolor sit amet ".repeat(i + 1);
         others.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
-            let body =
-                json!({"prompt": words, "max_tokens": 4 + 7 * i, "temperature": 0.8, "seed": i});
+            // Seeded rows are sampled on the host, and a step holding one does not overlap:
+            // only the first is seeded, so most steps draw every row on the device.
+            let body = match i {
+                0 => json!({"prompt": words, "max_tokens": 4, "temperature": 0.8, "seed": 1}),
+                _ => json!({"prompt": words, "max_tokens": 4 + 7 * i, "temperature": 0.8}),
+            };
             complete(&c, a, body).await.status
         }));
     }
@@ -62,15 +86,22 @@ async fn greedy_output_is_the_same_alone_and_under_continuous_batching() {
     let seqs = metric(&c, a, "batchtune_step_sequences_sum").await;
     assert!(
         seqs / steps > 1.5,
-        "mean sequences per step {}",
+        "{overlap:?}: mean sequences per step {}",
         seqs / steps
     );
     stop(server).await;
+    text(&alone)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stop_strings_and_max_tokens_end_exactly() {
-    let (server, c) = start(llm(Profile::default())).await;
+    for overlap in [Overlap::Off, Overlap::On] {
+        stop_strings_and_max_tokens(overlap).await;
+    }
+}
+
+async fn stop_strings_and_max_tokens(overlap: Overlap) {
+    let (server, c) = start_overlap(llm(Profile::default()), overlap).await;
     let a = server.addr;
     let full = complete(
         &c,
@@ -268,16 +299,23 @@ async fn static_scheduling_serves_whole_batches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn padded_scheduling_computes_finished_rows_until_the_group_ends() {
     let mut texts = Vec::new();
-    for (mode, rows) in [
-        (Scheduling::Static, 4 + 1 + 1 + 1 + 11),
-        (Scheduling::Padded, 4 + 4 * 11),
+    for (mode, rows, overlap) in [
+        (Scheduling::Static, 4 + 1 + 1 + 1 + 11, Overlap::Off),
+        (Scheduling::Padded, 4 + 4 * 11, Overlap::Off),
+        // Overlapped, a sequence ending by length is known a step ahead and not computed
+        // again; padded scheduling never overlaps (HF `generate` reads each step's tokens).
+        (Scheduling::Static, 4 + 1 + 1 + 1 + 11, Overlap::On),
+        (Scheduling::Padded, 4 + 4 * 11, Overlap::On),
     ] {
-        let (server, c) = start(llm(Profile {
-            max_batch_size: 4,
-            scheduling: mode,
-            batch_wait_timeout: Duration::from_secs(5),
-            ..Profile::default()
-        }))
+        let (server, c) = start_overlap(
+            llm(Profile {
+                max_batch_size: 4,
+                scheduling: mode,
+                batch_wait_timeout: Duration::from_secs(5),
+                ..Profile::default()
+            }),
+            overlap,
+        )
         .await;
         let a = server.addr;
         let mut all = Vec::new();
@@ -296,10 +334,12 @@ async fn padded_scheduling_computes_finished_rows_until_the_group_ends() {
         }
         texts.push(got);
         let ran = metric(&c, a, "batchtune_step_sequences_sum").await;
-        assert_eq!(ran, rows as f64, "{mode:?}: rows computed");
+        assert_eq!(ran, rows as f64, "{mode:?}, {overlap:?}: rows computed");
         stop(server).await;
     }
-    assert_eq!(texts[0], texts[1]);
+    for t in &texts[1..] {
+        assert_eq!(*t, texts[0]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -622,12 +662,19 @@ async fn shutdown_answers_running_and_waiting_generations_with_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_faulty_step_fails_only_its_own_sequences_and_the_engine_goes_on() {
+    for overlap in [Overlap::Off, Overlap::On] {
+        faulty_steps(overlap).await;
+    }
+}
+
+async fn faulty_steps(overlap: Overlap) {
     // One sequence per step, so a planted fault meets only the request that carries its word.
     let p = llm(Profile {
         max_batch_size: 1,
         ..Profile::default()
     });
     let mut o = runtime::ServeOptions::new(p, "127.0.0.1:0".parse().unwrap());
+    o.overlap = overlap;
     o.hooks.faults = ["boom=panic", "fail=error", "oom=oom", "slow=slow:300ms"]
         .iter()
         .map(|r| r.parse().unwrap())
@@ -655,7 +702,7 @@ async fn a_faulty_step_fails_only_its_own_sequences_and_the_engine_goes_on() {
                 "{}",
                 r.text
             ),
-            _ => assert_eq!(r.status, 200, "{prompt}: {}", r.text),
+            _ => assert_eq!(r.status, 200, "{overlap:?}, {prompt}: {}", r.text),
         }
     }
     // Nothing leaked: no sequence left running or waiting (the gauges are published by the

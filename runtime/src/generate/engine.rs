@@ -5,13 +5,24 @@
 //! [`Llama::step`], samples, hands the new token ids to its output stage ([`super::stream`],
 //! which turns them into text and client events on a thread of its own), and tells the
 //! scheduler which sequences ended. A failed or panicking step fails only the sequences in it.
+//!
+//! **Overlapped steps** ([`Overlap`], on for GPU replicas): the engine issues step N+1 before it
+//! reads step N's token ids. Step N+1's decodes take their input token from where step N's draw
+//! left it on the device ([`DeviceTokens`]), and the host copy of step N's ids waits for that
+//! copy only ([`Readback`]), so the GPU runs step N+1 while the host finishes step N's
+//! bookkeeping and the device never idles between steps. vLLM's v1 engine calls this async
+//! scheduling. Its price: a sequence that ends on step N's token (EOS, a stop string, a client
+//! gone) has one more lane computed in step N+1, thrown away; one that ends by `max_tokens` is
+//! known in advance and left out. Steps whose rows need the host to sample (seeded or nucleus
+//! requests) run without overlap.
 
-use super::sampling::{sample_on_device, Placement, Sampler, SamplingParams};
+use super::sampling::{draw_on_device, Placement, Sampler, SamplingParams};
 use super::scheduler::{Limits, NewSeq, Plan, Scheduler, SeqId};
 use super::stream::{count_end, failure_reason, Ending, Note, Opened, Stream};
 use crate::admission::QueueSpace;
 use crate::metrics::{DeviceLabel, GenMetrics, PhaseLabel};
-use crate::model::llama::{Chunk, Llama, SeqCache};
+use crate::model::llama::{Chunk, DeviceTokens, Llama, SeqCache};
+use crate::model::readback::Readback;
 use candle_core::Tensor;
 use profiles::Profile;
 use prometheus_client::metrics::histogram::Histogram;
@@ -127,6 +138,33 @@ pub struct ProfilerWindow {
     pub count: u64,
 }
 
+/// Whether an engine issues step N+1 before reading step N's tokens (the module's doc says how).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// On for a replica on a GPU, whose kernels run while the host goes on. Off on the CPU,
+    /// where an op returns only once computed: overlapping would deliver every token one step
+    /// later for nothing.
+    #[default]
+    Auto,
+    /// Always (the CPU tests use it to exercise the overlapped path).
+    On,
+    /// Never: each step's tokens are read before the next step is planned.
+    Off,
+}
+
+impl std::str::FromStr for Overlap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Overlap::Auto),
+            "on" => Ok(Overlap::On),
+            "off" => Ok(Overlap::Off),
+            _ => Err(format!("{s:?}: give auto, on or off")),
+        }
+    }
+}
+
 /// What an engine thread needs.
 pub struct EngineCtx {
     /// Replica label for metrics and messages.
@@ -145,6 +183,8 @@ pub struct EngineCtx {
     pub load: Arc<AtomicUsize>,
     /// Steps to open a CUDA profiler's window around, if any.
     pub profiler: Option<ProfilerWindow>,
+    /// Whether steps overlap.
+    pub overlap: Overlap,
     /// Test-only planted faults, checked before every step's forward.
     #[cfg(feature = "test-hooks")]
     pub faults: Arc<crate::hooks::Armed>,
@@ -163,6 +203,30 @@ struct Seq {
     generated: usize,
     /// Started: the output stage answers it from now on.
     streaming: bool,
+}
+
+/// One sequence's part of a planned step.
+struct Planned {
+    id: SeqId,
+    /// Its tokens (a placeholder when `drawn_row` is set).
+    tokens: Vec<u32>,
+    /// Whether the step returns logits for it (a decode, or a prompt's last chunk).
+    logits: bool,
+    /// Its token's row in the previous step's drawn ids, still on the device.
+    drawn_row: Option<u32>,
+}
+
+/// A step whose ids are drawn on the device and not yet read by the host.
+struct InFlight {
+    /// `[rows]` u32 on the device, row i for `rows[i]`.
+    ids: Tensor,
+    rows: Vec<SeqId>,
+}
+
+/// A step's drawn tokens: still on the device, or already on the host.
+enum Drawn {
+    Device(Tensor),
+    Host(Vec<u32>),
 }
 
 /// A finished sequence kept as a padding row (padded scheduling): only its cache and a token
@@ -194,8 +258,17 @@ pub(super) fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>, stream: 
             })
             .clone()
     });
+    let overlap = match ctx.overlap {
+        Overlap::Auto => ctx.model.on_gpu(),
+        Overlap::On => true,
+        Overlap::Off => false,
+    };
     let mut e = Engine {
         phases,
+        overlap,
+        padded: false,
+        inflight: None,
+        readback: Readback::new(),
         ctx,
         sched: Scheduler::default(),
         seqs: HashMap::new(),
@@ -244,6 +317,7 @@ pub(super) fn run(ctx: EngineCtx, rx: crossbeam_channel::Receiver<Msg>, stream: 
         e.run_step(plan, t0);
         e.flush();
     }
+    e.land();
     e.flush();
     e.stream.finish();
     // Leave the shared gauges as if this engine had never run.
@@ -270,6 +344,14 @@ struct Engine {
     stream: Stream,
     /// Notes for the output stage, sent once per loop ([`Engine::flush`]).
     notes: Vec<Note>,
+    /// Whether steps overlap ([`Overlap`], resolved for this replica's device).
+    overlap: bool,
+    /// Whether the live profile schedules `padded` (read at each plan): its steps never
+    /// overlap.
+    padded: bool,
+    /// The last step, while its ids are on their way to the host.
+    inflight: Option<InFlight>,
+    readback: Readback,
 }
 
 impl Engine {
@@ -335,6 +417,7 @@ impl Engine {
 
     fn plan(&mut self) -> Plan {
         let p = self.ctx.profile.borrow().clone();
+        self.padded = p.scheduling == profiles::Scheduling::Padded;
         let lim = Limits {
             max_running: p.max_batch_size,
             prefill_tokens: p.max_batch_tokens,
@@ -391,53 +474,89 @@ impl Engine {
     }
 
     /// Runs the planned step; `t0` is when planning began (the step's phase times start there).
+    /// With overlap, the previous step's tokens are read after this step is issued.
     fn run_step(&mut self, plan: Plan, t0: Instant) {
         self.publish_gauges();
         if plan.is_idle() {
-            return;
+            return self.land();
         }
-        self.profiler_window();
         let t1 = Instant::now();
+        // Decodes whose last token is still on the device, by their row in its ids.
+        let drawn_rows: HashMap<SeqId, u32> = self
+            .inflight
+            .iter()
+            .flat_map(|f| f.rows.iter().enumerate().map(|(r, &id)| (id, r as u32)))
+            .collect();
         // Take each planned sequence's cache out of the map for the forward.
-        let mut order: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
+        let mut order: Vec<Planned> = Vec::new();
         for c in &plan.prefill {
             if let Some(s) = self.seqs.get(&c.id) {
-                order.push((
-                    c.id,
-                    s.req.prompt[c.start..c.start + c.len].to_vec(),
-                    c.last,
-                ));
+                order.push(Planned {
+                    id: c.id,
+                    tokens: s.req.prompt[c.start..c.start + c.len].to_vec(),
+                    logits: c.last,
+                    drawn_row: None,
+                });
             }
         }
         for &id in &plan.decode {
-            if let Some(last) = self.seqs.get(&id).and_then(|s| s.last) {
-                order.push((id, vec![last], true));
+            if let Some(s) = self.seqs.get(&id) {
+                let decode = |tokens, drawn_row| Planned {
+                    id,
+                    tokens,
+                    logits: true,
+                    drawn_row,
+                };
+                match drawn_rows.get(&id) {
+                    // Its token in flight is its last: it ends by length when read.
+                    Some(_) if s.generated + 1 >= s.req.max_tokens => {}
+                    Some(&r) => order.push(decode(vec![0], Some(r))),
+                    None => order.extend(s.last.map(|t| decode(vec![t], None))),
+                }
             } else if let Some(p) = self.padding.get_mut(&id) {
                 // A padding row must stay inside the blocks it reserved.
                 if p.cache.len() >= p.cache.capacity() {
                     p.cache.truncate(p.cache.capacity() - 1);
                 }
-                order.push((id, vec![p.token], true));
+                order.push(Planned {
+                    id,
+                    tokens: vec![p.token],
+                    logits: true,
+                    drawn_row: None,
+                });
             }
         }
         let mut caches: Vec<(SeqId, SeqCache)> = order
             .iter()
-            .filter_map(|(id, _, _)| match self.seqs.get_mut(id) {
-                Some(s) => s.cache.take().map(|c| (*id, c)),
-                None => self.padding.remove(id).map(|p| (*id, p.cache)),
+            .filter_map(|o| match self.seqs.get_mut(&o.id) {
+                Some(s) => s.cache.take().map(|c| (o.id, c)),
+                None => self.padding.remove(&o.id).map(|p| (o.id, p.cache)),
             })
             .collect();
-        order.retain(|(id, _, _)| caches.iter().any(|(c, _)| c == id));
+        order.retain(|o| caches.iter().any(|(c, _)| *c == o.id));
+        if order.is_empty() {
+            return self.land();
+        }
+        self.profiler_window();
         let result = {
             let mut chunks: Vec<Chunk<'_>> = order
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|((_, tokens, logits), (_, cache))| Chunk {
-                    tokens,
+                .map(|(o, (_, cache))| Chunk {
+                    tokens: &o.tokens,
                     cache,
-                    logits: *logits,
+                    logits: o.logits,
                 })
                 .collect();
+            let rows: Vec<Option<u32>> = order.iter().map(|o| o.drawn_row).collect();
+            let from_device = self
+                .inflight
+                .as_ref()
+                .filter(|_| rows.iter().any(Option::is_some))
+                .map(|f| DeviceTokens {
+                    ids: &f.ids,
+                    rows: &rows,
+                });
             let model = &self.ctx.model;
             #[cfg(feature = "test-hooks")]
             let faults = &self.ctx.faults;
@@ -446,15 +565,15 @@ impl Engine {
             #[cfg(feature = "test-hooks")]
             let prompts: Vec<&[u32]> = order
                 .iter()
-                .filter(|(id, _, _)| plan.prefill.iter().any(|c| c.id == *id))
-                .map(|(_, tokens, _)| tokens.as_slice())
+                .filter(|o| plan.prefill.iter().any(|c| c.id == o.id))
+                .map(|o| o.tokens.as_slice())
                 .collect();
             std::panic::catch_unwind(AssertUnwindSafe(|| {
                 #[cfg(feature = "test-hooks")]
                 faults
                     .check(prompts)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                model.forward(&mut chunks)
+                model.forward_with(&mut chunks, from_device)
             }))
         };
         let tf = Instant::now();
@@ -473,11 +592,11 @@ impl Engine {
             .prefill_tokens
             .inc_by(prefill_tokens as u64);
         // `order` and `caches` are aligned (the chunks were built by zipping them).
-        for ((_, tokens, _), (id, cache)) in order.iter().zip(caches) {
+        for (o, (id, cache)) in order.iter().zip(caches) {
             match self.seqs.get_mut(&id) {
                 Some(s) => s.cache = Some(cache),
                 None => {
-                    let token = tokens[0];
+                    let token = o.tokens[0];
                     self.padding.insert(id, Padding { cache, token });
                 }
             }
@@ -485,9 +604,11 @@ impl Engine {
         let logits = match result {
             Ok(Ok(l)) => l,
             Ok(Err(err)) => {
-                return self.fail_step(&order, format!("step on {} failed: {err}", self.ctx.label))
+                self.land();
+                return self.fail_step(&order, format!("step on {} failed: {err}", self.ctx.label));
             }
             Err(panic) => {
+                self.land();
                 let msg = crate::panic_text(&*panic);
                 return self.fail_step(
                     &order,
@@ -495,23 +616,68 @@ impl Engine {
                 );
             }
         };
-        let rows: Vec<SeqId> = order.iter().filter(|o| o.2).map(|o| o.0).collect();
-        let tokens = match logits.map(|l| self.pick(&rows, &l)).transpose() {
-            Ok(t) => t.unwrap_or_default(),
+        let rows: Vec<SeqId> = order.iter().filter(|o| o.logits).map(|o| o.id).collect();
+        let drawn = match logits.map(|l| self.pick(&rows, &l)).transpose() {
+            Ok(d) => d.unwrap_or(Drawn::Host(Vec::new())),
             Err(err) => {
+                self.land();
                 let msg = format!("sampling on {} failed: {err}", self.ctx.label);
                 return self.fail_step(&order, msg);
             }
         };
-        let t2 = Instant::now();
-        for (id, t) in rows.into_iter().zip(tokens) {
-            self.advance(id, t);
+        // The previous step's tokens come first: a sequence in both gets them in order.
+        self.land();
+        match drawn {
+            Drawn::Device(ids) => match self.readback.start(&ids) {
+                Ok(()) => {
+                    self.inflight = Some(InFlight { ids, rows });
+                    // Padded scheduling is HF `generate`'s way, which checks every step's
+                    // tokens before the next: its rows and steps stay exactly that baseline's.
+                    if !self.overlap || self.padded {
+                        self.land();
+                    }
+                }
+                Err(err) => {
+                    let msg = format!("reading tokens on {} failed: {err}", self.ctx.label);
+                    return self.fail_step(&order, msg);
+                }
+            },
+            Drawn::Host(tokens) => {
+                for (id, t) in rows.into_iter().zip(tokens) {
+                    self.advance(id, t);
+                }
+            }
         }
+        let t2 = Instant::now();
         self.publish_gauges();
         let t3 = Instant::now();
         for (h, d) in self.phases.iter().zip([t1 - t0, tf - t1, t2 - tf, t3 - t2]) {
             h.observe(d.as_secs_f64());
         }
+    }
+
+    /// Reads the step in flight, if any, and hands its tokens on; a failed read fails that
+    /// step's sequences. Publishes the gauges: the sequences it ends may be the engine's last
+    /// before it waits for a request.
+    fn land(&mut self) {
+        let Some(f) = self.inflight.take() else {
+            return;
+        };
+        match self.readback.take() {
+            Ok(tokens) => {
+                for (id, t) in f.rows.into_iter().zip(tokens) {
+                    self.advance(id, t);
+                }
+            }
+            Err(err) => {
+                let msg = format!("reading tokens on {} failed: {err}", self.ctx.label);
+                tracing::error!("{msg}");
+                for id in f.rows {
+                    self.end(id, End::Failed(GenFailure::Step(msg.clone())));
+                }
+            }
+        }
+        self.publish_gauges();
     }
 
     /// Opens the profiler's window before its first step and closes it before the step after
@@ -529,10 +695,10 @@ impl Engine {
         self.steps += 1;
     }
 
-    fn fail_step(&mut self, order: &[(SeqId, Vec<u32>, bool)], msg: String) {
+    fn fail_step(&mut self, order: &[Planned], msg: String) {
         tracing::error!("{msg}");
-        for (id, _, _) in order {
-            self.end(*id, End::Failed(GenFailure::Step(msg.clone())));
+        for o in order {
+            self.end(o.id, End::Failed(GenFailure::Step(msg.clone())));
         }
         // The engine may go idle now (nothing left to step): publish, or the gauges would show
         // the failed sequences as running until the next request arrives.
@@ -540,9 +706,10 @@ impl Engine {
     }
 
     /// The next token of each of `rows` (in the logits' row order). Greedy and plain
-    /// temperature rows are drawn on the device; only seeded or nucleus rows come to the host,
-    /// in one copy.
-    fn pick(&mut self, rows: &[SeqId], logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    /// temperature rows are drawn on the device and stay there (the caller reads them, now or
+    /// after issuing the next step); a step with seeded or nucleus rows brings those rows to
+    /// the host, in one copy, and returns every token on the host.
+    fn pick(&mut self, rows: &[SeqId], logits: &Tensor) -> candle_core::Result<Drawn> {
         let placement: Vec<Placement> = rows
             .iter()
             .map(|id| {
@@ -554,25 +721,26 @@ impl Engine {
         let host: Vec<u32> = (0..rows.len() as u32)
             .filter(|&i| placement[i as usize] == Placement::Host)
             .collect();
+        if host.is_empty() {
+            return Ok(Drawn::Device(draw_on_device(logits, &placement)?));
+        }
         let mut tokens = if host.len() < rows.len() {
-            sample_on_device(logits, &placement)?
+            draw_on_device(logits, &placement)?.to_vec1::<u32>()?
         } else {
             vec![0; rows.len()]
         };
-        if !host.is_empty() {
-            let n = host.len();
-            let idx = Tensor::from_vec(host.clone(), n, logits.device())?;
-            let copied = logits
-                .index_select(&idx, 0)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec2::<f32>()?;
-            for (i, row) in host.into_iter().zip(copied) {
-                if let Some(s) = self.seqs.get_mut(&rows[i as usize]) {
-                    tokens[i as usize] = s.sampler.sample(&row);
-                }
+        let n = host.len();
+        let idx = Tensor::from_vec(host.clone(), n, logits.device())?;
+        let copied = logits
+            .index_select(&idx, 0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        for (i, row) in host.into_iter().zip(copied) {
+            if let Some(s) = self.seqs.get_mut(&rows[i as usize]) {
+                tokens[i as usize] = s.sampler.sample(&row);
             }
         }
-        Ok(tokens)
+        Ok(Drawn::Host(tokens))
     }
 
     /// Appends a sequence's next token for the output stage, and ends the sequence at EOS or

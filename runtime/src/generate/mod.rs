@@ -81,6 +81,8 @@ pub struct GenerateOptions {
     pub space: Arc<QueueSpace>,
     /// Steps a CUDA profiler records, if any.
     pub profiler: Option<engine::ProfilerWindow>,
+    /// Whether each engine overlaps its steps.
+    pub overlap: engine::Overlap,
     /// Test-only planted faults, checked before every step's forward.
     #[cfg(feature = "test-hooks")]
     pub faults: Arc<crate::hooks::Armed>,
@@ -103,6 +105,7 @@ impl GenerateService {
                 space: o.space.clone(),
                 load: load.clone(),
                 profiler: o.profiler,
+                overlap: o.overlap,
                 #[cfg(feature = "test-hooks")]
                 faults: o.faults.clone(),
             };

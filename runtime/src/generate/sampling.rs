@@ -50,6 +50,12 @@ pub enum Placement {
 /// placed `Host` get an arbitrary id the caller replaces), computed where the logits are, in
 /// one pass ([`crate::model::draw`]), its noise keyed by a fresh seed per step.
 pub fn sample_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core::Result<Vec<u32>> {
+    draw_on_device(logits, placement)?.to_vec1::<u32>()
+}
+
+/// [`sample_on_device`], its ids left on the device (`[rows]` u32) for a step that overlaps
+/// the next one ([`crate::model::readback`]).
+pub fn draw_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core::Result<Tensor> {
     let inv_temp: Vec<f32> = placement
         .iter()
         .map(|p| match p {
@@ -57,7 +63,7 @@ pub fn sample_on_device(logits: &Tensor, placement: &[Placement]) -> candle_core
             Placement::Greedy | Placement::Host => 0.0,
         })
         .collect();
-    crate::model::draw::draw(logits, &inv_temp, rand::random())
+    crate::model::draw::draw_ids(logits, &inv_temp, rand::random())
 }
 
 /// One sequence's sampler: its parameters and random generator.

@@ -21,18 +21,21 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, T
 /// greedy where `inv_temp[r]` is 0, otherwise a draw at temperature `1 / inv_temp[r]`, its
 /// noise keyed by `seed`.
 pub fn draw(logits: &Tensor, inv_temp: &[f32], seed: u64) -> Result<Vec<u32>> {
+    draw_ids(logits, inv_temp, seed)?.to_vec1::<u32>()
+}
+
+/// [`draw`], its ids left where the logits are (`[rows]` u32): the next step can read them
+/// there, and the host copies them without waiting for that step ([`super::readback`]).
+pub fn draw_ids(logits: &Tensor, inv_temp: &[f32], seed: u64) -> Result<Tensor> {
     let rows = logits.dim(0)?;
     if inv_temp.len() != rows {
         candle_core::bail!("draw: {} temperatures for {rows} rows", inv_temp.len());
     }
     if rows == 0 {
-        return Ok(Vec::new());
+        return Tensor::from_vec(Vec::<u32>::new(), 0, logits.device());
     }
     let inv = Tensor::from_slice(inv_temp, rows, logits.device())?;
-    logits
-        .contiguous()?
-        .apply_op2_no_bwd(&inv, &Draw { seed })?
-        .to_vec1::<u32>()
+    logits.contiguous()?.apply_op2_no_bwd(&inv, &Draw { seed })
 }
 
 /// SplitMix64's output function applied to the `index`-th counter after `seed`: a uniform

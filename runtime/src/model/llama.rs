@@ -382,6 +382,15 @@ impl<'a> Chunk<'a> {
     }
 }
 
+/// Decode tokens a step reads on the device ([`Llama::forward_with`]).
+pub struct DeviceTokens<'a> {
+    /// The previous step's drawn ids, `[rows]` u32 on the model's device.
+    pub ids: &'a Tensor,
+    /// Per chunk of the step, in order: the row of `ids` holding its one token, or `None` to
+    /// read the chunk's own `tokens`.
+    pub rows: &'a [Option<u32>],
+}
+
 /// One batched attention over several chunks of a step: its rows in the step's matrices and
 /// how it attends ([`Attention`]).
 struct AttnGroup {
@@ -682,9 +691,42 @@ impl Llama {
     /// Sampling can then run where the logits are ([`greedy`]) instead of copying
     /// `k × vocab` floats to the host every step.
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> candle_core::Result<Option<Tensor>> {
+        self.forward_with(chunks, None)
+    }
+
+    /// [`forward`](Self::forward), some decodes' tokens read on the device from the previous
+    /// step's drawn ids ([`DeviceTokens`]) rather than from their chunks: the step can be
+    /// issued before the host has those ids, so the device never waits for the host between
+    /// steps (the engine's overlap, `generate/engine.rs`).
+    pub fn forward_with(
+        &self,
+        chunks: &mut [Chunk<'_>],
+        from_device: Option<DeviceTokens<'_>>,
+    ) -> candle_core::Result<Option<Tensor>> {
         for c in chunks.iter() {
             if c.tokens.is_empty() {
                 candle_core::bail!("a chunk with no tokens");
+            }
+        }
+        if let Some(d) = &from_device {
+            if d.rows.len() != chunks.len() {
+                candle_core::bail!(
+                    "{} device token rows for {} chunks",
+                    d.rows.len(),
+                    chunks.len()
+                );
+            }
+            let drawn = d.ids.dim(0)?;
+            for (c, r) in chunks.iter().zip(d.rows) {
+                match r {
+                    Some(r) if *r as usize >= drawn => {
+                        candle_core::bail!("device token row {r} of {drawn} drawn ids")
+                    }
+                    Some(_) if c.tokens.len() != 1 => {
+                        candle_core::bail!("a device token in a chunk of {}", c.tokens.len())
+                    }
+                    _ => {}
+                }
             }
         }
         let mut lanes = Vec::new();
@@ -742,10 +784,15 @@ impl Llama {
         let mut writes = Vec::new();
         // Row of each chunk's last token in the step's (reordered) matrix.
         let mut last_row = vec![0usize; chunks.len()];
+        // (row of the step, row of the drawn ids) for each token read on the device.
+        let mut on_device = Vec::new();
         for &li in groups.iter().flatten() {
             let Lane { chunk, q0, n } = lanes[li];
             let c = &chunks[chunk];
             let start = c.cache.len + q0;
+            if let Some(r) = from_device.as_ref().and_then(|d| d.rows[chunk]) {
+                on_device.push((ids.len(), r));
+            }
             ids.extend_from_slice(&c.tokens[q0..q0 + n]);
             positions.extend((start..start + n).map(|p| p as u32));
             writes.extend((start..start + n).map(|p| c.cache.row(p)));
@@ -768,7 +815,17 @@ impl Llama {
             candle_core::bail!("KV row {r} is outside the pool's {pool_rows}");
         }
         let writes = Tensor::from_vec(writes, t, &self.device)?;
-        let ids = Tensor::from_vec(ids, t, &self.device)?;
+        let mut ids = Tensor::from_vec(ids, t, &self.device)?;
+        if let (Some(d), false) = (&from_device, on_device.is_empty()) {
+            // The step's ids followed by the drawn ones, then one gather: a device token's row
+            // picks from the second part.
+            let mut pick: Vec<u32> = (0..t as u32).collect();
+            for (row, r) in on_device {
+                pick[row] = t as u32 + r;
+            }
+            let pick = Tensor::from_vec(pick, t, &self.device)?;
+            ids = Tensor::cat(&[&ids, d.ids], 0)?.index_select(&pick, 0)?;
+        }
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let kvh = self.cfg.kv_heads();
         let heads = Heads {

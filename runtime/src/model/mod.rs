@@ -18,6 +18,7 @@ pub mod lm_tokenizer;
 pub(crate) mod nvrtc;
 pub mod paged_attn;
 pub mod qkv_rope;
+pub mod readback;
 pub mod swiglu;
 pub mod tokenize;
 

@@ -73,9 +73,12 @@ pub async fn wait_ready(c: &HttpClient, addr: SocketAddr) {
 }
 
 pub async fn start(profile: Profile) -> (Server, HttpClient) {
-    let server = Server::start(ServeOptions::new(profile, "127.0.0.1:0".parse().unwrap()))
-        .await
-        .unwrap();
+    start_with(ServeOptions::new(profile, "127.0.0.1:0".parse().unwrap())).await
+}
+
+/// [`start`] with every server option given.
+pub async fn start_with(o: ServeOptions) -> (Server, HttpClient) {
+    let server = Server::start(o).await.unwrap();
     let c = client();
     wait_ready(&c, server.addr).await;
     (server, c)
