@@ -1287,6 +1287,88 @@ mod tests {
     }
 
     #[test]
+    fn tokens_read_on_the_device_give_what_the_same_tokens_from_the_host_give() {
+        // A prompt chunk, then two decodes whose tokens are rows 2 and 0 of "drawn" ids, in
+        // both of the model's attention ways.
+        for paged in [false, true] {
+            let mut m = tiny();
+            m.paged = paged;
+            let run = |device: bool| {
+                let mut caches: Vec<SeqCache> = (0..3).map(|_| m.new_cache(16).unwrap()).collect();
+                // The decoding sequences hold one token each already.
+                for (i, c) in caches.iter_mut().enumerate().skip(1) {
+                    m.forward(&mut Chunk::decodes(
+                        &[[9 + i as u32]],
+                        std::slice::from_mut(c),
+                    ))
+                    .unwrap();
+                }
+                let drawn = Tensor::new(&[41u32, 99, 17], &Device::Cpu).unwrap();
+                let (a, b) = if device {
+                    ([0u32], [0u32])
+                } else {
+                    ([17], [41])
+                };
+                let prompt = [3u32, 1, 4, 1, 5];
+                let (first, rest) = caches.split_at_mut(1);
+                let (second, third) = rest.split_at_mut(1);
+                let mut chunks = vec![
+                    Chunk {
+                        tokens: &prompt,
+                        cache: &mut first[0],
+                        logits: true,
+                    },
+                    Chunk {
+                        tokens: &a,
+                        cache: &mut second[0],
+                        logits: true,
+                    },
+                    Chunk {
+                        tokens: &b,
+                        cache: &mut third[0],
+                        logits: true,
+                    },
+                ];
+                let rows = [None, Some(2), Some(0)];
+                let from = device.then_some(DeviceTokens {
+                    ids: &drawn,
+                    rows: &rows,
+                });
+                m.forward_with(&mut chunks, from)
+                    .unwrap()
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(run(true), run(false), "paged {paged}");
+        }
+        // A row past the drawn ids, or a device token in a longer chunk, is refused.
+        let m = tiny();
+        let drawn = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        let mut c = m.new_cache(8).unwrap();
+        for (tokens, row, want) in [
+            (&[0u32][..], 1u32, "row 1 of 1"),
+            (&[0, 0][..], 0, "a chunk of 2"),
+        ] {
+            let e = m
+                .forward_with(
+                    &mut [Chunk {
+                        tokens,
+                        cache: &mut c,
+                        logits: true,
+                    }],
+                    Some(DeviceTokens {
+                        ids: &drawn,
+                        rows: &[Some(row)],
+                    }),
+                )
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
     fn a_cache_of_another_replica_is_refused() {
         let (m1, m2) = (tiny(), tiny());
         let mut c = m1.new_cache(4).unwrap();
