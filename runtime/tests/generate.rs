@@ -186,10 +186,19 @@ async fn stop_strings_and_max_tokens(overlap: Overlap) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_disconnects_frees_its_sequence_and_kv() {
-    let (server, c) = start(llm(Profile {
-        max_new_tokens: 2000,
-        ..Profile::default()
-    }))
+    for overlap in [Overlap::Off, Overlap::On] {
+        disconnect_frees(overlap).await;
+    }
+}
+
+async fn disconnect_frees(overlap: Overlap) {
+    let (server, c) = start_overlap(
+        llm(Profile {
+            max_new_tokens: 2000,
+            ..Profile::default()
+        }),
+        overlap,
+    )
     .await;
     let a = server.addr;
     {
@@ -215,7 +224,7 @@ async fn a_client_that_disconnects_frees_its_sequence_and_kv() {
         }
         assert!(
             Instant::now() < deadline,
-            "KV still held: {kv} tokens, {running} running"
+            "{overlap:?}: KV still held: {kv} tokens, {running} running"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -233,14 +242,23 @@ async fn a_client_that_disconnects_frees_its_sequence_and_kv() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_never_exceeds_the_kv_budget_and_loses_nothing() {
+    for overlap in [Overlap::Off, Overlap::On] {
+        burst_within_kv(overlap).await;
+    }
+}
+
+async fn burst_within_kv(overlap: Overlap) {
     // Each request reserves prompt + 40 ≤ 50 tokens: a 200-token budget runs at most 4 at once
     // (the running cap, 16, would allow more).
-    let (server, c) = start(llm(Profile {
-        max_batch_size: 16,
-        kv_cache_tokens: 200,
-        batch_wait_timeout: Duration::ZERO,
-        ..Profile::default()
-    }))
+    let (server, c) = start_overlap(
+        llm(Profile {
+            max_batch_size: 16,
+            kv_cache_tokens: 200,
+            batch_wait_timeout: Duration::ZERO,
+            ..Profile::default()
+        }),
+        overlap,
+    )
     .await;
     let a = server.addr;
     let mut all = Vec::new();
@@ -259,7 +277,10 @@ async fn a_burst_never_exceeds_the_kv_budget_and_loses_nothing() {
     let steps = metric(&c, a, "batchtune_step_sequences_count").await;
     let at_most_4 = metric(&c, a, "batchtune_step_sequences_bucket{le=\"4.0\",").await;
     assert!(steps > 0.0);
-    assert_eq!(at_most_4, steps, "a step ran more than 4 sequences");
+    assert_eq!(
+        at_most_4, steps,
+        "{overlap:?}: a step ran more than 4 sequences"
+    );
     stop(server).await;
 }
 
@@ -597,12 +618,21 @@ async fn two_cpu_replicas_share_the_sequences() {
 /// [DONE]); none is closed silently; a request after the shutdown began gets 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_answers_running_and_waiting_generations_with_503() {
-    let (server, c) = start(llm(Profile {
-        max_new_tokens: 2000,
-        max_batch_size: 1,
-        drain_timeout: Duration::from_millis(300),
-        ..Profile::default()
-    }))
+    for overlap in [Overlap::Off, Overlap::On] {
+        shutdown_answers(overlap).await;
+    }
+}
+
+async fn shutdown_answers(overlap: Overlap) {
+    let (server, c) = start_overlap(
+        llm(Profile {
+            max_new_tokens: 2000,
+            max_batch_size: 1,
+            drain_timeout: Duration::from_millis(300),
+            ..Profile::default()
+        }),
+        overlap,
+    )
     .await;
     let a = server.addr;
     let long = json!({"prompt": "go on forever", "max_tokens": 2000, "ignore_eos": true});
