@@ -280,7 +280,7 @@ impl Metrics {
         );
         r.register(
             "batchtune_step_phase_seconds",
-            "Engine step time by phase: schedule, forward (on a GPU: issuing the kernels), sample (the draw; on a GPU: waiting for the step), engine (tokens to requests)",
+            "Engine step time by phase: schedule, forward (on a GPU: issuing the kernels), sample (the draw; on a GPU: waiting for the step, or for the previous one when steps overlap), engine (tokens to requests)",
             g.step_phase.clone(),
         );
         r.register(

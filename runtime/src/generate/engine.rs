@@ -329,6 +329,8 @@ struct Engine {
     /// `batchtune_step_phase_seconds` for schedule, forward, sample and engine on this
     /// replica. On a GPU, forward is the host issuing the step's kernels and sample mostly
     /// waits for them: a small sample share says the step is bound by the host, not the GPU.
+    /// With overlapped steps, sample waits for the *previous* step's ids instead, while this
+    /// step's kernels are queued behind them.
     phases: [Histogram; 4],
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
