@@ -16,7 +16,7 @@
 //! known in advance and left out. Steps whose rows need the host to sample (seeded or nucleus
 //! requests) run without overlap.
 
-use super::sampling::{draw_on_device, Placement, Sampler, SamplingParams};
+use super::sampling::{draw_on_device, sample_on_device, Placement, Sampler, SamplingParams};
 use super::scheduler::{Limits, NewSeq, Plan, Scheduler, SeqId};
 use super::stream::{count_end, failure_reason, Ending, Note, Opened, Stream};
 use crate::admission::QueueSpace;
@@ -603,32 +603,26 @@ impl Engine {
                 }
             }
         }
-        let logits = match result {
-            Ok(Ok(l)) => l,
-            Ok(Err(err)) => {
-                self.land();
-                return self.fail_step(&order, format!("step on {} failed: {err}", self.ctx.label));
-            }
-            Err(panic) => {
-                self.land();
-                let msg = crate::panic_text(&*panic);
-                return self.fail_step(
-                    &order,
-                    format!("step on {} panicked: {msg}", self.ctx.label),
-                );
-            }
-        };
         let rows: Vec<SeqId> = order.iter().filter(|o| o.logits).map(|o| o.id).collect();
-        let drawn = match logits.map(|l| self.pick(&rows, &l)).transpose() {
-            Ok(d) => d.unwrap_or(Drawn::Host(Vec::new())),
-            Err(err) => {
-                self.land();
-                let msg = format!("sampling on {} failed: {err}", self.ctx.label);
-                return self.fail_step(&order, msg);
-            }
+        let drawn = match result {
+            Ok(Ok(logits)) => match logits.map(|l| self.pick(&rows, &l)).transpose() {
+                Ok(d) => Ok(d.unwrap_or(Drawn::Host(Vec::new()))),
+                Err(err) => Err(format!("sampling on {} failed: {err}", self.ctx.label)),
+            },
+            Ok(Err(err)) => Err(format!("step on {} failed: {err}", self.ctx.label)),
+            Err(panic) => Err(format!(
+                "step on {} panicked: {}",
+                self.ctx.label,
+                crate::panic_text(&*panic)
+            )),
         };
-        // The previous step's tokens come first: a sequence in both gets them in order.
+        // The previous step's tokens come first, whatever became of this one: a sequence in
+        // both gets them in order.
         self.land();
+        let drawn = match drawn {
+            Ok(d) => d,
+            Err(msg) => return self.fail_step(&order, msg),
+        };
         match drawn {
             Drawn::Device(ids) => match self.readback.start(&ids) {
                 Ok(()) => {
@@ -727,7 +721,7 @@ impl Engine {
             return Ok(Drawn::Device(draw_on_device(logits, &placement)?));
         }
         let mut tokens = if host.len() < rows.len() {
-            draw_on_device(logits, &placement)?.to_vec1::<u32>()?
+            sample_on_device(logits, &placement)?
         } else {
             vec![0; rows.len()]
         };

@@ -278,19 +278,16 @@ pub fn self_check(device: &candle_core::Device, dtype: candle_core::DType) -> Re
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
     let want_sum = (x + y)?;
     let want = candle_nn::ops::rms_norm(&cpu(&want_sum)?, &cpu(&w)?, 1e-6)?;
-    let rel = |got: &Tensor, want: &Tensor| -> Result<f32> {
-        ((got - want)?.abs()? / (want.abs()? + 1.0)?)?
-            .max_all()?
-            .to_scalar::<f32>()
-    };
-    let worst = rel(&cpu(&sum)?, &cpu(&want_sum)?)?.max(rel(&cpu(&normed)?, &want)?);
-    let limit = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-    if worst.is_nan() || worst > limit {
-        candle_core::bail!(
-            "add-rms-norm on {device:?} in {dtype:?} differs from add then rms_norm by {worst} (limit {limit})"
-        );
-    }
-    Ok(worst)
+    use super::rel_err;
+    let worst = rel_err(&cpu(&sum)?, &cpu(&want_sum)?)?.max(rel_err(&cpu(&normed)?, &want)?);
+    super::judge_self_check(
+        "add-rms-norm",
+        "add then rms_norm",
+        device,
+        dtype,
+        worst,
+        super::ELEMENTWISE_LIMITS,
+    )
 }
 
 #[cfg(test)]

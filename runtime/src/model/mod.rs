@@ -233,6 +233,42 @@ pub fn profiler_window(open: bool) {
     let _ = open;
 }
 
+/// The self-checks' limits on [`rel_err`] for the elementwise kernels: in f32, and in f16/bf16
+/// (8 bits of mantissa: an input's rounding alone moves an output by up to ~2⁻⁷ of itself).
+pub(crate) const ELEMENTWISE_LIMITS: [f32; 2] = [1e-5, 2e-2];
+
+/// Largest `|got − want| / (|want| + 1)` over every element, both f32 tensors of one shape:
+/// relative to an output's size, except near zero where it is absolute.
+pub(crate) fn rel_err(got: &Tensor, want: &Tensor) -> candle_core::Result<f32> {
+    ((got - want)?.abs()? / (want.abs()? + 1.0)?)?
+        .max_all()?
+        .to_scalar::<f32>()
+}
+
+/// A kernel self-check's verdict: `worst` itself when within `limits` (`[f32, half]`, by
+/// `dtype`), else an error naming the op, where it ran, its reference and both numbers. NaN
+/// never passes.
+pub(crate) fn judge_self_check(
+    op: &str,
+    against: &str,
+    device: &Device,
+    dtype: DType,
+    worst: f32,
+    limits: [f32; 2],
+) -> candle_core::Result<f32> {
+    let limit = if dtype == DType::F32 {
+        limits[0]
+    } else {
+        limits[1]
+    };
+    if worst.is_nan() || worst > limit {
+        candle_core::bail!(
+            "{op} on {device:?} in {dtype:?} differs from {against} by {worst} (limit {limit})"
+        );
+    }
+    Ok(worst)
+}
+
 pub(crate) fn candle_dtype(d: Dtype) -> DType {
     match d {
         Dtype::F32 => DType::F32,

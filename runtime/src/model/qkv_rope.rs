@@ -429,18 +429,16 @@ pub fn self_check(device: &candle_core::Device, dtype: DType) -> Result<f32> {
         }
         .squeeze(0)?;
         let want = Tensor::cat(&[qk, y.narrow(0, rot, h.kv_heads)?], 0)?;
-        let diff = ((got - &want)?.abs()? / (want.abs()? + 1.0)?)?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        worst = worst.max(diff);
+        worst = worst.max(super::rel_err(&got, &want)?);
     }
-    let limit = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-    if worst.is_nan() || worst > limit {
-        candle_core::bail!(
-            "qkv-rope on {device:?} in {dtype:?} differs from candle's ops by {worst} (limit {limit})"
-        );
-    }
-    Ok(worst)
+    super::judge_self_check(
+        "qkv-rope",
+        "candle's ops",
+        device,
+        dtype,
+        worst,
+        super::ELEMENTWISE_LIMITS,
+    )
 }
 
 #[cfg(test)]

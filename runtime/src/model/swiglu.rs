@@ -184,16 +184,15 @@ pub fn self_check(device: &candle_core::Device, dtype: candle_core::DType) -> Re
     let want = (candle_nn::ops::silu(&x.narrow(1, 0, half)?)? * x.narrow(1, half, half)?)?;
     // Relative to the output's size (plus one, for outputs near zero): bf16 keeps 8 bits of
     // mantissa, so the input's rounding alone moves an output by up to ~2⁻⁷ of itself.
-    let worst = ((got - &want)?.abs()? / (want.abs()? + 1.0)?)?
-        .max_all()?
-        .to_scalar::<f32>()?;
-    let limit = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-    if worst.is_nan() || worst > limit {
-        candle_core::bail!(
-            "swiglu on {device:?} in {dtype:?} differs from silu(gate) * up by {worst} (limit {limit})"
-        );
-    }
-    Ok(worst)
+    let worst = super::rel_err(&got, &want)?;
+    super::judge_self_check(
+        "swiglu",
+        "silu(gate) * up",
+        device,
+        dtype,
+        worst,
+        super::ELEMENTWISE_LIMITS,
+    )
 }
 
 #[cfg(test)]
