@@ -82,6 +82,121 @@ fn find(h: &[u8], needle: &[u8]) -> Option<usize> {
     h.windows(needle.len()).position(|w| w == needle)
 }
 
+/// What a response's head says about reading the rest.
+struct Head {
+    status: u16,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Parses a response head (the bytes up to and including the blank line).
+fn parse_head(head: &[u8]) -> Result<Head, ExchangeError> {
+    let head = std::str::from_utf8(head).map_err(|_| ExchangeError::Io)?;
+    let status: u16 = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or(ExchangeError::Io)?;
+    let mut framing = Framing::UntilClose;
+    let mut keep_alive = head.starts_with("HTTP/1.1");
+    for line in head.split("\r\n").skip(1) {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("content-length") {
+            framing = Framing::Length(v.parse().map_err(|_| ExchangeError::Io)?);
+        } else if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
+            framing = Framing::Chunked;
+        } else if k.eq_ignore_ascii_case("connection") {
+            keep_alive = !v.eq_ignore_ascii_case("close");
+        }
+    }
+    Ok(Head {
+        status,
+        framing,
+        keep_alive,
+    })
+}
+
+/// A whole response found at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Complete {
+    /// Status code.
+    pub status: u16,
+    /// Its length in bytes (head, body and chunk framing).
+    pub len: usize,
+    /// The connection may carry another request after it.
+    pub keep_alive: bool,
+}
+
+/// Whether `buf` starts with a whole response: `Ok(None)` while more bytes are needed, an error
+/// when it is malformed or cut short by the end of the stream (`eof`: the peer closed it).
+///
+/// The same framing rules as [`Client::exchange`] (length, chunks, or until close), as one pure
+/// function over the bytes read so far, for a send loop that reads sockets itself and parses
+/// a response again as each read extends it (responses of a load test are small and most
+/// arrive in one read).
+pub fn complete_response(buf: &[u8], eof: bool) -> Result<Option<Complete>, ExchangeError> {
+    let short = || {
+        if eof {
+            Err(ExchangeError::Io)
+        } else {
+            Ok(None)
+        }
+    };
+    let Some(head_end) = find(buf, b"\r\n\r\n").map(|i| i + 4) else {
+        return short();
+    };
+    let head = parse_head(&buf[..head_end])?;
+    let whole = |len: usize| {
+        Ok(Some(Complete {
+            status: head.status,
+            len,
+            keep_alive: head.keep_alive,
+        }))
+    };
+    match head.framing {
+        Framing::Length(n) => {
+            let end = head_end.checked_add(n).ok_or(ExchangeError::Io)?;
+            if buf.len() >= end {
+                whole(end)
+            } else {
+                short()
+            }
+        }
+        Framing::Chunked => {
+            let mut pos = head_end;
+            loop {
+                let Some(line_end) = find(&buf[pos..], b"\r\n").map(|i| pos + i) else {
+                    return short();
+                };
+                let text =
+                    std::str::from_utf8(&buf[pos..line_end]).map_err(|_| ExchangeError::Io)?;
+                let size = usize::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| ExchangeError::Io)?;
+                // Data plus its CRLF (the last chunk: just the final CRLF, no trailers).
+                let next = (line_end + 2)
+                    .checked_add(size)
+                    .and_then(|v| v.checked_add(2))
+                    .ok_or(ExchangeError::Io)?;
+                if buf.len() < next {
+                    return short();
+                }
+                if size == 0 {
+                    return whole(next);
+                }
+                pos = next;
+            }
+        }
+        Framing::UntilClose if eof => Ok(Some(Complete {
+            status: head.status,
+            len: buf.len(),
+            keep_alive: false,
+        })),
+        Framing::UntilClose => Ok(None),
+    }
+}
+
 impl Client {
     /// A client for `addr`.
     pub fn new(addr: SocketAddr) -> Self {
@@ -196,28 +311,11 @@ impl Client {
                 return Err(ExchangeError::Io);
             }
         };
-        let head = std::str::from_utf8(&c.buf[..head_end]).map_err(|_| ExchangeError::Io)?;
-        let status: u16 = head
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .ok_or(ExchangeError::Io)?;
-        let mut framing = Framing::UntilClose;
-        let mut keep_alive = head.starts_with("HTTP/1.1");
-        for line in head.split("\r\n").skip(1) {
-            let Some((k, v)) = line.split_once(':') else {
-                continue;
-            };
-            let v = v.trim();
-            if k.eq_ignore_ascii_case("content-length") {
-                framing = Framing::Length(v.parse().map_err(|_| ExchangeError::Io)?);
-            } else if k.eq_ignore_ascii_case("transfer-encoding")
-                && v.eq_ignore_ascii_case("chunked")
-            {
-                framing = Framing::Chunked;
-            } else if k.eq_ignore_ascii_case("connection") {
-                keep_alive = !v.eq_ignore_ascii_case("close");
-            }
-        }
+        let Head {
+            status,
+            framing,
+            mut keep_alive,
+        } = parse_head(&c.buf[..head_end])?;
         let mut x = Exchange {
             status,
             ..Exchange::default()
@@ -308,4 +406,89 @@ async fn read_more(c: &mut Conn) -> std::io::Result<usize> {
     // read_buf fills spare capacity without zeroing it first.
     c.buf.reserve(16 * 1024);
     c.stream.read_buf(&mut c.buf).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `complete_response` on every prefix of `whole`: incomplete until the whole of it.
+    fn whole_only_at_the_end(whole: &[u8], expect: Complete) {
+        for cut in 0..whole.len() {
+            assert_eq!(
+                complete_response(&whole[..cut], false),
+                Ok(None),
+                "cut at {cut}"
+            );
+            assert_eq!(
+                complete_response(&whole[..cut], true),
+                Err(ExchangeError::Io),
+                "closed at {cut}"
+            );
+        }
+        assert_eq!(complete_response(whole, false), Ok(Some(expect)));
+        // A next response's bytes after it do not change where it ends.
+        let mut more = whole.to_vec();
+        more.extend_from_slice(b"HTTP/1.1 200");
+        assert_eq!(complete_response(&more, false), Ok(Some(expect)));
+    }
+
+    #[test]
+    fn a_response_is_whole_only_when_its_framing_says_so() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        whole_only_at_the_end(
+            r,
+            Complete {
+                status: 200,
+                len: r.len(),
+                keep_alive: true,
+            },
+        );
+        let r = b"HTTP/1.1 503 Busy\r\ntransfer-encoding: chunked\r\nConnection: close\r\n\r\n5;x=1\r\nhello\r\n0\r\n\r\n";
+        whole_only_at_the_end(
+            r,
+            Complete {
+                status: 503,
+                len: r.len(),
+                keep_alive: false,
+            },
+        );
+        let r = b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n";
+        whole_only_at_the_end(
+            r,
+            Complete {
+                status: 200,
+                len: r.len(),
+                keep_alive: false,
+            },
+        );
+    }
+
+    #[test]
+    fn a_response_without_framing_ends_with_the_connection() {
+        let r = b"HTTP/1.1 200 OK\r\n\r\npartial body";
+        assert_eq!(complete_response(r, false), Ok(None));
+        assert_eq!(
+            complete_response(r, true),
+            Ok(Some(Complete {
+                status: 200,
+                len: r.len(),
+                keep_alive: false
+            }))
+        );
+    }
+
+    #[test]
+    fn malformed_or_overflowing_framing_is_an_error_not_a_panic() {
+        for r in [
+            &b"HTTP/1.1 2x0 OK\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+            b"HTTP/1.1 200 OK\r\nX: \xff\r\n\r\n",
+        ] {
+            assert_eq!(complete_response(r, false), Err(ExchangeError::Io), "{r:?}");
+        }
+    }
 }

@@ -63,6 +63,20 @@ pub enum Mode {
     },
 }
 
+/// How an open loop's pacers send and read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SendLoop {
+    /// `epoll` where it can be (Linux, responses read whole), else `tokio`.
+    #[default]
+    Auto,
+    /// Each pacer's own epoll loop over its sockets: fewer syscalls, clock reads and event-loop
+    /// turns a request, so one core sends more (Linux; not for streaming workloads).
+    Epoll,
+    /// A task per request on each pacer's single-threaded tokio runtime: every workload,
+    /// streaming included (token timings per event).
+    Tokio,
+}
+
 /// Decides part-way through whether a run should stop now (returns the reason).
 pub type EarlyStop = Arc<dyn Fn(&Progress<'_>) -> Option<String> + Send + Sync>;
 
@@ -109,6 +123,8 @@ pub struct Config {
     /// valid when lag p99 ≤ max(`max_lag_p99`, this × p50)): generator overhead is judged
     /// against what is measured, so a sub-millisecond run needs a sub-millisecond generator.
     pub lag_fraction: f64,
+    /// Open loop: how the pacers send.
+    pub send_loop: SendLoop,
 }
 
 impl Config {
@@ -134,6 +150,7 @@ impl Config {
             goodput: slo::GoodputLimits::default(),
             pacers: 0,
             lag_fraction: 0.05,
+            send_loop: SendLoop::Auto,
         }
     }
 
@@ -251,6 +268,40 @@ impl Sender {
     }
 }
 
+/// Whether the open loop's pacers run their own epoll loops (see [`SendLoop`]).
+fn direct_send(cfg: &Config) -> Result<bool, LoadgenError> {
+    let linux = cfg!(target_os = "linux");
+    match cfg.send_loop {
+        SendLoop::Auto => Ok(linux && !cfg.workload.stream),
+        SendLoop::Tokio => Ok(false),
+        SendLoop::Epoll if !linux => Err(LoadgenError::Config(
+            "--send-loop epoll needs Linux; use --send-loop tokio".into(),
+        )),
+        SendLoop::Epoll if cfg.workload.stream => Err(LoadgenError::Config(
+            "--send-loop epoll reads responses whole and cannot time a stream's tokens; use \
+             --send-loop tokio (or auto) for a streaming workload"
+                .into(),
+        )),
+        SendLoop::Epoll => Ok(true),
+    }
+}
+
+/// A pacer's own epoll loop to `addr` (Linux).
+#[cfg(target_os = "linux")]
+fn pacer_direct(addr: std::net::SocketAddr, timeout: Duration, conns: Option<usize>) -> pacer::How {
+    pacer::How::Direct(pacer::direct::Target {
+        addr,
+        timeout,
+        conns,
+    })
+}
+
+/// Never called off Linux: [`direct_send`] refuses `epoll` there.
+#[cfg(not(target_os = "linux"))]
+fn pacer_direct(_: std::net::SocketAddr, _: Duration, _: Option<usize>) -> pacer::How {
+    unreachable!("direct_send refuses epoll off Linux")
+}
+
 /// One collector holding what all of `cols` recorded so far.
 fn merged(cols: &[Arc<Mutex<Collector>>]) -> Collector {
     let mut all = record::lock(&cols[0]).clone();
@@ -333,21 +384,27 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
             max_in_flight,
         } => {
             let n = cfg.pacers_for(rate);
+            let direct = direct_send(&cfg)?;
             let in_flight = Arc::new(AtomicUsize::new(0));
             for k in 0..n {
                 // Each pacer has its own connections (and its share of a connection cap).
-                let own = Arc::new(Sender {
-                    client: http1::Client::new(addr),
-                    timeout: cfg.timeout,
-                    stream: cfg.workload.stream,
-                    conns: cfg
-                        .connections
-                        .map(|c| Arc::new(Semaphore::new((c / n + usize::from(k < c % n)).max(1)))),
-                });
-                let send: pacer::SendFn = Arc::new(move |body| {
-                    let own = own.clone();
-                    Box::pin(async move { own.send_timed(body).await })
-                });
+                let conns = cfg
+                    .connections
+                    .map(|c| (c / n + usize::from(k < c % n)).max(1));
+                let how = if direct {
+                    pacer_direct(addr, cfg.timeout, conns)
+                } else {
+                    let own = Arc::new(Sender {
+                        client: http1::Client::new(addr),
+                        timeout: cfg.timeout,
+                        stream: cfg.workload.stream,
+                        conns: conns.map(|c| Arc::new(Semaphore::new(c))),
+                    });
+                    pacer::How::Async(Arc::new(move |body| {
+                        let own = own.clone();
+                        Box::pin(async move { own.send_timed(body).await })
+                    }))
+                };
                 pacer::spawn(pacer::Share {
                     k,
                     n,
@@ -366,7 +423,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                         col
                     },
                     alive: alive.clone(),
-                    send,
+                    how,
                 })
                 .map_err(|e| LoadgenError::Config(format!("cannot start a pacer thread: {e}")))?;
             }

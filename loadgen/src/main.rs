@@ -156,6 +156,12 @@ struct Cli {
     /// Closed loop: the async runtime's workers (default: all cores).
     #[arg(long, env = "LOADGEN_THREADS")]
     threads: Option<usize>,
+    /// Open loop: how each pacer sends. `epoll`: its own epoll loop over its sockets, a batch
+    /// of due sends and ready responses a turn (fewer syscalls and clock reads a request, so
+    /// more requests a core; Linux, responses read whole). `tokio`: a task per request on its
+    /// own async runtime (any workload, streaming included). `auto`: `epoll` where it can be.
+    #[arg(long, env = "LOADGEN_SEND_LOOP", value_enum, default_value_t = loadgen::SendLoop::Auto)]
+    send_loop: loadgen::SendLoop,
 }
 
 fn main() -> ExitCode {
@@ -272,6 +278,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             ))
         },
         pacers: if open { cli.threads.unwrap_or(0) } else { 0 },
+        send_loop: cli.send_loop,
         connections: cli.connections,
         seed: cli.seed,
         progress: !cli.quiet,

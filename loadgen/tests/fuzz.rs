@@ -1,10 +1,11 @@
-//! Property-based fuzzing of loadgen's two parsers: the SSE parser (any bytes, split anywhere,
-//! give the same result as in one piece, never a panic) and the HTTP/1.1 response reader (a
-//! real socket from a server answering arbitrary bytes: an outcome, never a panic or a hang).
+//! Property-based fuzzing of loadgen's parsers: the SSE parser (any bytes, split anywhere,
+//! give the same result as in one piece, never a panic), the HTTP/1.1 response reader (a
+//! real socket from a server answering arbitrary bytes: an outcome, never a panic or a hang)
+//! and the epoll send loop's whole-response check (the same end whatever the reads).
 //! CI runs few cases; `scripts/fuzz.sh` runs many.
 
 use bytes::Bytes;
-use loadgen::http1::{request_bytes, Client};
+use loadgen::http1::{complete_response, request_bytes, Client};
 use loadgen::sse::SseParser;
 use proptest::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -99,6 +100,23 @@ proptest! {
         prop_assert_eq!(n_whole, n_split);
         prop_assert_eq!(whole.completion_tokens, split.completion_tokens);
         prop_assert_eq!((whole.done, whole.error), (split.done, split.error));
+    }
+
+    /// The epoll send loop's check for a whole response, on any bytes: never a panic, and
+    /// where the bytes hold a whole response of length L, every shorter prefix is "not yet"
+    /// (so a response read in pieces ends at the same byte as one read at once).
+    #[test]
+    fn a_whole_response_is_found_at_the_same_byte_whatever_the_reads(bytes in http_response(), eof in any::<bool>()) {
+        let full = complete_response(&bytes, eof);
+        if let Ok(Some(c)) = full {
+            prop_assert!(c.len <= bytes.len());
+            for cut in 0..c.len {
+                prop_assert_eq!(complete_response(&bytes[..cut], false), Ok(None), "cut {}", cut);
+            }
+            if !eof {
+                prop_assert_eq!(complete_response(&bytes[..c.len], false), full);
+            }
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use axum::routing::post;
 use axum::Router;
 use loadgen::schedule::{Arrival, Rate};
 use loadgen::workload::{TextOptions, Workload};
-use loadgen::{Config, Mode, Report};
+use loadgen::{Config, Mode, Report, SendLoop};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +37,9 @@ async fn serve_slow(delay: Duration) -> SocketAddr {
     .await
 }
 
+/// Both open-loop send loops, for the behaviours they must share.
+const BOTH: [SendLoop; 2] = [SendLoop::Epoll, SendLoop::Tokio];
+
 fn workload() -> Workload {
     Workload::from_spec("embeddings", &TextOptions::default()).unwrap()
 }
@@ -58,8 +61,16 @@ fn open(addr: SocketAddr, rps: f64, secs: f64) -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn constant_rate_is_achieved_within_one_percent() {
+    for how in BOTH {
+        constant_rate_with(how).await;
+    }
+}
+
+async fn constant_rate_with(how: SendLoop) {
     let (addr, seen) = recording().await;
-    let r = loadgen::run(open(addr, 400.0, 4.0)).await.unwrap();
+    let mut cfg = open(addr, 400.0, 4.0);
+    cfg.send_loop = how;
+    let r = loadgen::run(cfg).await.unwrap();
     assert!(
         (r.offered_rps - 400.0).abs() / 400.0 < 0.01,
         "offered {}",
@@ -77,13 +88,19 @@ async fn constant_rate_is_achieved_within_one_percent() {
     let server_rate = (a.len() - 1) as f64 / span;
     assert!(
         (server_rate - 400.0).abs() / 400.0 < 0.01,
-        "server saw {server_rate:.1}/s"
+        "{how:?}: server saw {server_rate:.1}/s"
     );
-    assert!(r.send_lag.p50 < 1e-3, "lag p50 {}", r.send_lag.p50);
+    assert!(r.send_lag.p50 < 1e-3, "{how:?}: lag p50 {}", r.send_lag.p50);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_second_stall_shows_in_corrected_latency_not_in_service_time() {
+    for how in BOTH {
+        stall_with(how).await;
+    }
+}
+
+async fn stall_with(how: SendLoop) {
     let n = Arc::new(AtomicU64::new(0));
     let addr = serve(Router::new().route(
         "/v1/embeddings",
@@ -102,9 +119,14 @@ async fn a_one_second_stall_shows_in_corrected_latency_not_in_service_time() {
     // behind any connection pool. That wait is latency the user sees.
     let mut cfg = open(addr, 400.0, 6.0);
     cfg.connections = Some(1);
+    cfg.send_loop = how;
     let r = loadgen::run(cfg).await.unwrap();
-    assert_eq!(r.errors.len(), 0, "{:?}", r.errors);
-    assert!(r.latency.max >= 0.99, "corrected max {}", r.latency.max);
+    assert_eq!(r.errors.len(), 0, "{how:?}: {:?}", r.errors);
+    assert!(
+        r.latency.max >= 0.99,
+        "{how:?}: corrected max {}",
+        r.latency.max
+    );
     assert!(r.latency.p999 > 0.5, "corrected p99.9 {}", r.latency.p999);
     assert!(
         r.service.p999 < 0.1,
@@ -136,6 +158,12 @@ async fn closed_loop_throughput_is_clients_over_service_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_counted_by_kind_and_kept_out_of_latency() {
+    for how in BOTH {
+        errors_with(how).await;
+    }
+}
+
+async fn errors_with(how: SendLoop) {
     let n = Arc::new(AtomicU64::new(0));
     let addr = serve(Router::new().route(
         "/v1/embeddings",
@@ -157,10 +185,21 @@ async fn errors_are_counted_by_kind_and_kept_out_of_latency() {
     let mut cfg = open(addr, 100.0, 2.0);
     cfg.warmup = Duration::ZERO;
     cfg.timeout = Duration::from_millis(300);
+    cfg.send_loop = how;
     let r = loadgen::run(cfg).await.unwrap();
-    assert_eq!(r.errors.get("status_500"), Some(&40), "{:?}", r.errors);
-    assert_eq!(r.errors.get("timeout"), Some(&40), "{:?}", r.errors);
-    assert_eq!(r.ok, 120);
+    assert_eq!(
+        r.errors.get("status_500"),
+        Some(&40),
+        "{how:?}: {:?}",
+        r.errors
+    );
+    assert_eq!(
+        r.errors.get("timeout"),
+        Some(&40),
+        "{how:?}: {:?}",
+        r.errors
+    );
+    assert_eq!(r.ok, 120, "{how:?}");
     assert_eq!(r.latency.count, 120, "errors leaked into latency");
     assert!(
         r.latency.max < 0.3,
@@ -175,8 +214,14 @@ async fn errors_are_counted_by_kind_and_kept_out_of_latency() {
     drop(l);
     let mut cfg = open(closed, 50.0, 1.0);
     cfg.warmup = Duration::ZERO;
+    cfg.send_loop = how;
     let r = loadgen::run(cfg).await.unwrap();
-    assert_eq!(r.errors.get("connect"), Some(&50), "{:?}", r.errors);
+    assert_eq!(
+        r.errors.get("connect"),
+        Some(&50),
+        "{how:?}: {:?}",
+        r.errors
+    );
     assert_eq!((r.ok, r.latency.count), (0, 0));
 }
 
@@ -322,6 +367,12 @@ async fn streaming_responses_record_time_to_first_token_and_gaps() {
     );
     cfg.duration = Duration::from_secs(2);
     cfg.warmup = Duration::from_millis(200);
+    // The epoll send loop reads responses whole: asked for by name, a stream is refused, and
+    // `auto` takes the async one.
+    let mut forced = cfg.clone();
+    forced.send_loop = SendLoop::Epoll;
+    let e = loadgen::run(forced).await.unwrap_err().to_string();
+    assert!(e.contains("--send-loop tokio"), "{e}");
     let r = loadgen::run(cfg).await.unwrap();
     assert_eq!(r.errors.len(), 0, "{:?}", r.errors);
     let ttft = r.ttft.expect("streaming stats");
@@ -416,16 +467,23 @@ impl futures_core::Stream for ReceiverStream {
 /// closing the connection instead: the dropped request is an `io` error, never resent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_dropped_after_it_was_sent_is_an_io_error_and_never_resent() {
+    for how in BOTH {
+        dropped_with(how).await;
+    }
+}
+
+async fn dropped_with(how: SendLoop) {
     let (addr, received) = one_answer_per_connection(None).await;
     let mut cfg = open(addr, 20.0, 1.0);
     cfg.warmup = Duration::ZERO;
+    cfg.send_loop = how;
     let r = loadgen::run(cfg).await.unwrap();
     let sent = r.ok + r.errors.values().sum::<u64>();
-    assert_eq!(sent, 20, "{:?}", r.errors);
+    assert_eq!(sent, 20, "{how:?}: {:?}", r.errors);
     assert_eq!(
         received.load(Ordering::SeqCst),
         20,
-        "the server received a request twice: {:?}",
+        "{how:?}: the server received a request twice: {:?}",
         r.errors
     );
     assert!(
@@ -441,11 +499,18 @@ async fn a_request_dropped_after_it_was_sent_is_an_io_error_and_never_resent() {
 /// so every request succeeds on a fresh one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_the_server_closed_is_replaced_not_used() {
+    for how in BOTH {
+        idle_closed_with(how).await;
+    }
+}
+
+async fn idle_closed_with(how: SendLoop) {
     let (addr, received) = one_answer_per_connection(Some(Duration::from_millis(5))).await;
     let mut cfg = open(addr, 20.0, 1.0);
     cfg.warmup = Duration::ZERO;
+    cfg.send_loop = how;
     let r = loadgen::run(cfg).await.unwrap();
-    assert_eq!(r.ok, 20, "{:?}", r.errors);
+    assert_eq!(r.ok, 20, "{how:?}: {:?}", r.errors);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(received.load(Ordering::SeqCst), 20);
 }
