@@ -525,13 +525,12 @@ impl Run {
         }
     }
 
-    /// Times out requests past their deadline.
+    /// Times out requests past their deadline, and drops the entries of finished requests from
+    /// the front of the queue. Without that pruning the queue held an entry for every request
+    /// of the last `--timeout` (30 s at 400,000 req/s: 12 million); with it, it holds about
+    /// the requests in flight, as requests mostly finish in the order they were sent.
     fn expire(&mut self, poll: &Poll, now: Instant) {
         while let Some(&(deadline, c, seq)) = self.deadlines.front() {
-            if deadline > now {
-                break;
-            }
-            self.deadlines.pop_front();
             let current =
                 self.conns
                     .get(c)
@@ -540,12 +539,18 @@ impl Run {
                         State::Busy(r) | State::Connecting(r) if r.seq == seq => Some(r),
                         _ => None,
                     });
-            if let Some(req) = current {
-                // The connection is in an unknown state (a late response may still come): it
-                // is not reused.
-                self.close(poll, c);
-                self.finish(&req, now, Outcome::Timeout);
+            let Some(req) = current else {
+                self.deadlines.pop_front();
+                continue;
+            };
+            if deadline > now {
+                break;
             }
+            self.deadlines.pop_front();
+            // The connection is in an unknown state (a late response may still come): it is not
+            // reused.
+            self.close(poll, c);
+            self.finish(&req, now, Outcome::Timeout);
         }
     }
 
