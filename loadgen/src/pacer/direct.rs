@@ -15,9 +15,9 @@
 //! that, a failure is an error).
 
 use super::linux;
-use super::{is_mine, Share, WakeEstimate};
+use super::{dropped, is_mine, sample, Sent, Share, WakeEstimate};
 use crate::http1::{complete_response, Complete};
-use crate::record::{self, Outcome, Sample};
+use crate::record::{self, Outcome};
 use crate::schedule::Schedule;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
@@ -112,9 +112,9 @@ struct Run {
     /// Requests of this pacer not yet recorded.
     mine: usize,
     seq: u64,
-    /// The reactor's lateness after the timer fired, learned as the async pacer does.
+    /// The reactor's lateness after the timer fired, learned (and recorded) as the async
+    /// pacer does.
     wake: WakeEstimate,
-    wakes: hdrhistogram::Histogram<u64>,
 }
 
 impl Loop {
@@ -136,10 +136,15 @@ impl Loop {
 
     /// Sends this pacer's share of the schedule and waits for every answer (or its timeout),
     /// then hands its wake-up delays to its collector and drops `alive`.
-    pub(crate) fn run(mut self, share: Share) {
+    pub(crate) fn run(self, share: Share) {
+        let Loop {
+            target,
+            mut poll,
+            timer,
+        } = self;
         let mut sched = Schedule::new(share.arrival, share.rate, share.seed);
         let mut run = Run {
-            target: self.target.clone(),
+            target,
             share,
             conns: Vec::new(),
             free: Vec::new(),
@@ -150,7 +155,6 @@ impl Loop {
             mine: 0,
             seq: 0,
             wake: WakeEstimate::new(),
-            wakes: record::new_hist(),
         };
         let mut events = Events::with_capacity(1024);
         let mut i = 0usize;
@@ -161,7 +165,7 @@ impl Loop {
         let mut armed: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            run.expire(&self.poll, now);
+            run.expire(&poll, now);
             // A stop, or a saturated pacer reaching the end, sends nothing more.
             if run.share.stop.load(Ordering::Relaxed) || now >= run.share.end {
                 next = None;
@@ -171,7 +175,7 @@ impl Loop {
                 if intended > now || burst == MAX_BURST {
                     break;
                 }
-                run.dispatch(&self.poll, intended, now, i - 1);
+                run.dispatch(&poll, intended, now, i - 1);
                 burst += 1;
                 next = run.next_arrival(&mut sched, &mut i, now);
             }
@@ -187,7 +191,7 @@ impl Loop {
                     // is spun (and the estimate decays).
                     if plan.map(|(at, _)| at) != Some(t) {
                         let wake_at = t - run.wake.early();
-                        let (fd, base, mono) = &self.timer;
+                        let (fd, base, mono) = &timer;
                         let sleep = (wake_at > Instant::now()
                             && linux::arm(fd, *mono + (wake_at - *base)))
                         .then_some(wake_at);
@@ -207,30 +211,28 @@ impl Loop {
                 }
                 None => Some(run.until_deadline(now)),
             };
-            if self.poll.poll(&mut events, timeout).is_err() {
+            if poll.poll(&mut events, timeout).is_err() {
                 // EINTR and the like: go round again.
                 continue;
             }
             let t = Instant::now();
             for ev in events.iter() {
                 if ev.token() == TIMER {
-                    if linux::drain(&self.timer.0) {
+                    if linux::drain(&timer.0) {
                         if let Some(at) = armed.take() {
                             let late = t.saturating_duration_since(at).as_secs_f64() * 1e6;
-                            run.wakes.saturating_record(late as u64);
                             run.wake.saw(late);
                         }
                     }
                     continue;
                 }
-                run.on_event(&self.poll, ev, t);
+                run.on_event(&poll, ev, t);
             }
         }
-        let _ = record::lock(&run.share.col).histos.wake.add(&run.wakes);
-        let _ = self
-            .poll
+        let _ = record::lock(&run.share.col).histos.wake.add(&run.wake.seen);
+        let _ = poll
             .registry()
-            .deregister(&mut SourceFd(&self.timer.0.as_raw_fd()));
+            .deregister(&mut SourceFd(&timer.0.as_raw_fd()));
         drop(run.share.alive);
     }
 }
@@ -267,19 +269,7 @@ impl Run {
     fn dispatch(&mut self, poll: &Poll, intended: Instant, now: Instant, index: usize) {
         let s = &self.share;
         if s.in_flight.load(Ordering::Relaxed) >= s.cap {
-            self.record(
-                &Req {
-                    seq: 0,
-                    intended,
-                    dispatched: now,
-                    acquired: now,
-                    body: 0,
-                    written: Some(now),
-                    off: 0,
-                },
-                now,
-                Outcome::Dropped,
-            );
+            record::lock(&s.col).record(&dropped(intended, now));
             return;
         }
         s.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -554,26 +544,17 @@ impl Run {
         }
     }
 
-    /// Records a finished request and counts it out.
+    /// Records a finished request and counts it out. A request that never reached its write
+    /// (a failed connect) counts its whole time as its own, as in the async client.
     fn finish(&mut self, req: &Req, done: Instant, outcome: Outcome) {
         self.share.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.mine -= 1;
-        self.record(req, done, outcome);
-    }
-
-    fn record(&self, req: &Req, done: Instant, outcome: Outcome) {
-        // The generator's lag: from due to dispatched, plus its own time from having a
-        // connection to the write (connect included), less any wait for a capped pool.
-        let own = req
-            .written
-            .unwrap_or(done)
-            .saturating_duration_since(req.acquired);
-        record::lock(&self.share.col).record(&Sample {
-            intended: req.intended,
-            started: req.dispatched + own,
-            sent: req.acquired,
+        let r = Sent {
+            acquired: req.acquired,
+            written: req.written.unwrap_or(done),
             done,
             outcome,
-        });
+        };
+        record::lock(&self.share.col).record(&sample(req.intended, req.dispatched, r));
     }
 }

@@ -97,8 +97,7 @@ pub(crate) fn spawn(share: Share) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     if let How::Direct(target) = &share.how {
         // The poll set and timer are made here, so a failure is the caller's error.
-        let target = target.clone();
-        let looped = direct::Loop::new(target)?;
+        let looped = direct::Loop::new(target.clone())?;
         return std::thread::Builder::new()
             .name(name)
             .spawn(move || looped.run(share))
@@ -151,14 +150,7 @@ async fn pace(s: Share) {
         // Reap what finished, so the set does not grow with the run.
         while tasks.try_join_next().is_some() {}
         if s.in_flight.load(Ordering::Relaxed) >= s.cap {
-            let now = Instant::now();
-            record::lock(&s.col).record(&Sample {
-                intended,
-                started: now,
-                sent: now,
-                done: now,
-                outcome: Outcome::Dropped,
-            });
+            record::lock(&s.col).record(&dropped(intended, Instant::now()));
             continue;
         }
         s.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -168,21 +160,41 @@ async fn pace(s: Share) {
             let started = Instant::now();
             let r = send(body).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            // The generator's lag is measured where the request leaves, at the socket write,
-            // less any wait for a capped connection pool (the server's slowness, not ours).
-            let own = r.written.saturating_duration_since(r.acquired);
-            record::lock(&col).record(&Sample {
-                intended,
-                started: started + own,
-                sent: r.acquired,
-                done: r.done,
-                outcome: r.outcome,
-            });
+            record::lock(&col).record(&sample(intended, started, r));
         });
     }
     while tasks.join_next().await.is_some() {}
-    let _ = record::lock(&s.col).histos.wake.add(&*timer.wakes.borrow());
+    let _ = record::lock(&s.col)
+        .histos
+        .wake
+        .add(&timer.wake.borrow().seen);
     drop(s.alive);
+}
+
+/// The sample of a request the pacer got to at `dispatched` and that went as `r` says. The
+/// generator's lag is measured where the request leaves, at the socket write, less any wait
+/// for a capped connection pool (the server's slowness, not ours). Both send loops record
+/// through this, so they measure the same thing.
+pub(crate) fn sample(intended: Instant, dispatched: Instant, r: Sent) -> Sample {
+    let own = r.written.saturating_duration_since(r.acquired);
+    Sample {
+        intended,
+        started: dispatched + own,
+        sent: r.acquired,
+        done: r.done,
+        outcome: r.outcome,
+    }
+}
+
+/// The sample of a request not sent at `now` because the in-flight safety cap was reached.
+pub(crate) fn dropped(intended: Instant, now: Instant) -> Sample {
+    let r = Sent {
+        acquired: now,
+        written: now,
+        done: now,
+        outcome: Outcome::Dropped,
+    };
+    sample(intended, now, r)
 }
 
 /// A precise async sleep: a timerfd armed with an absolute deadline, awaited through the
@@ -196,9 +208,7 @@ struct Timer {
     )>,
     /// How late the reactor wakes after the timer fires: the timer is armed that much early
     /// and the rest is spun, so sends leave on time without spinning whole gaps.
-    wake: std::cell::Cell<WakeEstimate>,
-    /// Every wake-up delay seen (µs): the receive side's lag bound.
-    wakes: std::cell::RefCell<hdrhistogram::Histogram<u64>>,
+    wake: std::cell::RefCell<WakeEstimate>,
 }
 
 /// The longest early wake-up (and so the longest spin before a send).
@@ -212,15 +222,21 @@ const MAX_EARLY: Duration = Duration::from_micros(150);
 /// run, a whole core at 10,000 req/s on the 2-core VM (estimate 107 µs, its wakes 7–18 µs at
 /// 2,000–5,000 req/s). Now a single wake moves it at most to twice its value, and every send
 /// spun for without sleeping lets it decay, so the pacer tries sleeping again and measures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct WakeEstimate {
     us: f64,
+    /// Every wake-up delay seen (µs): the receive side's lag bound, added to the pacer's
+    /// collector at the end.
+    pub(crate) seen: hdrhistogram::Histogram<u64>,
 }
 
 impl WakeEstimate {
     /// Starts at 20 µs, a typical wake-up on the hosts measured.
     pub(crate) fn new() -> WakeEstimate {
-        WakeEstimate { us: 20.0 }
+        WakeEstimate {
+            us: 20.0,
+            seen: crate::record::new_hist(),
+        }
     }
 
     /// How early to arm the timer before a send.
@@ -228,8 +244,10 @@ impl WakeEstimate {
         Duration::from_secs_f64(self.us * 1e-6).min(MAX_EARLY)
     }
 
-    /// A wake `late_us` after the timer fired: learned slowly, one outlier bounded.
+    /// A wake `late_us` after the timer fired: recorded, and learned slowly, one outlier
+    /// bounded.
     pub(crate) fn saw(&mut self, late_us: f64) {
+        self.seen.saturating_record(late_us as u64);
         let late = late_us.min(2.0 * self.us + 10.0);
         self.us = 0.9 * self.us + 0.1 * late;
     }
@@ -246,15 +264,13 @@ impl Timer {
         {
             Timer {
                 fd: linux::timerfd(),
-                wake: std::cell::Cell::new(WakeEstimate::new()),
-                wakes: std::cell::RefCell::new(crate::record::new_hist()),
+                wake: std::cell::RefCell::new(WakeEstimate::new()),
             }
         }
         #[cfg(not(target_os = "linux"))]
         {
             Timer {
-                wake: std::cell::Cell::new(WakeEstimate::new()),
-                wakes: std::cell::RefCell::new(crate::record::new_hist()),
+                wake: std::cell::RefCell::new(WakeEstimate::new()),
             }
         }
     }
@@ -266,20 +282,17 @@ impl Timer {
             tokio::task::yield_now().await;
             return;
         }
-        let mut wake = self.wake.get();
-        let wake_at = t - wake.early();
+        let wake_at = t - self.wake.borrow().early();
         if wake_at > Instant::now() {
             self.sleep_exactly(wake_at).await;
             let late = Instant::now()
                 .saturating_duration_since(wake_at)
                 .as_secs_f64()
                 * 1e6;
-            self.wakes.borrow_mut().saturating_record(late as u64);
-            wake.saw(late);
+            self.wake.borrow_mut().saw(late);
         } else {
-            wake.spun();
+            self.wake.borrow_mut().spun();
         }
-        self.wake.set(wake);
         // The rest is spun, letting this runtime's other tasks (writes, responses) run.
         while Instant::now() < t {
             tokio::task::yield_now().await;
