@@ -515,6 +515,23 @@ async fn idle_closed_with(how: SendLoop) {
     assert_eq!(received.load(Ordering::SeqCst), 20);
 }
 
+/// A server that closes each connection at once after its answer (again without saying so):
+/// the close often comes with the answer itself, which the epoll loop reads only up to the
+/// answer's end. The connection must not be reused: every request succeeds on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_right_after_its_answer_is_not_reused() {
+    for how in BOTH {
+        let (addr, received) = one_answer_per_connection(Some(Duration::ZERO)).await;
+        let mut cfg = open(addr, 100.0, 1.0);
+        cfg.warmup = Duration::ZERO;
+        cfg.send_loop = how;
+        let r = loadgen::run(cfg).await.unwrap();
+        assert_eq!(r.ok, 100, "{how:?}: {:?}", r.errors);
+        assert!(r.errors.is_empty(), "{how:?}: {:?}", r.errors);
+        assert_eq!(received.load(Ordering::SeqCst), 100);
+    }
+}
+
 /// A raw server that answers the first request on each connection (keep-alive, no
 /// `Connection: close`), then either closes the connection `close_after` later, or (`None`)
 /// reads the next request and closes without answering it. Returns its address and the count
@@ -562,7 +579,10 @@ async fn one_answer_per_connection(close_after: Option<Duration>) -> (SocketAddr
                         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                         .await;
                     if let Some(d) = close_after {
-                        tokio::time::sleep(d).await;
+                        // Zero: the close follows the answer at once, without a yield between.
+                        if !d.is_zero() {
+                            tokio::time::sleep(d).await;
+                        }
                         return;
                     }
                 }

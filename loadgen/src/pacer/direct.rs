@@ -419,14 +419,21 @@ impl Run {
                     self.write(poll, c);
                 }
                 if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                    self.read(poll, c, t);
+                    self.read(poll, c, t, ev.is_read_closed());
                 }
             }
         }
     }
 
     /// Reads what connection `c` has and finishes its request when its response is whole.
-    fn read(&mut self, poll: &Poll, c: usize, t: Instant) {
+    ///
+    /// Reading stops as soon as the response is whole, without the read that would return
+    /// `WouldBlock`: a request has one response, so nothing more is due on the connection until
+    /// the next request (2,000 req/s under `strace -c`: 16,000 reads for 8,000 requests, half
+    /// of them `WouldBlock`). Under edge-triggered epoll that leaves no data unseen: anything
+    /// the server sends later (stray bytes, its close) raises a new event, and a close already
+    /// there when this event was raised is `closed`, which keeps the connection from reuse.
+    fn read(&mut self, poll: &Poll, c: usize, t: Instant, closed: bool) {
         let Some(conn) = self.conns[c].as_mut() else {
             return;
         };
@@ -435,6 +442,7 @@ impl Run {
         };
         let mut eof = false;
         let mut failed = false;
+        let mut whole = None;
         loop {
             if conn.filled == conn.buf.len() {
                 conn.buf.resize(conn.buf.len() * 2, 0);
@@ -444,7 +452,13 @@ impl Run {
                     eof = true;
                     break;
                 }
-                Ok(n) => conn.filled += n,
+                Ok(n) => {
+                    conn.filled += n;
+                    if let Ok(Some(c)) = complete_response(&conn.buf[..conn.filled], false) {
+                        whole = Some(c);
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -455,6 +469,8 @@ impl Run {
         }
         let parsed = if failed {
             Err(crate::http1::ExchangeError::Io)
+        } else if whole.is_some() {
+            Ok(whole)
         } else {
             complete_response(&conn.buf[..conn.filled], eof)
         };
@@ -466,7 +482,7 @@ impl Run {
                 len,
                 keep_alive,
             })) => {
-                let reusable = keep_alive && !eof && len == conn.filled && whole_written;
+                let reusable = keep_alive && !eof && !closed && len == conn.filled && whole_written;
                 conn.filled = 0;
                 let outcome = if (200..300).contains(&status) {
                     Outcome::Ok { tokens: None }
