@@ -154,8 +154,15 @@ impl Config {
         }
     }
 
-    /// Pacer threads for an open loop at `rate`: `pacers`, or one per 2,000 req/s of the peak
-    /// rate (one pacer on one core sends ~20,000 req/s with a low lag), at most one per core.
+    /// Pacer threads for an open loop at `rate`: `pacers`, or enough that each has at most
+    /// 2,000 req/s of the peak rate and at most 40,000 streamed events/s
+    /// ([`Workload::events_per_request`]), at most one per core.
+    /// - 2,000 req/s: one pacer on one core sends ~20,000 req/s with a low lag, and headroom
+    ///   keeps the send lag within the sub-millisecond limit of a fast server.
+    /// - 40,000 events/s: on the 16-core H200 host one pacer reading streamed completions
+    ///   (72 tokens each) saturated at ~1,840 req/s, ~136,000 events/s, with a send-lag p99 of
+    ///   444 ms, so the generator, not the server, set the rate (results/generate-2xh200).
+    ///
     /// Pacers record their own samples, so no core is left for a collector (one had been,
     /// when samples crossed to one thread: 8 pacers sharing 8 cores with it had a send-lag p99
     /// of 4.7 ms at 240,000 req/s).
@@ -163,12 +170,8 @@ impl Config {
         if self.pacers > 0 {
             return self.pacers;
         }
-        let peak = match *rate {
-            Rate::Fixed(r) => r,
-            Rate::Ramp { start, end, .. } => start.max(end),
-        };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        ((peak / 2_000.0).ceil() as usize).clamp(1, cores)
+        pacers_needed(rate, self.workload.events_per_request(), cores)
     }
 
     /// The measurement window in effect: `window`, or duration / 5 clamped to [1s, 10s].
@@ -178,6 +181,27 @@ impl Config {
                 .min(self.duration)
         })
     }
+}
+
+/// Requests a second one pacer is given at most (see [`Config::pacers_for`]).
+const PACER_RPS: f64 = 2_000.0;
+/// Streamed response events a second one pacer is given at most (see [`Config::pacers_for`]).
+const PACER_EVENTS: f64 = 40_000.0;
+
+/// [`Config::pacers_for`] without the machine: pacers for `rate` at `events` response events a
+/// request, on `cores` cores.
+fn pacers_needed(rate: &Rate, events: f64, cores: usize) -> usize {
+    let peak = match *rate {
+        Rate::Fixed(r) => r,
+        Rate::Ramp { start, end, .. } => start.max(end),
+    };
+    let by_requests = peak / PACER_RPS;
+    let by_events = if events > 1.0 {
+        peak * events / PACER_EVENTS
+    } else {
+        0.0
+    };
+    (by_requests.max(by_events).ceil() as usize).clamp(1, cores.max(1))
 }
 
 fn target_uri(cfg: &Config) -> Result<Uri, LoadgenError> {
@@ -534,4 +558,29 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
         stopped_early,
         origin_unix_s,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_generation_gets_pacers_for_its_events_not_only_its_requests() {
+        // One-shot: one pacer per 2,000 req/s, the peak of a ramp, at most one per core.
+        assert_eq!(pacers_needed(&Rate::Fixed(800.0), 1.0, 16), 1);
+        assert_eq!(pacers_needed(&Rate::Fixed(20_000.0), 1.0, 16), 10);
+        assert_eq!(pacers_needed(&Rate::Fixed(1e6), 1.0, 16), 16);
+        let ramp = Rate::Ramp {
+            start: 100.0,
+            end: 6_000.0,
+            step: 100.0,
+            every: Duration::from_secs(1),
+        };
+        assert_eq!(pacers_needed(&ramp, 1.0, 16), 3);
+        // The rate one pacer could not hold on the H200 host (1,919 req/s of 72-token streams,
+        // 74 events each) now gets four; a handful of streams still gets one.
+        assert_eq!(pacers_needed(&Rate::Fixed(1_919.0), 74.0, 16), 4);
+        assert_eq!(pacers_needed(&Rate::Fixed(10.0), 74.0, 16), 1);
+        assert_eq!(pacers_needed(&Rate::Fixed(1_919.0), 74.0, 2), 2);
+    }
 }

@@ -152,7 +152,8 @@ struct Cli {
     dump_texts: Option<PathBuf>,
     /// Generator threads. Open loop: pacers, each with its own connections and an equal share
     /// of the one schedule, recording its own samples (default: one per 2,000 req/s of the
-    /// peak rate, at most one per core).
+    /// peak rate, or for a streamed workload one per 40,000 token events/s if that is more,
+    /// at most one per core).
     /// Closed loop: the async runtime's workers (default: all cores).
     #[arg(long, env = "LOADGEN_THREADS")]
     threads: Option<usize>,

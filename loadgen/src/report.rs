@@ -32,6 +32,11 @@ pub struct Report {
     pub arrival: Option<String>,
     /// Closed loop: virtual clients.
     pub concurrency: Option<usize>,
+    /// Open loop: pacer threads that sent the schedule (`--threads`, or the default from the
+    /// rate and the workload's response events), so a reader can tell a generator that was
+    /// given one thread from one given many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pacers: Option<usize>,
     /// Warm-up, seconds (excluded).
     pub warmup_s: f64,
     /// Measured phase actually run, seconds.
@@ -181,6 +186,10 @@ impl Report {
             }
             Mode::Closed { concurrency } => ("closed", None, None, Some(*concurrency)),
         };
+        let pacers = match &cfg.mode {
+            Mode::Open { rate, .. } => Some(cfg.pacers_for(rate)),
+            Mode::Closed { .. } => None,
+        };
         let streamed = cfg.workload.stream;
         Report {
             schema_version: SCHEMA_VERSION,
@@ -190,6 +199,7 @@ impl Report {
             rate,
             arrival,
             concurrency,
+            pacers,
             warmup_s: cfg.warmup.as_secs_f64(),
             duration_s: dur,
             started_unix_s: origin_unix_s,
@@ -233,8 +243,13 @@ impl Report {
         let mut s = String::new();
         let what = match (&self.rate, self.concurrency) {
             (Some(r), _) => format!(
-                "open loop, {r} {}",
-                self.arrival.clone().unwrap_or_default()
+                "open loop, {r} {}{}",
+                self.arrival.clone().unwrap_or_default(),
+                match self.pacers {
+                    Some(1) => ", 1 pacer".to_string(),
+                    Some(n) => format!(", {n} pacers"),
+                    None => String::new(),
+                }
             ),
             (None, Some(c)) => format!("closed loop, {c} clients"),
             _ => String::new(),

@@ -366,7 +366,38 @@ pub fn texts(n: usize, o: &TextOptions) -> Vec<String> {
 /// How many distinct bodies the built-in workloads pre-build (cycled during the run).
 pub const BUILTIN_BODIES: usize = 1024;
 
+/// Tokens a streamed body is taken to ask for when it names no `max_tokens`: only sizes the
+/// generator ([`Workload::events_per_request`]), where guessing high costs an idle thread and
+/// guessing low a saturated one.
+const UNSTATED_MAX_TOKENS: f64 = 128.0;
+
 impl Workload {
+    /// Mean response events the generator handles per request: 1 for a response read whole,
+    /// and for a streamed one its `max_tokens` (the mean over the bodies; a server stops at it
+    /// or earlier, so this is an upper estimate) plus the opening and closing chunks. A pacer's
+    /// work grows with it: one streamed request of 72 tokens cost a pacer about as much as 38
+    /// one-shot requests on the H200 host (results/generate-2xh200).
+    pub fn events_per_request(&self) -> f64 {
+        if !self.stream || self.bodies.is_empty() {
+            return 1.0;
+        }
+        let tokens: f64 = self
+            .bodies
+            .iter()
+            .map(|b| {
+                serde_json::from_slice::<serde_json::Value>(b)
+                    .ok()
+                    .and_then(|v| {
+                        ["max_tokens", "max_completion_tokens"]
+                            .iter()
+                            .find_map(|k| v.get(*k).and_then(|n| n.as_f64()))
+                    })
+                    .unwrap_or(UNSTATED_MAX_TOKENS)
+            })
+            .sum();
+        tokens / self.bodies.len() as f64 + 2.0
+    }
+
     /// `embeddings`, `completions` or `chat`, or a `.jsonl` file of request bodies.
     pub fn from_spec(spec: &str, o: &TextOptions) -> Result<Workload, String> {
         match spec {
@@ -536,6 +567,24 @@ mod tests {
         std::fs::remove_file(&f).ok();
         let t = Workload::from_template("{\"q\": \"{{text}}\"}", "/search", &o).unwrap();
         assert!(serde_json::from_slice::<serde_json::Value>(&t.bodies[0]).is_ok());
+    }
+
+    #[test]
+    fn a_streamed_request_counts_its_token_events() {
+        let o = TextOptions {
+            output_tokens: Lengths::parse("uniform:16:128").unwrap(),
+            ..TextOptions::default()
+        };
+        let w = Workload::from_spec("completions", &o).unwrap();
+        let e = w.events_per_request();
+        assert!((68.0..=80.0).contains(&e), "{e}");
+        let one_shot = Workload::from_spec("embeddings", &o).unwrap();
+        assert_eq!(one_shot.events_per_request(), 1.0);
+        let unstated = Workload {
+            bodies: vec![Bytes::from_static(b"{\"prompt\": \"a\", \"stream\": true}")],
+            ..w
+        };
+        assert_eq!(unstated.events_per_request(), UNSTATED_MAX_TOKENS + 2.0);
     }
 
     #[test]
