@@ -311,32 +311,10 @@ pub(crate) fn run(a: SearchArgs) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(" ")
             );
-            match &profile {
-                Some(p) => println!(
-                    "sustainable rate {:.1} req/s; rate_limit set to {:.1} req/s",
-                    best_rps, p.rate_limit
-                ),
-                None => println!("sustainable rate {best_rps:.1} req/s"),
-            }
+            let rate_limit = profile.as_ref().map(|p| p.rate_limit);
             let prov = profile.and_then(|p| p.provenance).unwrap_or_default();
-            if let (Some(p95), Some(passed), Some(runs)) = (
-                prov.get("p95_s"),
-                prov.get("remeasured_passed"),
-                prov.get("remeasured_runs"),
-            ) {
-                println!("confirmed by {passed}/{runs} probes at that rate; median p95 {p95}s");
-            }
-            if let Some(toml::Value::Array(i)) = prov.get("sustainable_rps_interval") {
-                let show = |v: Option<&toml::Value>| match v {
-                    Some(toml::Value::Float(x)) => format!("{x:.1}"),
-                    Some(other) => other.to_string().trim_matches('"').to_string(),
-                    None => "?".into(),
-                };
-                println!(
-                    "interval: sustained at {} req/s, not at {} req/s",
-                    show(i.first()),
-                    show(i.get(1))
-                );
+            for line in outcome_lines(&prov, best_rps, rate_limit) {
+                println!("{line}");
             }
             for w in written {
                 println!("wrote {}", w.display());
@@ -348,5 +326,98 @@ pub(crate) fn run(a: SearchArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The closing lines of a search: the sustainable rate and how it was confirmed, from the
+/// profile's provenance. An unconfirmed rate is the step below the last one that failed, never
+/// measured: saying "sustained" or "confirmed by 0/0 probes" there would be a number nobody saw.
+fn outcome_lines(
+    prov: &std::collections::BTreeMap<String, toml::Value>,
+    best_rps: f64,
+    rate_limit: Option<f64>,
+) -> Vec<String> {
+    let confirmed = !matches!(
+        prov.get("sustainable_rps_confirmed"),
+        Some(toml::Value::Boolean(false))
+    );
+    let show = |v: Option<&toml::Value>| match v {
+        Some(toml::Value::Float(x)) => format!("{x:.1}"),
+        Some(other) => other.to_string().trim_matches('"').to_string(),
+        None => "?".into(),
+    };
+    let interval = match prov.get("sustainable_rps_interval") {
+        Some(toml::Value::Array(i)) => Some((show(i.first()), show(i.get(1)))),
+        _ => None,
+    };
+    let limit = rate_limit
+        .map(|l| format!("; rate_limit set to {l:.1} req/s"))
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    if confirmed {
+        out.push(format!("sustainable rate {best_rps:.1} req/s{limit}"));
+        if let (Some(p95), Some(passed), Some(runs)) = (
+            prov.get("p95_s"),
+            prov.get("remeasured_passed"),
+            prov.get("remeasured_runs"),
+        ) {
+            out.push(format!(
+                "confirmed by {passed}/{runs} probes at that rate; median p95 {p95}s"
+            ));
+        }
+        if let Some((lo, hi)) = interval {
+            out.push(format!(
+                "interval: sustained at {lo} req/s, not at {hi} req/s"
+            ));
+        }
+    } else {
+        out.push(format!(
+            "sustainable rate NOT confirmed: the winner missed the targets at every rate \
+             re-measured, down to {}; {best_rps:.1} req/s, the next step below, was not \
+             measured{limit}",
+            interval.map_or_else(|| "?".to_string(), |(_, hi)| format!("{hi} req/s"))
+        ));
+        out.push(
+            "the host may have slowed since the trials (compare the trial rates with the \
+             re-measurements above); run the search again, or measure the profile at rates of \
+             your choosing with `tuner compare --profiles FILE --rates ...`"
+                .into(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outcome_lines;
+
+    #[test]
+    fn an_unconfirmed_rate_is_not_called_sustained_or_confirmed() {
+        let prov: std::collections::BTreeMap<String, toml::Value> = toml::from_str(
+            "sustainable_rps_confirmed = false\nsustainable_rps_interval = [66.8, 68.3]\n\
+             remeasured_runs = 0\nremeasured_passed = 0\np95_s = 0.0\n",
+        )
+        .unwrap();
+        let lines = outcome_lines(&prov, 66.8, Some(60.2)).join("\n");
+        assert!(lines.contains("NOT confirmed"), "{lines}");
+        assert!(lines.contains("down to 68.3 req/s"), "{lines}");
+        assert!(!lines.contains("confirmed by 0/0"), "{lines}");
+        assert!(!lines.contains("sustained at"), "{lines}");
+
+        let prov: std::collections::BTreeMap<String, toml::Value> = toml::from_str(
+            "sustainable_rps_confirmed = true\nsustainable_rps_interval = [79.5, 81.2]\n\
+             remeasured_runs = 3\nremeasured_passed = 3\np95_s = 1.2\n",
+        )
+        .unwrap();
+        let lines = outcome_lines(&prov, 79.5, Some(71.6)).join("\n");
+        assert!(
+            lines.contains("sustainable rate 79.5 req/s; rate_limit set to 71.6"),
+            "{lines}"
+        );
+        assert!(lines.contains("confirmed by 3/3 probes"), "{lines}");
+        assert!(
+            lines.contains("interval: sustained at 79.5 req/s, not at 81.2 req/s"),
+            "{lines}"
+        );
     }
 }
