@@ -195,13 +195,9 @@ fn pacers_needed(rate: &Rate, events: f64, cores: usize) -> usize {
         Rate::Fixed(r) => r,
         Rate::Ramp { start, end, .. } => start.max(end),
     };
-    let by_requests = peak / PACER_RPS;
-    let by_events = if events > 1.0 {
-        peak * events / PACER_EVENTS
-    } else {
-        0.0
-    };
-    (by_requests.max(by_events).ceil() as usize).clamp(1, cores.max(1))
+    // A response read whole is one event, which the request bound already covers.
+    let needed = (peak / PACER_RPS).max(peak * events / PACER_EVENTS);
+    (needed.ceil() as usize).clamp(1, cores.max(1))
 }
 
 fn target_uri(cfg: &Config) -> Result<Uri, LoadgenError> {
@@ -400,6 +396,11 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     template.goodput = cfg.goodput;
     let new_col = || Arc::new(Mutex::new(template.clone()));
     let mut cols = Vec::new();
+    // Sized once: the default reads every body (streamed events), and the report says it.
+    let pacers = match &cfg.mode {
+        Mode::Open { rate, .. } => Some(cfg.pacers_for(rate)),
+        Mode::Closed { .. } => None,
+    };
 
     match &cfg.mode {
         Mode::Open {
@@ -407,7 +408,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
             arrival,
             max_in_flight,
         } => {
-            let n = cfg.pacers_for(rate);
+            let n = pacers.unwrap_or(1);
             let direct = direct_send(&cfg)?;
             let in_flight = Arc::new(AtomicUsize::new(0));
             for k in 0..n {
@@ -550,14 +551,9 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     } else {
         measure_end
     };
-    Ok(Report::build(
-        &cfg,
-        &uri,
-        col,
-        ended,
-        stopped_early,
-        origin_unix_s,
-    ))
+    let mut report = Report::build(&cfg, &uri, col, ended, stopped_early, origin_unix_s);
+    report.pacers = pacers;
+    Ok(report)
 }
 
 #[cfg(test)]

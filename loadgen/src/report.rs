@@ -186,10 +186,6 @@ impl Report {
             }
             Mode::Closed { concurrency } => ("closed", None, None, Some(*concurrency)),
         };
-        let pacers = match &cfg.mode {
-            Mode::Open { rate, .. } => Some(cfg.pacers_for(rate)),
-            Mode::Closed { .. } => None,
-        };
         let streamed = cfg.workload.stream;
         Report {
             schema_version: SCHEMA_VERSION,
@@ -199,7 +195,8 @@ impl Report {
             rate,
             arrival,
             concurrency,
-            pacers,
+            // Set by the run, which sized the pacers.
+            pacers: None,
             warmup_s: cfg.warmup.as_secs_f64(),
             duration_s: dur,
             started_unix_s: origin_unix_s,

@@ -316,9 +316,16 @@ impl Run {
         }
     }
 
+    /// Connections the cap still allows (unbounded without one).
+    fn room(&self) -> usize {
+        self.target
+            .conns
+            .map_or(usize::MAX, |cap| cap.saturating_sub(self.open))
+    }
+
     /// Whether the connection cap leaves room for another connection.
     fn may_open(&self) -> bool {
-        self.target.conns.is_none_or(|cap| self.open < cap)
+        self.room() > 0
     }
 
     /// Opens connections (up to [`MAX_BURST`] a turn) for the requests still waiting after a
@@ -334,12 +341,8 @@ impl Run {
     /// 25 µs send-lag p99. A turn that frees nothing while requests wait means the server
     /// holds every connection, and then more are what the open loop needs.
     fn place(&mut self, poll: &Poll, behind: bool, freed: bool) {
-        let room = self
-            .target
-            .conns
-            .map_or(usize::MAX, |cap| cap.saturating_sub(self.open));
         let busy = self.open > self.idle.len();
-        for _ in 0..connects_now(self.waiting.len(), room, behind && freed && busy) {
+        for _ in 0..connects_now(self.waiting.len(), self.room(), behind && freed && busy) {
             let req = self.waiting.pop_front().expect("counted");
             self.connect(poll, req, Instant::now());
         }
