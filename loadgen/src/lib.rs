@@ -191,10 +191,7 @@ const PACER_EVENTS: f64 = 40_000.0;
 /// [`Config::pacers_for`] without the machine: pacers for `rate` at `events` response events a
 /// request, on `cores` cores.
 fn pacers_needed(rate: &Rate, events: f64, cores: usize) -> usize {
-    let peak = match *rate {
-        Rate::Fixed(r) => r,
-        Rate::Ramp { start, end, .. } => start.max(end),
-    };
+    let peak = rate.peak();
     // A response read whole is one event, which the request bound already covers.
     let needed = (peak / PACER_RPS).max(peak * events / PACER_EVENTS);
     (needed.ceil() as usize).clamp(1, cores.max(1))

@@ -84,6 +84,14 @@ impl Rate {
         })
     }
 
+    /// The highest rate it asks for (a ramp's start or end).
+    pub fn peak(&self) -> f64 {
+        match *self {
+            Rate::Fixed(r) => r,
+            Rate::Ramp { start, end, .. } => start.max(end),
+        }
+    }
+
     /// The rate at `t` since the start.
     pub fn at(&self, t: Duration) -> f64 {
         match *self {
