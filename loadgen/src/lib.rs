@@ -319,7 +319,19 @@ fn pacer_direct(_: std::net::SocketAddr, _: Duration, _: Option<usize>) -> pacer
     unreachable!("direct_send refuses epoll off Linux")
 }
 
-/// One collector holding what all of `cols` recorded so far.
+/// Gathers into `snap` (a collector of the run's phase, kept for the run) what
+/// [`Collector::progress`] reads of all of `cols` so far: each pacer's lock is held only to add
+/// its counters and four histograms ([`Collector::merge_progress`]).
+fn progress_of<'a>(snap: &'a mut Collector, cols: &[Arc<Mutex<Collector>>]) -> &'a Collector {
+    snap.clear_progress();
+    for c in cols {
+        snap.merge_progress(&record::lock(c));
+    }
+    snap
+}
+
+/// One collector holding what all of `cols` recorded so far (the report's, once the pacers are
+/// done: it clones a whole collector under a lock).
 fn merged(cols: &[Arc<Mutex<Collector>>]) -> Collector {
     let mut all = record::lock(&cols[0]).clone();
     for c in &cols[1..] {
@@ -496,6 +508,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
         );
         b
     });
+    let mut snap = template.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut next_check = measure_start + window;
     let mut stopped_early: Option<String> = None;
@@ -508,7 +521,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
             _ = tick.tick() => {
                 let now = Instant::now();
                 if let Some(b) = &bar {
-                    let col = merged(&cols);
+                    let col = progress_of(&mut snap, &cols);
                     let rate = (col.ok - last_ok.1) as f64 / now.duration_since(last_ok.0).as_secs_f64().max(1e-3);
                     last_ok = (now, col.ok);
                     let p95 = col.histos.latency.value_at_quantile(0.95) as f64 / 1e6;
@@ -523,7 +536,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
                 if now >= next_check && now <= measure_end && stopped_early.is_none() {
                     next_check += window;
                     if let Some(hook) = &cfg.early_stop {
-                        if let Some(reason) = hook(&merged(&cols).progress(now)) {
+                        if let Some(reason) = hook(&progress_of(&mut snap, &cols).progress(now)) {
                             stopped_early = Some(reason);
                             stop.store(true, Ordering::Relaxed);
                         }

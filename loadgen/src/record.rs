@@ -311,15 +311,12 @@ impl Collector {
 
     /// Adds everything `other` recorded (a collector with the same phase and windows).
     pub fn merge(&mut self, other: &Collector) {
+        self.merge_progress(other);
         let h = &mut self.histos;
         let o = &other.histos;
         for (a, b) in [
-            (&mut h.latency, &o.latency),
             (&mut h.service, &o.service),
             (&mut h.lag, &o.lag),
-            (&mut h.ttft, &o.ttft),
-            (&mut h.itl, &o.itl),
-            (&mut h.tpot, &o.tpot),
             (&mut h.wake, &o.wake),
         ] {
             // Same bounds on both sides, so adding cannot fail.
@@ -330,6 +327,52 @@ impl Collector {
             w.1 += x.1;
             w.2 += x.2;
         }
+        self.drift.merge(&other.drift);
+    }
+
+    /// Empties what [`Collector::merge_progress`] adds, so one collector serves every progress
+    /// check of a run: a fresh one each check (a 2 MB clone) cost the run's main thread 0.1 ms,
+    /// 2.5 ms when its pages were new, on the core the pacers may share.
+    pub fn clear_progress(&mut self) {
+        let h = &mut self.histos;
+        for x in [&mut h.latency, &mut h.ttft, &mut h.itl, &mut h.tpot] {
+            if !x.is_empty() {
+                x.reset();
+            }
+        }
+        self.errors.clear();
+        self.ok = 0;
+        self.ok_in_phase = 0;
+        self.output_tokens = 0;
+        self.good_in_phase = 0;
+        self.scheduled = 0;
+        self.warmup = 0;
+    }
+
+    /// Adds what [`Collector::progress`] reads of `other`: the counters and the latency and
+    /// token histograms, not the windows or the lag, service and drift records.
+    ///
+    /// Why: a progress check (the progress bar every 200 ms, the tuner's early stop every
+    /// window) reads the pacers' collectors while they run, under each one's lock. Cloning a
+    /// whole collector there (about 2 MB: a histogram of 1 µs to an hour at three digits holds
+    /// 23,552 counters, and a collector holds one per window besides seven others) took
+    /// 0.1–0.4 ms, up to 2.5 ms, on the 2-core VM, and the pacer waited that long to record.
+    /// Adding the four histograms and the counters of a 100,000-request collector took ~10 µs.
+    pub fn merge_progress(&mut self, other: &Collector) {
+        let h = &mut self.histos;
+        let o = &other.histos;
+        for (a, b) in [
+            (&mut h.latency, &o.latency),
+            (&mut h.ttft, &o.ttft),
+            (&mut h.itl, &o.itl),
+            (&mut h.tpot, &o.tpot),
+        ] {
+            // Same bounds on both sides, so adding cannot fail; an empty one (no streaming)
+            // costs nothing to skip.
+            if !b.is_empty() {
+                let _ = a.add(b);
+            }
+        }
         for (k, n) in &other.errors {
             *self.errors.entry(k.clone()).or_default() += n;
         }
@@ -339,7 +382,6 @@ impl Collector {
         self.good_in_phase += other.good_in_phase;
         self.scheduled += other.scheduled;
         self.warmup += other.warmup;
-        self.drift.merge(&other.drift);
     }
 
     /// The window a completion at `done` falls in (the last for anything later).
@@ -630,7 +672,56 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Drift, MAX_DRIFT};
+    use super::{Collector, Drift, Outcome, Sample, MAX_DRIFT};
+    use crate::slo::Observed;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_progress_merge_reads_as_the_whole_merge_does() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let fresh = || Collector::new(t0, t0 + ms(4_000), ms(1_000));
+        let record = |c: &mut Collector, at: u64, took: u64, outcome: Outcome| {
+            let intended = t0 + ms(at);
+            c.record(&Sample {
+                intended,
+                started: intended,
+                sent: intended,
+                done: intended + ms(took),
+                outcome,
+            });
+        };
+        let (mut a, mut b) = (fresh(), fresh());
+        for i in 0..200 {
+            record(&mut a, 10 * i, 5 + i % 50, Outcome::Ok { tokens: None });
+            record(&mut b, 10 * i + 5, 80 + i % 7, Outcome::Ok { tokens: None });
+        }
+        record(&mut b, 100, 1, Outcome::Timeout);
+        let mut whole = fresh();
+        let mut part = fresh();
+        for c in [&a, &b] {
+            whole.merge(c);
+            part.merge_progress(c);
+        }
+        let at = t0 + ms(2_500);
+        let (w, p) = (whole.progress(at), part.progress(at));
+        for q in [0.5, 0.95, 0.99] {
+            assert_eq!(w.latency_quantile(q), p.latency_quantile(q));
+        }
+        assert_eq!(w.latency_max(), p.latency_max());
+        assert_eq!((w.ok(), w.errors()), (p.ok(), p.errors()));
+        assert_eq!((w.ok(), w.errors()), (400, 1));
+        assert_eq!(w.throughput(), p.throughput());
+        // Cleared and merged again, it reads the same (one collector serves every check).
+        part.clear_progress();
+        part.merge_progress(&a);
+        part.merge_progress(&b);
+        let p = part.progress(at);
+        assert_eq!((p.ok(), p.errors()), (400, 1));
+        assert_eq!(w.latency_quantile(0.95), p.latency_quantile(0.95));
+        // What it leaves out is left out.
+        assert!(part.histos.lag.is_empty() && !whole.histos.lag.is_empty());
+    }
 
     /// Uniform noise in [-1, 1) from a fixed-seed xorshift, so the tests are repeatable.
     fn noise(state: &mut u64) -> f64 {
