@@ -346,8 +346,13 @@ fn outcome_lines(
         Some(other) => other.to_string().trim_matches('"').to_string(),
         None => "?".into(),
     };
+    // The upper end is a rate where the winner failed, or a string ("not reached") when the
+    // confirmation's climb ended on a pass: then no failure bounds the rate from above.
     let interval = match prov.get("sustainable_rps_interval") {
-        Some(toml::Value::Array(i)) => Some((show(i.first()), show(i.get(1)))),
+        Some(toml::Value::Array(i)) => Some((
+            show(i.first()),
+            matches!(i.get(1), Some(toml::Value::Float(_))).then(|| show(i.get(1))),
+        )),
         _ => None,
     };
     let limit = rate_limit
@@ -365,17 +370,24 @@ fn outcome_lines(
                 "confirmed by {passed}/{runs} probes at that rate; median p95 {p95}s"
             ));
         }
-        if let Some((lo, hi)) = interval {
-            out.push(format!(
+        match interval {
+            Some((lo, Some(hi))) => out.push(format!(
                 "interval: sustained at {lo} req/s, not at {hi} req/s"
-            ));
+            )),
+            Some((lo, None)) => out.push(format!(
+                "interval: sustained at {lo} req/s; no rate above it failed (the confirmation \
+                 climbs one tolerance above the race and stops there), so the limit may be higher"
+            )),
+            None => {}
         }
     } else {
         out.push(format!(
             "sustainable rate NOT confirmed: the winner missed the targets at every rate \
              re-measured, down to {}; {best_rps:.1} req/s, the next step below, was not \
              measured{limit}",
-            interval.map_or_else(|| "?".to_string(), |(_, hi)| format!("{hi} req/s"))
+            interval
+                .and_then(|(_, hi)| hi)
+                .map_or_else(|| "?".to_string(), |hi| format!("{hi} req/s"))
         ));
         out.push(
             "the host may have slowed since the trials (compare the trial rates with the \
@@ -419,5 +431,26 @@ mod tests {
             lines.contains("interval: sustained at 79.5 req/s, not at 81.2 req/s"),
             "{lines}"
         );
+    }
+
+    #[test]
+    fn a_rate_no_failure_bounds_is_not_given_a_made_up_upper_end() {
+        // README command 1 on a fresh clone printed "not at not reached req/s" here.
+        let prov: std::collections::BTreeMap<String, toml::Value> = toml::from_str(
+            "sustainable_rps_confirmed = true
+sustainable_rps_interval = [62.6, \"not reached\"]
+\
+             remeasured_runs = 1
+remeasured_passed = 1
+p95_s = 0.9656
+",
+        )
+        .unwrap();
+        let lines = outcome_lines(&prov, 62.6, Some(56.4)).join("\n");
+        assert!(
+            lines.contains("sustained at 62.6 req/s; no rate above it failed"),
+            "{lines}"
+        );
+        assert!(!lines.contains("not at"), "{lines}");
     }
 }
