@@ -349,6 +349,15 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
     if cfg.duration.is_zero() {
         return Err(LoadgenError::Config("--duration must be > 0".into()));
     }
+    if let Mode::Open { rate, .. } = &cfg.mode {
+        if rate.peak() > schedule::MAX_RATE {
+            return Err(LoadgenError::Config(format!(
+                "an open loop may ask at most {} req/s (this asks {}): far above what one host sends over HTTP/1.1",
+                schedule::MAX_RATE,
+                rate.peak()
+            )));
+        }
+    }
     for (k, v) in &cfg.headers {
         if k.is_empty() || k.contains([':', '\r', '\n', ' ']) {
             return Err(LoadgenError::Config(format!(

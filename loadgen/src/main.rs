@@ -2,8 +2,8 @@
 //!
 //! Exit codes: 0 success; 1 the run could not be made (bad URL, unreadable file); 2 usage error;
 //! 3 invalid run (the generator was the bottleneck: send lag p99 over the larger of
-//! `--max-send-lag` and `--lag-fraction` × the latency p50, or requests dropped by the safety
-//! cap); 4 a `--fail-on` threshold was crossed.
+//! `--max-send-lag` and `--lag-fraction` × the latency p50, requests dropped by the safety cap,
+//! or requests still unsent at the end); 4 a `--fail-on` threshold was crossed.
 
 use clap::Parser;
 use loadgen::schedule::{Arrival, Rate};
@@ -26,8 +26,8 @@ const EXIT_FAIL_ON: u8 = 4;
 /// (--concurrency) runs N clients back to back.
 ///
 /// Exit codes: 0 ok, 1 could not run, 2 usage error, 3 invalid run (send lag p99 over the larger
-/// of --max-send-lag and --lag-fraction × the latency p50, or requests dropped by the safety cap),
-/// 4 a --fail-on threshold crossed.
+/// of --max-send-lag and --lag-fraction × the latency p50, requests dropped by the safety cap,
+/// or requests still unsent at the end), 4 a --fail-on threshold crossed.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -218,6 +218,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         (None, None, Some(_)) => usage("--concurrency must be ≥ 1".into()),
         _ => usage("give exactly one of --rps, --ramp or --concurrency".into()),
     };
+    if let Mode::Open { rate, .. } = &mode {
+        if rate.peak() > loadgen::schedule::MAX_RATE {
+            usage(format!(
+                "an open loop may ask at most {} req/s (this asks {})",
+                loadgen::schedule::MAX_RATE,
+                rate.peak()
+            ));
+        }
+    }
     let open = matches!(mode, Mode::Open { .. });
     let output_tokens = loadgen::workload::Lengths::parse(&cli.output_tokens)
         .unwrap_or_else(|e| usage(format!("--output-tokens: {e}")));

@@ -45,11 +45,11 @@ pub struct Report {
     /// measured phase begins `warmup_s` later). Read from the wall clock when the origin was
     /// chosen, so runs line up with server logs to the clock's precision.
     pub started_unix_s: f64,
-    /// Requests scheduled in the measured phase (sent or dropped).
+    /// Requests scheduled in the measured phase (sent, dropped or unsent).
     pub scheduled: u64,
     /// 2xx responses.
     pub ok: u64,
-    /// Errors by kind (`status_429`, `timeout`, `connect`, `io`, `dropped`).
+    /// Errors by kind (`status_429`, `timeout`, `connect`, `io`, `dropped`, `unsent`).
     pub errors: BTreeMap<String, u64>,
     /// Errors ÷ scheduled.
     pub error_rate: f64,
@@ -154,6 +154,11 @@ impl Report {
                 "receive lag p99 {} exceeds {}: the pacers' event loops woke that late after a timer, so responses were timestamped late and latencies read high",
                 format_secs(r.p99),
                 format_secs(limit)
+            ));
+        }
+        if let Some(u) = errors.get("unsent") {
+            invalid.push(format!(
+                "{u} requests due in the measured phase were never sent: the generator was still behind its schedule when the run ended, so the achieved rate is what it could send, not what the server can take (ask a lower rate, or give it more --threads)"
             ));
         }
         if let Some(d) = errors.get("dropped") {
@@ -288,8 +293,14 @@ impl Report {
                 format_secs(l.max)
             )
         };
-        s += &row("latency (intended)", &self.latency);
-        s += &row("service (actual send)", &self.service);
+        if self.latency.count == 0 {
+            // Rows of zeros would read as a fast server.
+            s +=
+                "  latency: none measured (no request scheduled in the measured phase succeeded)\n";
+        } else {
+            s += &row("latency (intended)", &self.latency);
+            s += &row("service (actual send)", &self.service);
+        }
         if let Some(t) = &self.ttft {
             s += &row("time to first token", t);
         }
@@ -324,7 +335,7 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "  stable: {} (last 3 of {} windows within {}%)",
+            "  stable: {} (asks the last 3 of {} windows' throughput and p95 to agree within {}%)",
             if self.stable { "yes" } else { "no" },
             self.windows.len(),
             self.stability_percent

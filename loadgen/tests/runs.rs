@@ -94,6 +94,47 @@ async fn constant_rate_with(how: SendLoop) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generator_asked_more_than_it_can_send_counts_what_it_left_unsent() {
+    for how in BOTH {
+        unsent_with(how).await;
+    }
+}
+
+/// Five million a second from one pacer: 0.2 µs an arrival, where any send costs a system call
+/// or more, so the pacer is behind from the start, and its backlog at the end reaches back
+/// past the measured phase's start (before, nothing in the phase was counted at all).
+async fn unsent_with(how: SendLoop) {
+    let addr = serve_slow(Duration::ZERO).await;
+    let asked = 5_000_000.0;
+    let mut cfg = open(addr, asked, 0.3);
+    cfg.mode = Mode::Open {
+        rate: Rate::Fixed(asked),
+        arrival: Arrival::Constant,
+        // High enough that nothing is dropped: dropping costs the pacer next to nothing.
+        max_in_flight: 100_000_000,
+    };
+    cfg.warmup = Duration::from_millis(100);
+    cfg.pacers = 1;
+    cfg.send_loop = how;
+    let r = loadgen::run(cfg).await.unwrap();
+    let unsent = r.errors.get("unsent").copied().unwrap_or(0);
+    assert!(unsent > 0, "{how:?}: {:?}", r.errors);
+    assert!(!r.valid);
+    assert!(
+        r.invalid_reasons.iter().any(|w| w.contains("never sent")),
+        "{how:?}: {:?}",
+        r.invalid_reasons
+    );
+    // Every arrival due in the phase is counted once, sent or not: offered is what was asked.
+    assert!(
+        (r.offered_rps - asked).abs() / asked < 0.01,
+        "{how:?}: offered {}",
+        r.offered_rps
+    );
+    assert!(r.achieved_rps < asked / 10.0, "{how:?}: {}", r.achieved_rps);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_second_stall_shows_in_corrected_latency_not_in_service_time() {
     for how in BOTH {
         stall_with(how).await;

@@ -15,7 +15,7 @@
 //! that, a failure is an error).
 
 use super::linux;
-use super::{dropped, is_mine, sample, Sent, Share, WakeEstimate};
+use super::{dropped, is_mine, record_unsent, sample, Sent, Share, WakeEstimate};
 use crate::http1::{complete_response, Complete};
 use crate::record::{self, Outcome};
 use crate::schedule::Schedule;
@@ -164,7 +164,7 @@ impl Loop {
         };
         let mut events = Events::with_capacity(1024);
         let mut i = 0usize;
-        let mut next = run.next_arrival(&mut sched, &mut i, Instant::now());
+        let mut next = run.next_arrival(&mut sched, &mut i);
         // The arrival whose wait is planned, and the instant the timer is armed for then (none:
         // spun); `armed` until the timer fires (to learn how late it woke).
         let mut plan: Option<(Instant, Option<Instant>)> = None;
@@ -174,7 +174,9 @@ impl Loop {
             run.expire(&poll, now);
             // A stop, or a saturated pacer reaching the end, sends nothing more.
             if run.share.stop.load(Ordering::Relaxed) || now >= run.share.end {
-                next = None;
+                if let Some(t) = next.take() {
+                    record_unsent(&run.share, Some(t), &mut sched, i);
+                }
             }
             let mut burst = 0;
             while let Some(intended) = next {
@@ -183,7 +185,7 @@ impl Loop {
                 }
                 run.dispatch(&poll, intended, now, i - 1);
                 burst += 1;
-                next = run.next_arrival(&mut sched, &mut i, now);
+                next = run.next_arrival(&mut sched, &mut i);
             }
             if next.is_none() && run.mine == 0 {
                 break;
@@ -264,15 +266,15 @@ fn connects_now(waiting: usize, room: usize, busy_will_free: bool) -> usize {
 
 impl Run {
     /// The next arrival of this pacer's share, or `None` once the schedule ends (the run's end,
-    /// or a stop; `now` is past the end when a saturated pacer reaches it).
-    fn next_arrival(&self, sched: &mut Schedule, i: &mut usize, now: Instant) -> Option<Instant> {
+    /// or a stop). An arrival already overdue at the end is returned (the loop then records it
+    /// and the rest as unsent: see [`record_unsent`]).
+    fn next_arrival(&self, sched: &mut Schedule, i: &mut usize) -> Option<Instant> {
         let s = &self.share;
         loop {
             let intended = s.start + sched.next_offset();
             let k = *i;
             *i += 1;
-            // Past the end, overdue arrivals are not sent (as in the async pacer).
-            if intended >= s.end || s.stop.load(Ordering::Relaxed) || now >= s.end {
+            if intended >= s.end || s.stop.load(Ordering::Relaxed) {
                 return None;
             }
             if is_mine(k, s.k, s.n) {
