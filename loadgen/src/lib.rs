@@ -350,13 +350,7 @@ pub async fn run(cfg: Config) -> Result<Report, LoadgenError> {
         return Err(LoadgenError::Config("--duration must be > 0".into()));
     }
     if let Mode::Open { rate, .. } = &cfg.mode {
-        if rate.peak() > schedule::MAX_RATE {
-            return Err(LoadgenError::Config(format!(
-                "an open loop may ask at most {} req/s (this asks {}): far above what one host sends over HTTP/1.1",
-                schedule::MAX_RATE,
-                rate.peak()
-            )));
-        }
+        rate.within_limit().map_err(LoadgenError::Config)?;
     }
     for (k, v) in &cfg.headers {
         if k.is_empty() || k.contains([':', '\r', '\n', ' ']) {

@@ -219,13 +219,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => usage("give exactly one of --rps, --ramp or --concurrency".into()),
     };
     if let Mode::Open { rate, .. } = &mode {
-        if rate.peak() > loadgen::schedule::MAX_RATE {
-            usage(format!(
-                "an open loop may ask at most {} req/s (this asks {})",
-                loadgen::schedule::MAX_RATE,
-                rate.peak()
-            ));
-        }
+        rate.within_limit().unwrap_or_else(|e| usage(e));
     }
     let open = matches!(mode, Mode::Open { .. });
     let output_tokens = loadgen::workload::Lengths::parse(&cli.output_tokens)

@@ -99,6 +99,17 @@ impl Rate {
         }
     }
 
+    /// Refuses a rate whose peak is above [`MAX_RATE`], saying what was asked.
+    pub fn within_limit(&self) -> Result<(), String> {
+        if self.peak() > MAX_RATE {
+            return Err(format!(
+                "an open loop may ask at most {MAX_RATE} req/s (this asks {}): far above what one host sends over HTTP/1.1",
+                self.peak()
+            ));
+        }
+        Ok(())
+    }
+
     /// The rate at `t` since the start.
     pub fn at(&self, t: Duration) -> f64 {
         match *self {

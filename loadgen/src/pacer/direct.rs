@@ -15,7 +15,7 @@
 //! that, a failure is an error).
 
 use super::linux;
-use super::{dropped, is_mine, record_unsent, sample, Sent, Share, WakeEstimate};
+use super::{dropped, record_unsent, sample, Sent, Share, WakeEstimate};
 use crate::http1::{complete_response, Complete};
 use crate::record::{self, Outcome};
 use crate::schedule::Schedule;
@@ -270,17 +270,8 @@ impl Run {
     /// and the rest as unsent: see [`record_unsent`]).
     fn next_arrival(&self, sched: &mut Schedule, i: &mut usize) -> Option<Instant> {
         let s = &self.share;
-        loop {
-            let intended = s.start + sched.next_offset();
-            let k = *i;
-            *i += 1;
-            if intended >= s.end || s.stop.load(Ordering::Relaxed) {
-                return None;
-            }
-            if is_mine(k, s.k, s.n) {
-                return Some(intended);
-            }
-        }
+        s.next_mine(sched, i)
+            .filter(|_| !s.stop.load(Ordering::Relaxed))
     }
 
     /// Time until the earliest request deadline (a long sleep when none).

@@ -77,6 +77,26 @@ pub(crate) struct Share {
     pub how: How,
 }
 
+impl Share {
+    /// This pacer's next arrival of the schedule `sched`, drawn from arrival `i` on (which
+    /// it advances past the one returned), or `None` once the schedule reaches the end.
+    /// Every pacer walks the whole schedule through here: to send, and to count what it
+    /// left unsent.
+    pub(crate) fn next_mine(&self, sched: &mut Schedule, i: &mut usize) -> Option<Instant> {
+        loop {
+            let intended = self.start + sched.next_offset();
+            let k = *i;
+            *i += 1;
+            if intended >= self.end {
+                return None;
+            }
+            if is_mine(k, self.k, self.n) {
+                return Some(intended);
+            }
+        }
+    }
+}
+
 /// The two ways a pacer can send.
 pub(crate) enum How {
     /// A task per request on the pacer's single-threaded tokio runtime, through
@@ -134,21 +154,15 @@ async fn pace(s: Share) {
     let mut sched = Schedule::new(s.arrival, s.rate, s.seed);
     let mut tasks = tokio::task::JoinSet::new();
     let mut i = 0usize;
-    loop {
-        let intended = s.start + sched.next_offset();
-        let mine = is_mine(i, s.k, s.n);
-        i += 1;
+    while let Some(intended) = s.next_mine(&mut sched, &mut i) {
+        if s.stop.load(Ordering::Relaxed) {
+            break;
+        }
         // Past the end, overdue arrivals are not sent: a saturated generator stops on time
-        // (its lag has already made the run invalid) instead of running on to catch up.
-        if intended >= s.end || s.stop.load(Ordering::Relaxed) {
-            break;
-        }
+        // (its lag has already made the run invalid) and counts what it left unsent.
         if Instant::now() >= s.end {
-            record_unsent(&s, mine.then_some(intended), &mut sched, i);
+            record_unsent(&s, Some(intended), &mut sched, i);
             break;
-        }
-        if !mine {
-            continue;
         }
         timer.sleep_until(intended).await;
         // Reap what finished, so the set does not grow with the run.
@@ -215,17 +229,7 @@ pub(crate) fn record_unsent(s: &Share, first: Option<Instant>, sched: &mut Sched
     if s.stop.load(Ordering::Relaxed) {
         return;
     }
-    let rest = std::iter::from_fn(|| loop {
-        let intended = s.start + sched.next_offset();
-        let k = i;
-        i += 1;
-        if intended >= s.end {
-            return None;
-        }
-        if is_mine(k, s.k, s.n) {
-            return Some(intended);
-        }
-    });
+    let rest = std::iter::from_fn(|| s.next_mine(sched, &mut i));
     record::lock(&s.col).record_unsent(first.into_iter().chain(rest), s.end);
 }
 
