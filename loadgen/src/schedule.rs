@@ -6,8 +6,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Exp, Gamma};
 use std::time::Duration;
 
-/// The highest rate (req/s) an open loop may ask for. It is 25× what loadgen sent over 8
-/// cores of the 16-core host (~0.4M req/s, an 8-core server's ceiling), so no real run is
+/// The highest rate (req/s) an open loop may ask for. It is ~21× the most loadgen has sent
+/// (479,945 req/s over 8 cores of the 16-core host, near the 8-core server's ceiling), so no real run is
 /// refused; it bounds the work that grows with the asked rate whatever is sent: every pacer
 /// draws every arrival of the schedule, and a backlog left unsent at the end is counted one
 /// arrival at a time (~0.25 s a second of run at this rate, on the 2-core VM).
